@@ -1,0 +1,62 @@
+"""Typed dependencies for authentication and authorisation.
+
+Routes declare what they need (``CurrentUser``, ``UserManager``…) instead of checking
+roles inline, so every permission decision goes through ``require``.
+"""
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
+
+from app.auth import service
+from app.db import IdPath, SessionDep
+from app.errors import Forbidden
+from app.security import PasswordHasher, TokenCodec
+from app.users.models import Permission, User
+
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token")
+
+
+def get_hasher(request: Request) -> PasswordHasher:
+    return request.app.state.hasher
+
+
+def get_token_codec(request: Request) -> TokenCodec:
+    return request.app.state.tokens
+
+
+HasherDep = Annotated[PasswordHasher, Depends(get_hasher)]
+TokenCodecDep = Annotated[TokenCodec, Depends(get_token_codec)]
+
+
+async def get_current_user(
+    token: Annotated[str, Depends(oauth2_scheme)], session: SessionDep, codec: TokenCodecDep
+) -> User:
+    return await service.user_from_access_token(session, codec, token)
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def require(permission: Permission) -> Callable[[User], Awaitable[User]]:
+    async def dependency(user: CurrentUser) -> User:
+        if not user.has_permission(permission):
+            raise Forbidden("You do not have permission to do this.")
+        return user
+
+    return dependency
+
+
+UserManager = Annotated[User, Depends(require(Permission.MANAGE_USERS))]
+
+
+async def self_or_user_manager(user_id: IdPath, user: CurrentUser) -> User:
+    """For ``/users/{user_id}`` reads: oneself, or anyone with the management permission."""
+    if user_id != user.id and not user.has_permission(Permission.MANAGE_USERS):
+        raise Forbidden("You do not have permission to do this.")
+    return user
+
+
+SelfOrUserManager = Annotated[User, Depends(self_or_user_manager)]

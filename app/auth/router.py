@@ -1,0 +1,41 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, status
+from fastapi.security import OAuth2PasswordRequestForm
+
+from app.auth import service
+from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep
+from app.auth.schemas import LogoutRequest, RefreshRequest, TokenPair
+from app.db import SessionDep
+from app.users.schemas import UserCreate, UserRead
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+
+@router.post("/register", status_code=status.HTTP_201_CREATED, response_model=UserRead)
+async def register(data: UserCreate, session: SessionDep, hasher: HasherDep) -> object:
+    return await service.register(session, hasher, data)
+
+
+@router.post("/token", response_model=TokenPair)
+async def login(
+    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    session: SessionDep,
+    hasher: HasherDep,
+    codec: TokenCodecDep,
+) -> TokenPair:
+    """OAuth2 password flow; ``username`` may be the username or the e-mail address."""
+    user = await service.authenticate(session, hasher, form.username, form.password)
+    return await service.issue_pair(session, codec, user)
+
+
+@router.post("/refresh", response_model=TokenPair)
+async def refresh(data: RefreshRequest, session: SessionDep, codec: TokenCodecDep) -> TokenPair:
+    return await service.rotate(session, codec, data.refresh_token)
+
+
+@router.post("/logout", status_code=status.HTTP_204_NO_CONTENT)
+async def logout(
+    data: LogoutRequest, user: CurrentUser, session: SessionDep, codec: TokenCodecDep
+) -> None:
+    await service.logout(session, codec, user, data.refresh_token)

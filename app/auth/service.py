@@ -1,0 +1,177 @@
+"""Registration, login, and refresh-token rotation with reuse detection.
+
+Refresh tokens are rows as well as JWTs: marking one used is a single conditional
+UPDATE, so two concurrent refreshes with the same token cannot both win, on any worker
+or replica. A token presented after it was used is treated as stolen and its whole
+family (every token descended from the same login) is revoked.
+"""
+
+import uuid
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.models import RefreshToken
+from app.auth.schemas import TokenPair
+from app.db import utcnow
+from app.errors import Conflict, Unauthorized
+from app.security import PasswordHasher, TokenCodec, TokenType
+from app.users.models import Role, User
+from app.users.schemas import UserCreate
+
+INVALID_CREDENTIALS = "Incorrect username or password."
+INVALID_TOKEN = "Invalid or expired token."  # noqa: S105 - a message, not a secret
+
+
+async def register(
+    session: AsyncSession,
+    hasher: PasswordHasher,
+    data: UserCreate,
+    *,
+    role: Role = Role.USER,
+    is_superuser: bool = False,
+) -> User:
+    await ensure_identity_free(session, email=data.email, username=data.username)
+    user = User(
+        email=data.email,
+        username=data.username,
+        hashed_password=await hasher.hash(data.password),
+        role=role,
+        is_superuser=is_superuser,
+    )
+    session.add(user)
+    await commit_identity(session)
+    return user
+
+
+async def ensure_identity_free(
+    session: AsyncSession, *, email: str | None, username: str | None, exclude_id: int | None = None
+) -> None:
+    """409 when another account already has this e-mail or username."""
+    for column, value in ((User.email, email), (User.username, username)):
+        if value is None:
+            continue
+        query = select(User.id).where(column == value)
+        if exclude_id is not None:
+            query = query.where(User.id != exclude_id)
+        if await session.scalar(query) is not None:
+            raise Conflict(f"An account with this {column.key} already exists.")
+
+
+async def commit_identity(session: AsyncSession) -> None:
+    """Commit, turning a lost race on the unique e-mail/username into a 409."""
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        await session.rollback()
+        raise Conflict("An account with this email or username already exists.") from exc
+
+
+async def authenticate(
+    session: AsyncSession, hasher: PasswordHasher, login: str, password: str
+) -> User:
+    login = login.strip().lower()
+    by_login = or_(User.username == login, User.email == login)
+    user = await session.scalar(select(User).where(by_login))
+    if user is None:
+        await hasher.dummy_verify(password)
+        raise Unauthorized(INVALID_CREDENTIALS)
+    valid, new_hash = await hasher.verify_and_update(password, user.hashed_password)
+    if not valid or not user.is_active:
+        raise Unauthorized(INVALID_CREDENTIALS)
+    if new_hash is not None:
+        # Stored with older parameters: upgrade now that the plain password is at hand.
+        user.hashed_password = new_hash
+        await session.commit()
+    return user
+
+
+async def issue_pair(
+    session: AsyncSession, codec: TokenCodec, user: User, family_id: str | None = None
+) -> TokenPair:
+    family_id = family_id or uuid.uuid4().hex
+    # Expired rows are useless for reuse detection (the JWT itself is refused); dropping
+    # them here keeps the table bounded by active sessions without a cron job.
+    await session.execute(
+        delete(RefreshToken).where(
+            RefreshToken.user_id == user.id, RefreshToken.expires_at < utcnow()
+        )
+    )
+    access = codec.issue(str(user.id), TokenType.ACCESS)
+    refresh = codec.issue(str(user.id), TokenType.REFRESH, {"fam": family_id})
+    session.add(
+        RefreshToken(
+            jti=refresh.jti, family_id=family_id, user_id=user.id, expires_at=refresh.expires_at
+        )
+    )
+    await session.commit()
+    return TokenPair(
+        access_token=access.token,
+        refresh_token=refresh.token,
+        expires_in=codec.ttl_seconds(TokenType.ACCESS),
+    )
+
+
+async def rotate(session: AsyncSession, codec: TokenCodec, refresh_token: str) -> TokenPair:
+    claims = codec.decode(refresh_token, TokenType.REFRESH)
+    now = utcnow()
+    claimed = await session.execute(
+        update(RefreshToken)
+        .where(
+            RefreshToken.jti == claims["jti"],
+            RefreshToken.used_at.is_(None),
+            RefreshToken.revoked_at.is_(None),
+        )
+        .values(used_at=now)
+    )
+    token = await session.get(RefreshToken, claims["jti"])
+    if token is None:
+        raise Unauthorized(INVALID_TOKEN)
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        # Already used or revoked: whoever holds it now is not the legitimate client.
+        await revoke_family(session, token.family_id)
+        raise Unauthorized(INVALID_TOKEN)
+    user = await session.get(User, token.user_id)
+    if user is None or not user.is_active:
+        await session.rollback()
+        raise Unauthorized(INVALID_TOKEN)
+    return await issue_pair(session, codec, user, family_id=token.family_id)
+
+
+async def logout(session: AsyncSession, codec: TokenCodec, user: User, refresh_token: str) -> None:
+    claims = codec.decode(refresh_token, TokenType.REFRESH)
+    token = await session.get(RefreshToken, claims["jti"])
+    if token is None or token.user_id != user.id:
+        raise Unauthorized(INVALID_TOKEN)
+    await revoke_family(session, token.family_id)
+
+
+async def revoke_family(session: AsyncSession, family_id: str) -> None:
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    await session.commit()
+
+
+async def revoke_all_for_user(session: AsyncSession, user_id: int) -> None:
+    """Revoke every refresh token of a user; the caller commits with its own change."""
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+
+
+async def user_from_access_token(session: AsyncSession, codec: TokenCodec, token: str) -> User:
+    claims = codec.decode(token, TokenType.ACCESS)
+    try:
+        user_id = int(claims["sub"])
+    except ValueError as exc:
+        raise Unauthorized(INVALID_TOKEN) from exc
+    user = await session.get(User, user_id)
+    if user is None or not user.is_active:
+        raise Unauthorized(INVALID_TOKEN)
+    return user

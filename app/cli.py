@@ -1,0 +1,107 @@
+"""``python -m app …``: serve, migrate, create-superuser.
+
+Every command reads the same settings as the service, and none takes a password on
+the command line (it would show in ``ps`` and shell history).
+"""
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from pydantic import ValidationError
+
+from app import migrate
+from app.auth import service as auth_service
+from app.db import create_engine, create_sessionmaker
+from app.errors import Conflict
+from app.security import PasswordHasher
+from app.settings import Settings
+from app.users.models import Role
+from app.users.schemas import UserCreate
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the API with uvicorn (one process)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    commands.add_parser("migrate", help="apply database migrations up to the latest")
+
+    superuser = commands.add_parser("create-superuser", help="create the first admin account")
+    superuser.add_argument("--email", required=True)
+    superuser.add_argument("--username", required=True)
+    superuser.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        sys.exit(f"configuration refused: {exc}")
+    if args.command == "serve":
+        run_server(settings, args.host, args.port)
+    elif args.command == "migrate":
+        migrate.upgrade(settings.effective_database_url)
+        print("database is at the latest migration")
+    else:
+        password = read_password(args.password_stdin)
+        sys.exit(asyncio.run(create_superuser(settings, args.email, args.username, password)))
+
+
+def run_server(settings: Settings, host: str, port: int) -> None:
+    if settings.is_sqlite:
+        # The embedded default needs no separate step; production runs `migrate` itself.
+        migrate.upgrade(settings.effective_database_url)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        log_level=settings.log_level.lower(),
+    )
+
+
+def read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if password := os.environ.get("APP_SUPERUSER_PASSWORD"):
+        return password
+    if not sys.stdin.isatty():
+        sys.exit("no password: use --password-stdin, APP_SUPERUSER_PASSWORD or a terminal")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Password (again): "):
+        sys.exit("passwords do not match")
+    return first
+
+
+async def create_superuser(settings: Settings, email: str, username: str, password: str) -> int:
+    try:
+        data = UserCreate(email=email, username=username, password=password)
+    except ValidationError as exc:
+        # Only where and why: pydantic's full message would echo the password.
+        for error in exc.errors():
+            print(f"invalid {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return 2
+    engine = create_engine(settings.effective_database_url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            user = await auth_service.register(
+                session, PasswordHasher(settings), data, role=Role.ADMIN, is_superuser=True
+            )
+    except Conflict as exc:
+        print(f"not created: {exc.detail}", file=sys.stderr)
+        return 1
+    finally:
+        await engine.dispose()
+    print(f"superuser {user.username} (id {user.id}) created")
+    return 0

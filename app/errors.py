@@ -1,0 +1,114 @@
+"""RFC 9457 problem details for every error the service returns.
+
+Clients, nginx and the load tests rely on one shape: ``type``, ``title``, ``status``,
+``detail`` and ``request_id``, served as ``application/problem+json``. Validation errors
+add ``errors`` without echoing the rejected input (it may be a password). A 500 carries
+no traceback; the exception is re-raised to the server, which logs it.
+"""
+
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+from starlette.types import Scope
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class AppError(Exception):
+    """An error a service raises on purpose; rendered as problem+json with its status."""
+
+    status_code = HTTPStatus.BAD_REQUEST
+    headers: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class Unauthorized(AppError):
+    status_code = HTTPStatus.UNAUTHORIZED
+    headers: ClassVar[Mapping[str, str]] = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(AppError):
+    status_code = HTTPStatus.FORBIDDEN
+
+
+class NotFound(AppError):
+    status_code = HTTPStatus.NOT_FOUND
+
+
+class Conflict(AppError):
+    status_code = HTTPStatus.CONFLICT
+
+
+def request_id_of(scope: Scope) -> str | None:
+    """The id RequestIdMiddleware put in the request state, if it ran."""
+    return scope.get("state", {}).get("request_id")
+
+
+def problem_response(
+    scope: Scope,
+    status: int,
+    detail: str | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> JSONResponse:
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    request_id = request_id_of(scope)
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": phrase,
+        "status": status,
+        "detail": detail or phrase,
+        "request_id": request_id,
+    }
+    if extra:
+        body.update(extra)
+    response_headers = dict(headers or {})
+    if request_id:
+        # Responses built outside the middleware stack (500s) still carry the id.
+        response_headers.setdefault("X-Request-ID", request_id)
+    response_headers.setdefault("X-Content-Type-Options", "nosniff")
+    return JSONResponse(body, status_code=status, headers=response_headers, media_type=PROBLEM_JSON)
+
+
+async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+    return problem_response(request.scope, exc.status_code, exc.detail, headers=exc.headers)
+
+
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    return problem_response(request.scope, exc.status_code, detail, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
+        for error in exc.errors()
+    ]
+    return problem_response(
+        request.scope,
+        HTTPStatus.UNPROCESSABLE_ENTITY,
+        "The request is not valid.",
+        extra={"errors": errors},
+    )
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    return problem_response(request.scope, HTTPStatus.INTERNAL_SERVER_ERROR, "Internal error.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    # Registered for Exception, Starlette runs this in ServerErrorMiddleware, outside
+    # every user middleware; hence problem_response adds the request id itself.
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,9 @@
+"""Every domain's tables, imported in one place so ``Base.metadata`` is complete for
+Alembic and for the schema-drift test."""
+
+from app.auth.models import RefreshToken
+from app.db import Base
+from app.items.models import Item
+from app.users.models import Role, User
+
+__all__ = ["Base", "Item", "RefreshToken", "Role", "User"]

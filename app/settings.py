@@ -1,0 +1,133 @@
+"""Service configuration: one pydantic-settings class, environment prefix ``APP_``.
+
+The class refuses unsafe combinations instead of documenting them: in production a
+missing or weak secret, SQLite, or password hashing below OWASP's minimum stop the
+process at start-up, before it can accept a request.
+"""
+
+import contextlib
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIN_SECRET_BYTES = 32
+# OWASP password storage cheat sheet, Argon2id minimum: m=19 MiB, t=2, p=1.
+OWASP_ARGON2_MEMORY_KIB = 19 * 1024
+OWASP_ARGON2_TIME_COST = 2
+OWASP_ARGON2_PARALLELISM = 1
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    # hide_input_in_errors: a refused configuration must not print the secret it refused.
+    model_config = SettingsConfigDict(
+        env_prefix="APP_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
+
+    env: Literal["development", "production", "test"] = "development"
+    secret_key: SecretStr | None = None
+    database_url: str | None = None
+    data_dir: Path = Path("./var")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    cors_origins: CommaList = []
+    allowed_hosts: CommaList = ["*"]
+    forwarded_allow_ips: str = "127.0.0.1"
+    docs_enabled: bool = True
+
+    jwt_issuer: str = "fastapi-ops-service"
+    jwt_audience: str = "fastapi-ops-service:api"
+    access_token_ttl_seconds: int = Field(default=15 * 60, gt=0)
+    refresh_token_ttl_seconds: int = Field(default=14 * 24 * 3600, gt=0)
+
+    argon2_memory_kib: int = Field(default=OWASP_ARGON2_MEMORY_KIB, ge=OWASP_ARGON2_MEMORY_KIB)
+    argon2_time_cost: int = Field(default=OWASP_ARGON2_TIME_COST, ge=OWASP_ARGON2_TIME_COST)
+    argon2_parallelism: int = Field(default=OWASP_ARGON2_PARALLELISM, ge=OWASP_ARGON2_PARALLELISM)
+
+    health_timeout_seconds: float = Field(default=1.0, gt=0)
+    db_pool_size: int = Field(default=10, gt=0)
+    db_max_overflow: int = Field(default=10, ge=0)
+
+    @field_validator("cors_origins", "allowed_hosts", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> "Settings":
+        if self.env != "production":
+            return self
+        problems = []
+        if self.secret_key is None:
+            problems.append("APP_SECRET_KEY is required")
+        elif not is_strong_secret(self.secret_key.get_secret_value()):
+            problems.append(
+                f"APP_SECRET_KEY must be at least {MIN_SECRET_BYTES} bytes of random data"
+            )
+        if self.effective_database_url.startswith("sqlite"):
+            problems.append("APP_DATABASE_URL must point to PostgreSQL, not SQLite")
+        if problems:
+            raise ValueError("unsafe production configuration: " + "; ".join(problems))
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'app.db'}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    def signing_key(self) -> str:
+        """The JWT signing secret.
+
+        Development keeps a generated secret in the data directory so tokens survive a
+        restart; tests get a fresh one per process; production always sets it (validated).
+        """
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value()
+        if self.env == "test":
+            return _ephemeral_secret()
+        return _persistent_dev_secret(self.data_dir)
+
+
+def is_strong_secret(value: str) -> bool:
+    # Length alone lets "aaaa…" through; a handful of distinct characters rules out
+    # placeholders while accepting hex, base64 and passphrases.
+    return len(value.encode()) >= MIN_SECRET_BYTES and len(set(value)) >= 10
+
+
+@lru_cache(maxsize=1)
+def _ephemeral_secret() -> str:
+    return secrets.token_urlsafe(48)
+
+
+def _persistent_dev_secret(data_dir: Path) -> str:
+    path = data_dir / "secret_key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / f".secret_key.{secrets.token_hex(8)}"
+        tmp.write_text(secrets.token_urlsafe(48), encoding="utf-8")
+        tmp.chmod(0o600)
+        # link() is atomic and fails if the name exists: two workers starting together
+        # agree on whichever secret was linked first, and nobody reads a half-written file.
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+        tmp.unlink()
+    return path.read_text(encoding="utf-8").strip()
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,0 +1,48 @@
+from fastapi import APIRouter, status
+
+from app.auth.deps import CurrentUser, HasherDep, SelfOrUserManager, UserManager
+from app.db import IdPath, SessionDep
+from app.pagination import Page, PageParamsDep
+from app.users import service
+from app.users.schemas import UserAdminUpdate, UserRead, UserSelfUpdate
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+
+@router.get("/me", response_model=UserRead)
+async def read_me(user: CurrentUser) -> object:
+    return user
+
+
+@router.patch("/me", response_model=UserRead)
+async def update_me(
+    data: UserSelfUpdate, user: CurrentUser, session: SessionDep, hasher: HasherDep
+) -> object:
+    return await service.update_self(session, hasher, user, data)
+
+
+@router.get("", response_model=Page[UserRead])
+async def list_users(_: UserManager, session: SessionDep, page: PageParamsDep) -> Page[UserRead]:
+    users, total = await service.list_users(session, page)
+    return Page[UserRead].build(users, total, page)
+
+
+@router.get("/{user_id}", response_model=UserRead)
+async def read_user(user_id: IdPath, _: SelfOrUserManager, session: SessionDep) -> object:
+    return await service.get_user(session, user_id)
+
+
+@router.patch("/{user_id}", response_model=UserRead)
+async def update_user(
+    user_id: IdPath,
+    data: UserAdminUpdate,
+    actor: UserManager,
+    session: SessionDep,
+    hasher: HasherDep,
+) -> object:
+    return await service.admin_update(session, hasher, actor, user_id, data)
+
+
+@router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_user(user_id: IdPath, actor: UserManager, session: SessionDep) -> None:
+    await service.delete_user(session, actor, user_id)

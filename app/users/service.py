@@ -1,0 +1,94 @@
+"""User management: self-service profile changes and admin administration.
+
+Guard rails that a role check alone does not give: only a superuser can create, change
+or delete a superuser; an admin cannot lock themselves out through the admin routes;
+a password change, a deactivation or a role change revokes the user's refresh tokens.
+"""
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.service import (
+    INVALID_CREDENTIALS,
+    commit_identity,
+    ensure_identity_free,
+    revoke_all_for_user,
+)
+from app.errors import Conflict, Forbidden, NotFound, Unauthorized
+from app.pagination import PageParams, fetch_page, matching
+from app.security import PasswordHasher
+from app.users.models import Permission, User, grants
+from app.users.schemas import UserAdminUpdate, UserSelfUpdate
+
+
+async def list_users(session: AsyncSession, page: PageParams) -> tuple[list[User], int]:
+    return await fetch_page(
+        session, select(User), User.id, page, matching(page.q, User.username, User.email)
+    )
+
+
+async def get_user(session: AsyncSession, user_id: int) -> User:
+    user = await session.get(User, user_id)
+    if user is None:
+        raise NotFound("User not found.")
+    return user
+
+
+async def update_self(
+    session: AsyncSession, hasher: PasswordHasher, user: User, data: UserSelfUpdate
+) -> User:
+    changes = data.model_dump(exclude_unset=True, exclude={"current_password"})
+    if "password" in changes:
+        valid, _ = await hasher.verify_and_update(data.current_password or "", user.hashed_password)
+        if not valid:
+            raise Unauthorized(INVALID_CREDENTIALS)
+    return await _apply(session, hasher, user, changes)
+
+
+async def admin_update(
+    session: AsyncSession, hasher: PasswordHasher, actor: User, user_id: int, data: UserAdminUpdate
+) -> User:
+    user = await get_user(session, user_id)
+    changes = data.model_dump(exclude_unset=True)
+    if (user.is_superuser or "is_superuser" in changes) and not actor.is_superuser:
+        raise Forbidden("Only a superuser can change superuser accounts.")
+    if user.id == actor.id and not _would_keep_user_management(user, changes):
+        raise Conflict("You cannot remove your own administrative access.")
+    return await _apply(session, hasher, user, changes)
+
+
+def _would_keep_user_management(user: User, changes: dict[str, Any]) -> bool:
+    return changes.get("is_active", user.is_active) and grants(
+        changes.get("role", user.role),
+        changes.get("is_superuser", user.is_superuser),
+        Permission.MANAGE_USERS,
+    )
+
+
+async def delete_user(session: AsyncSession, actor: User, user_id: int) -> None:
+    user = await get_user(session, user_id)
+    if user.id == actor.id:
+        raise Conflict("You cannot delete your own account through the admin API.")
+    if user.is_superuser and not actor.is_superuser:
+        raise Forbidden("Only a superuser can delete a superuser account.")
+    await session.delete(user)
+    await session.commit()
+
+
+async def _apply(
+    session: AsyncSession, hasher: PasswordHasher, user: User, changes: dict[str, Any]
+) -> User:
+    await ensure_identity_free(
+        session, email=changes.get("email"), username=changes.get("username"), exclude_id=user.id
+    )
+    if "password" in changes:
+        user.hashed_password = await hasher.hash(changes.pop("password"))
+        await revoke_all_for_user(session, user.id)
+    if changes.get("is_active") is False or changes.get("role", user.role) != user.role:
+        await revoke_all_for_user(session, user.id)
+    for field, value in changes.items():
+        setattr(user, field, value)
+    await commit_identity(session)
+    return user

@@ -1,0 +1,61 @@
+"""Alembic environment: async engines, one history for SQLite and PostgreSQL.
+
+The URL comes from ``app.migrate`` (the CLI and the tests), from ``sqlalchemy.url`` in
+alembic.ini, or from the service settings, in that order.
+"""
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from app.models import Base
+from app.settings import Settings
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def database_url() -> str:
+    return (
+        config.attributes.get("database_url")
+        or config.get_main_option("sqlalchemy.url")
+        or Settings().effective_database_url
+    )
+
+
+def configure(**options: object) -> None:
+    context.configure(
+        target_metadata=target_metadata,
+        compare_type=True,
+        # SQLite cannot ALTER most things in place; batch mode recreates the table.
+        render_as_batch=database_url().startswith("sqlite"),
+        **options,
+    )
+
+
+def run_offline() -> None:
+    configure(url=database_url(), literal_binds=True, dialect_opts={"paramstyle": "named"})
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_with_connection(connection: Connection) -> None:
+    configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async() -> None:
+    engine = create_async_engine(database_url(), poolclass=NullPool)
+    async with engine.connect() as connection:
+        await connection.run_sync(run_with_connection)
+    await engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    asyncio.run(run_async())

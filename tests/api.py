@@ -1,0 +1,91 @@
+"""A thin client for tests: create accounts the way users and operators do (the API and
+the ``create-superuser`` command), log in, and carry the tokens around."""
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.testclient import TestClient
+from httpx2 import Response
+
+from app.cli import create_superuser
+from app.settings import Settings
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Account:
+    id: int
+    username: str
+    email: str
+    password: str
+    tokens: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens['access_token']}"}
+
+
+class Api:
+    def __init__(self, client: TestClient, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+
+    def register(self, username: str, password: str = PASSWORD) -> Response:
+        return self.client.post(
+            "/api/v1/auth/register",
+            json={"email": f"{username}@example.com", "username": username, "password": password},
+        )
+
+    def login(self, login: str, password: str = PASSWORD) -> Response:
+        return self.client.post(
+            "/api/v1/auth/token", data={"username": login, "password": password}
+        )
+
+    def account(self, username: str, role: str | None = None) -> Account:
+        """A registered, logged-in account; ``role`` set by the superuser through the API."""
+        response = self.register(username)
+        assert response.status_code == 201, response.text
+        account = Account(response.json()["id"], username, f"{username}@example.com", PASSWORD)
+        if role is not None:
+            changed = self.client.patch(
+                f"/api/v1/users/{account.id}", json={"role": role}, headers=self.root().headers
+            )
+            assert changed.status_code == 200, changed.text
+        self.sign_in(account)
+        return account
+
+    def root(self) -> Account:
+        """The superuser, created once per test with the operator's CLI command."""
+        if not hasattr(self, "_root"):
+            code = asyncio.run(
+                create_superuser(self.settings, "root@example.com", "root", PASSWORD)
+            )
+            assert code == 0
+            user = Account(0, "root", "root@example.com", PASSWORD)
+            self.sign_in(user)
+            user.id = self.client.get("/api/v1/users/me", headers=user.headers).json()["id"]
+            self._root = user
+        return self._root
+
+    def sign_in(self, account: Account) -> None:
+        response = self.login(account.username, account.password)
+        assert response.status_code == 200, response.text
+        account.tokens = response.json()
+
+    def create_item(self, owner: Account, **fields: Any) -> dict[str, Any]:
+        body = {"title": "Lamp", "description": "A desk lamp", "price": 19.5} | fields
+        response = self.client.post("/api/v1/items", json=body, headers=owner.headers)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+
+def assert_problem(response: Response, status: int) -> dict[str, Any]:
+    """The response is RFC 9457 problem+json with this status and the request's id."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body

@@ -1,0 +1,49 @@
+"""Liveness never touches the database; readiness reports it, including when it is down."""
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from app import migrate
+from app.main import create_app
+from tests.conftest import make_settings
+from tests.services.postgres import PostgresServer
+
+HEALTHY = {"status": "ok", "checks": {"database": "ok", "redis": "disabled"}}
+DOWN = {"status": "unavailable", "checks": {"database": "unavailable", "redis": "disabled"}}
+
+
+def test_live_and_ready(client: TestClient) -> None:
+    assert client.get("/health/live").json() == {"status": "ok", "checks": {}}
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json() == HEALTHY
+
+
+def test_readiness_follows_a_postgres_that_stops_and_comes_back(tmp_path: Path) -> None:
+    with PostgresServer(tmp_path / "pg") as server:
+        server.create_database("app")
+        migrate.upgrade(server.url("app"))
+        settings = make_settings(server.url("app"), tmp_path / "data", health_timeout_seconds=2)
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/health/ready").json() == HEALTHY
+
+            server.stop(mode="immediate")
+            ready = client.get("/health/ready")
+            assert ready.status_code == 503
+            assert ready.json() == DOWN
+            assert client.get("/health/live").status_code == 200
+
+            server.start()
+            ready = client.get("/health/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json() == HEALTHY
+
+
+def test_unreachable_database_is_not_ready_but_alive(tmp_path: Path) -> None:
+    settings = make_settings(
+        "postgresql+asyncpg://nobody@127.0.0.1:9/none", tmp_path, health_timeout_seconds=1
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health/ready").status_code == 503
+        assert client.get("/health/live").status_code == 200

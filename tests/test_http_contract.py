@@ -1,0 +1,120 @@
+"""Problem details on every error, request ids, security headers, hosts and CORS."""
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.api import Api, assert_problem
+from tests.conftest import make_settings
+
+
+def test_unknown_path_and_wrong_method_are_problems(client: TestClient) -> None:
+    assert_problem(client.get("/no/such/path"), 404)
+    wrong_method = client.put("/api/v1/items")
+    assert_problem(wrong_method, 405)
+    assert "GET" in wrong_method.headers["allow"]
+
+
+def test_unhandled_error_is_a_500_problem_without_traceback(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals: /etc/passwd")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom", headers={"X-Request-ID": "trace-me-500"})
+    body = assert_problem(response, 500)
+    assert body["request_id"] == "trace-me-500"
+    assert "secret internals" not in response.text
+    assert "Traceback" not in response.text
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_sane_request_id_is_echoed(client: TestClient) -> None:
+    response = client.get("/health/live", headers={"X-Request-ID": "abc-123.DEF_4:5"})
+    assert response.headers["x-request-id"] == "abc-123.DEF_4:5"
+
+
+@pytest.mark.parametrize("hostile", ["has space", "x" * 200, "semi;colon", "new\\nline", ""])
+def test_insane_request_id_is_replaced(client: TestClient, hostile: str) -> None:
+    response = client.get("/health/live", headers={"X-Request-ID": hostile})
+    generated = response.headers["x-request-id"]
+    assert generated != hostile
+    assert len(generated) == 32
+    assert int(generated, 16) >= 0
+
+
+def test_every_response_gets_a_fresh_id(client: TestClient) -> None:
+    ids = {client.get("/health/live").headers["x-request-id"] for _ in range(5)}
+    assert len(ids) == 5
+
+
+def test_security_headers_and_no_store(api: Api) -> None:
+    alice = api.account("alice")
+    for response in (
+        api.client.get("/api/v1/users/me", headers=alice.headers),
+        api.client.get("/api/v1/items"),
+        api.client.get("/no/such/path"),
+    ):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+    assert (
+        api.client.get("/api/v1/users/me", headers=alice.headers).headers["cache-control"]
+        == "no-store"
+    )
+    assert api.login("alice").headers["cache-control"] == "no-store"
+    assert "cache-control" not in api.client.get("/api/v1/items").headers
+
+
+def test_untrusted_host_is_a_400_problem(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(
+        database_url, tmp_path, allowed_hosts="api.example.com,*.internal.example.com"
+    )
+    with TestClient(create_app(settings), base_url="http://api.example.com") as client:
+        assert client.get("/health/live").status_code == 200
+        subdomain = client.get("/health/live", headers={"Host": "a.internal.example.com"})
+        assert subdomain.status_code == 200
+        for hostile in ("evil.example.com", "internal.example.com.evil"):
+            assert_problem(client.get("/health/live", headers={"Host": hostile}), 400)
+
+
+def test_cors_allows_configured_origins_only(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path, cors_origins="https://app.example.com")
+    with TestClient(create_app(settings)) as client:
+        preflight = {"Access-Control-Request-Method": "POST"}
+        allowed = client.options(
+            "/api/v1/items", headers=preflight | {"Origin": "https://app.example.com"}
+        )
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        denied = client.get("/api/v1/items", headers={"Origin": "https://evil.example.com"})
+        assert "access-control-allow-origin" not in denied.headers
+
+
+def test_openapi_lists_the_contract(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {
+        "/api/v1/auth/register",
+        "/api/v1/auth/token",
+        "/api/v1/auth/refresh",
+        "/api/v1/auth/logout",
+        "/api/v1/users/me",
+        "/api/v1/users",
+        "/api/v1/users/{user_id}",
+        "/api/v1/items",
+        "/api/v1/items/{item_id}",
+        "/health/live",
+        "/health/ready",
+    } <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_docs_can_be_switched_off(database_url: str, tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(database_url, tmp_path, docs_enabled=False))) as c:
+        assert_problem(c.get("/docs"), 404)
+        assert_problem(c.get("/openapi.json"), 404)

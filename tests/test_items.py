@@ -1,0 +1,164 @@
+"""Items: CRUD, the list envelope, search, validation, ownership and mass assignment."""
+
+import pytest
+
+from tests.api import Api, assert_problem
+
+
+def test_create_and_read_an_item(api: Api) -> None:
+    alice = api.account("alice")
+    response = api.client.post(
+        "/api/v1/items",
+        json={"title": "  Lamp  ", "description": "Desk lamp", "price": "19.99"},
+        headers=alice.headers,
+    )
+    assert response.status_code == 201
+    item = response.json()
+    assert set(item) == {
+        "id",
+        "title",
+        "description",
+        "price",
+        "is_available",
+        "owner_id",
+        "created_at",
+        "updated_at",
+    }
+    assert (item["title"], item["price"], item["is_available"], item["owner_id"]) == (
+        "Lamp",
+        19.99,
+        True,
+        alice.id,
+    )
+    assert item["created_at"].endswith("Z")
+    assert api.client.get(f"/api/v1/items/{item['id']}").json() == item
+
+
+def test_creating_needs_a_user(api: Api) -> None:
+    assert_problem(api.client.post("/api/v1/items", json={"title": "x", "price": 1}), 401)
+    assert api.client.get("/api/v1/items").json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"title": "x", "price": 0},
+        {"title": "x", "price": -1},
+        {"title": "x", "price": "1.001"},
+        {"title": "x", "price": "abc"},
+        {"title": "", "price": 1},
+        {"title": "   ", "price": 1},
+        {"title": "x" * 201, "price": 1},
+        {"price": 1},
+        {"title": "x"},
+        {"title": "x", "price": 1, "owner_id": 1},
+        {"title": "x", "price": 1, "id": 5},
+        {"title": "x", "price": 1, "created_at": "2020-01-01T00:00:00Z"},
+    ],
+)
+def test_invalid_or_mass_assigning_bodies_are_422_and_create_nothing(api: Api, body: dict) -> None:
+    alice = api.account("alice")
+    body_error = assert_problem(
+        api.client.post("/api/v1/items", json=body, headers=alice.headers), 422
+    )
+    assert body_error["errors"]
+    assert all("loc" in error for error in body_error["errors"])
+    assert api.client.get("/api/v1/items").json()["total"] == 0
+
+
+def test_malformed_json_is_a_422_problem(api: Api) -> None:
+    alice = api.account("alice")
+    response = api.client.post(
+        "/api/v1/items",
+        content=b'{"title": "x", "price":',
+        headers=alice.headers | {"Content-Type": "application/json"},
+    )
+    assert_problem(response, 422)
+
+
+def test_list_envelope_paging_and_limits(api: Api) -> None:
+    alice = api.account("alice")
+    ids = [api.create_item(alice, title=f"item {n}")["id"] for n in range(5)]
+    page = api.client.get("/api/v1/items?skip=1&limit=3").json()
+    assert (page["total"], page["skip"], page["limit"]) == (5, 1, 3)
+    assert [item["id"] for item in page["items"]] == ids[1:4]
+    assert api.client.get("/api/v1/items").json()["limit"] == 20
+    assert api.client.get("/api/v1/items?limit=100").status_code == 200
+    for query in ("limit=0", "limit=101", "skip=-1", "limit=abc"):
+        assert_problem(api.client.get(f"/api/v1/items?{query}"), 422)
+
+
+def test_search_matches_title_and_description_literally(api: Api) -> None:
+    alice = api.account("alice")
+    api.create_item(alice, title="Red lamp", description=None)
+    api.create_item(alice, title="Chair", description="a LAMP-shaped chair")
+    api.create_item(alice, title="100% cotton", description="shirt")
+    api.create_item(alice, title="1000 cotton buds", description="box")
+    found = api.client.get("/api/v1/items", params={"q": "lamp"}).json()
+    assert sorted(item["title"] for item in found["items"]) == ["Chair", "Red lamp"]
+    assert found["total"] == 2
+    # '%' is a literal, not a LIKE wildcard.
+    literal = api.client.get("/api/v1/items", params={"q": "100%"}).json()
+    assert [item["title"] for item in literal["items"]] == ["100% cotton"]
+
+
+def test_owner_updates_and_deletes(api: Api) -> None:
+    alice = api.account("alice")
+    item = api.create_item(alice)
+    response = api.client.patch(
+        f"/api/v1/items/{item['id']}",
+        json={"price": 25, "is_available": False},
+        headers=alice.headers,
+    )
+    assert response.status_code == 200
+    updated = response.json()
+    assert (updated["price"], updated["is_available"], updated["title"]) == (25.0, False, "Lamp")
+    assert updated["updated_at"] >= item["updated_at"]
+    deleted = api.client.delete(f"/api/v1/items/{item['id']}", headers=alice.headers)
+    assert deleted.status_code == 204
+    assert_problem(api.client.get(f"/api/v1/items/{item['id']}"), 404)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"owner_id": 999}, {"id": 7}, {"title": None}, {"price": None}, {"is_available": None}],
+)
+def test_owner_cannot_reassign_or_null_required_fields(api: Api, body: dict) -> None:
+    alice = api.account("alice")
+    item = api.create_item(alice)
+    response = api.client.patch(f"/api/v1/items/{item['id']}", json=body, headers=alice.headers)
+    assert_problem(response, 422)
+    assert api.client.get(f"/api/v1/items/{item['id']}").json() == item
+
+
+def test_another_user_cannot_change_or_delete_an_item(api: Api) -> None:
+    alice, bob = api.account("alice"), api.account("bob")
+    mallory = api.account("mallory", role="moderator")
+    item = api.create_item(alice)
+    url = f"/api/v1/items/{item['id']}"
+    for intruder in (bob, mallory):
+        assert_problem(api.client.patch(url, json={"price": 1}, headers=intruder.headers), 403)
+        assert_problem(api.client.delete(url, headers=intruder.headers), 403)
+    assert_problem(api.client.patch(url, json={"price": 1}), 401)
+    assert_problem(api.client.delete(url), 401)
+    assert api.client.get(url).json() == item
+
+
+def test_admin_can_change_and_delete_any_item(api: Api) -> None:
+    alice, admin = api.account("alice"), api.account("boss", role="admin")
+    item = api.create_item(alice)
+    url = f"/api/v1/items/{item['id']}"
+    patched = api.client.patch(url, json={"title": "Moderated"}, headers=admin.headers)
+    assert patched.status_code == 200
+    assert patched.json()["owner_id"] == alice.id
+    assert api.client.delete(url, headers=admin.headers).status_code == 204
+
+
+def test_unknown_items(api: Api) -> None:
+    alice = api.account("alice")
+    for method in ("GET", "PATCH", "DELETE"):
+        response = api.client.request(
+            method, "/api/v1/items/424242", json={"price": 1}, headers=alice.headers
+        )
+        assert_problem(response, 404)
+    assert_problem(api.client.get(f"/api/v1/items/{2**31}"), 422)

@@ -1,0 +1,184 @@
+"""Migrations match the models on both databases, and the operator commands work from
+any directory as a separate process, the way operators run them."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, inspect
+
+from app import migrate
+from app.db import create_engine
+from app.models import Base
+from tests.services import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def schema_drift(database_url: str) -> list[object]:
+    engine = create_engine(database_url)
+
+    def compare(connection: Connection) -> list[object]:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return compare_metadata(context, Base.metadata)
+
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(compare)
+    finally:
+        await engine.dispose()
+
+
+async def table_names(database_url: str) -> set[str]:
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            return set(await connection.run_sync(lambda c: inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+def test_migrated_schema_matches_the_models(database_url: str) -> None:
+    assert asyncio.run(schema_drift(database_url)) == []
+
+
+def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
+    config = migrate.alembic_config(database_url)
+    command.downgrade(config, "base")
+    assert asyncio.run(table_names(database_url)) <= {"alembic_version"}
+    migrate.upgrade(database_url)
+    assert {"users", "items", "refresh_tokens"} <= asyncio.run(table_names(database_url))
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str], stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=cwd,
+        env=os.environ | env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_migrate_and_create_superuser_from_another_directory(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = {"APP_ENV": "test", "APP_DATABASE_URL": database_url}
+    migrated = run_cli("migrate", cwd=tmp_path, env=env)
+    assert migrated.returncode == 0, migrated.stderr
+
+    password = "an operator's long password"
+    created = run_cli(
+        "create-superuser",
+        "--email",
+        "Ops@example.com",
+        "--username",
+        "ops",
+        "--password-stdin",
+        cwd=tmp_path,
+        env=env,
+        stdin=password + "\n",
+    )
+    assert created.returncode == 0, created.stderr
+    assert "superuser ops" in created.stdout
+    assert password not in created.stdout + created.stderr
+
+    again = run_cli(
+        "create-superuser",
+        "--email",
+        "ops@example.com",
+        "--username",
+        "ops2",
+        "--password-stdin",
+        cwd=tmp_path,
+        env=env,
+        stdin=password + "\n",
+    )
+    assert again.returncode == 1
+    assert "already exists" in again.stderr
+
+    weak = run_cli(
+        "create-superuser",
+        "--email",
+        "x@example.com",
+        "--username",
+        "x2x",
+        cwd=tmp_path,
+        env=env | {"APP_SUPERUSER_PASSWORD": "tiny!"},
+    )
+    assert weak.returncode == 2
+    assert "invalid password" in weak.stderr
+    assert "tiny!" not in weak.stdout + weak.stderr
+
+
+def test_production_refuses_weak_settings_without_printing_them(tmp_path: Path) -> None:
+    refused = run_cli("migrate", cwd=tmp_path, env={"APP_ENV": "production"})
+    assert refused.returncode == 1
+    assert "APP_SECRET_KEY is required" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    weak_secret = "weak-secret-value"
+    refused = run_cli(
+        "migrate", cwd=tmp_path, env={"APP_ENV": "production", "APP_SECRET_KEY": weak_secret}
+    )
+    assert refused.returncode == 1
+    assert "at least 32 bytes" in refused.stderr
+    assert weak_secret not in refused.stderr
+
+
+def test_serve_runs_the_embedded_default_from_any_directory(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if not k.startswith("APP_")},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: _answers(f"{base}/health/live"),
+            timeout=60,
+            what="app serve",
+            process=server,
+            log_path=log,
+        )
+        ready = httpx2.get(f"{base}/health/ready")
+        assert ready.json()["checks"]["database"] == "ok"
+        assert httpx2.get(f"{base}/docs").status_code == 200
+        registered = httpx2.post(
+            f"{base}/api/v1/auth/register",
+            json={"email": "a@example.com", "username": "alice", "password": "long enough pw"},
+        )
+        assert registered.status_code == 201
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+    # Data, the migrated database and the generated secret live under ./var of the cwd.
+    assert (tmp_path / "var" / "app.db").is_file()
+    assert (tmp_path / "var" / "secret_key").is_file()
+    assert server.returncode == 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx2.get(url, timeout=1).status_code == 200
+    except httpx2.HTTPError:
+        time.sleep(0.2)
+        return False

@@ -1,0 +1,73 @@
+"""The settings class refuses unsafe production configurations and parses env lists."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+STRONG = "kM9v-Qz2xT7rL0pWn5sB8yHc3dFj6gAe"
+POSTGRES = "postgresql+asyncpg://app@db/app"
+
+
+def settings(**values: object) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def test_production_with_strong_secret_and_postgres_starts() -> None:
+    production = settings(env="production", secret_key=STRONG, database_url=POSTGRES)
+    assert production.signing_key() == STRONG
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"database_url": POSTGRES}, "APP_SECRET_KEY is required"),
+        ({"database_url": POSTGRES, "secret_key": "short"}, "at least 32 bytes"),
+        ({"database_url": POSTGRES, "secret_key": "a" * 64}, "at least 32 bytes"),
+        ({"secret_key": STRONG}, "not SQLite"),
+        ({"secret_key": STRONG, "database_url": "sqlite+aiosqlite:///x.db"}, "not SQLite"),
+    ],
+)
+def test_production_refuses_unsafe_configuration(values: dict, complaint: str) -> None:
+    with pytest.raises(ValidationError, match=complaint):
+        settings(env="production", **values)
+
+
+def test_production_is_refused_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APP_ENV", "production")
+    with pytest.raises(ValidationError, match="APP_SECRET_KEY is required"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"argon2_memory_kib": 8192}, {"argon2_time_cost": 1}, {"argon2_parallelism": 0}],
+)
+def test_password_hashing_below_owasp_minimum_is_refused(values: dict) -> None:
+    with pytest.raises(ValidationError):
+        settings(**values)
+
+
+def test_development_secret_is_generated_once_and_kept(tmp_path: Path) -> None:
+    first = settings(data_dir=tmp_path).signing_key()
+    second = settings(data_dir=tmp_path).signing_key()
+    assert first == second
+    assert len(first) >= 32
+    assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
+    assert settings(data_dir=tmp_path / "other").signing_key() != first
+
+
+def test_embedded_default_database_lives_in_the_data_dir(tmp_path: Path) -> None:
+    embedded = settings(data_dir=tmp_path)
+    assert embedded.effective_database_url == f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+    assert embedded.is_sqlite
+
+
+def test_lists_come_from_comma_separated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APP_ALLOWED_HOSTS", "api.example.com, *.example.org")
+    monkeypatch.setenv("APP_CORS_ORIGINS", "https://a.example.com")
+    loaded = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert loaded.allowed_hosts == ["api.example.com", "*.example.org"]
+    assert loaded.cors_origins == ["https://a.example.com"]

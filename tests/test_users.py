@@ -1,0 +1,196 @@
+"""Self-service profile, admin user management, RBAC and the admin guard rails."""
+
+import pytest
+
+from tests.api import PASSWORD, Api, assert_problem
+
+
+def test_me_returns_the_caller(api: Api) -> None:
+    alice = api.account("alice")
+    response = api.client.get("/api/v1/users/me", headers=alice.headers)
+    assert response.status_code == 200
+    assert response.json()["id"] == alice.id
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_patch_me_changes_email_and_username(api: Api) -> None:
+    alice = api.account("alice")
+    response = api.client.patch(
+        "/api/v1/users/me",
+        json={"email": "ALICE2@example.com", "username": "alice2"},
+        headers=alice.headers,
+    )
+    assert response.status_code == 200
+    assert response.json()["email"] == "alice2@example.com"
+    assert api.login("alice2").status_code == 200
+    assert api.login("alice").status_code == 401
+
+
+def test_patch_me_to_a_taken_name_is_a_conflict(api: Api) -> None:
+    alice, _ = api.account("alice"), api.account("bob")
+    assert_problem(
+        api.client.patch("/api/v1/users/me", json={"username": "bob"}, headers=alice.headers),
+        409,
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"role": "admin"},
+        {"is_superuser": True},
+        {"is_active": False},
+        {"id": 999},
+        {"hashed_password": "x"},
+        {"email": None},
+    ],
+)
+def test_patch_me_cannot_touch_privileged_fields(api: Api, body: dict) -> None:
+    alice = api.account("alice")
+    assert_problem(api.client.patch("/api/v1/users/me", json=body, headers=alice.headers), 422)
+    me = api.client.get("/api/v1/users/me", headers=alice.headers).json()
+    assert (me["role"], me["is_superuser"], me["is_active"], me["id"]) == (
+        "user",
+        False,
+        True,
+        alice.id,
+    )
+
+
+def test_password_change_needs_the_current_password(api: Api) -> None:
+    alice = api.account("alice")
+    no_current = api.client.patch(
+        "/api/v1/users/me", json={"password": "a new password"}, headers=alice.headers
+    )
+    assert_problem(no_current, 422)
+    wrong = api.client.patch(
+        "/api/v1/users/me",
+        json={"password": "a new password", "current_password": "not it at all"},
+        headers=alice.headers,
+    )
+    assert_problem(wrong, 401)
+    assert api.login("alice").status_code == 200
+
+
+def test_password_change_revokes_every_refresh_token(api: Api) -> None:
+    alice = api.account("alice")
+    other_session = api.login("alice").json()
+    response = api.client.patch(
+        "/api/v1/users/me",
+        json={"password": "a new password", "current_password": PASSWORD},
+        headers=alice.headers,
+    )
+    assert response.status_code == 200
+    for tokens in (alice.tokens, other_session):
+        refreshed = api.client.post(
+            "/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
+        )
+        assert_problem(refreshed, 401)
+    assert api.login("alice", "a new password").status_code == 200
+    assert api.login("alice").status_code == 401
+
+
+def admin_routes(target_id: int) -> list[tuple[str, str, dict | None]]:
+    return [
+        ("GET", "/api/v1/users", None),
+        ("GET", f"/api/v1/users/{target_id}", None),
+        ("PATCH", f"/api/v1/users/{target_id}", {"role": "admin"}),
+        ("DELETE", f"/api/v1/users/{target_id}", None),
+    ]
+
+
+@pytest.mark.parametrize("role", [None, "moderator"])
+def test_admin_routes_are_forbidden_to_users_and_moderators(api: Api, role: str | None) -> None:
+    caller, target = api.account("caller", role=role), api.account("target")
+    for method, url, body in admin_routes(target.id):
+        response = api.client.request(method, url, json=body, headers=caller.headers)
+        assert_problem(response, 403)
+    after = api.client.get(f"/api/v1/users/{target.id}", headers=api.root().headers).json()
+    assert after["role"] == "user"
+    # The caller was not promoted either.
+    assert api.client.get("/api/v1/users/me", headers=caller.headers).json()["role"] == (
+        role or "user"
+    )
+
+
+def test_admin_routes_need_a_token(api: Api) -> None:
+    target = api.account("target")
+    for method, url, body in admin_routes(target.id):
+        assert_problem(api.client.request(method, url, json=body), 401)
+
+
+def test_a_user_may_read_their_own_record_by_id(api: Api) -> None:
+    alice = api.account("alice")
+    response = api.client.get(f"/api/v1/users/{alice.id}", headers=alice.headers)
+    assert response.status_code == 200
+    assert response.json()["username"] == "alice"
+
+
+def test_admin_lists_searches_and_pages_users(api: Api) -> None:
+    admin = api.account("boss", role="admin")
+    for name in ("carol", "dave", "erin"):
+        api.register(name)
+    page = api.client.get("/api/v1/users?limit=2&skip=1", headers=admin.headers).json()
+    assert set(page) == {"items", "total", "skip", "limit"}
+    assert (page["total"], page["skip"], page["limit"]) == (5, 1, 2)
+    assert [user["username"] for user in page["items"]] == ["root", "carol"]
+    found = api.client.get("/api/v1/users?q=DAV", headers=admin.headers).json()
+    assert [user["username"] for user in found["items"]] == ["dave"]
+
+
+def test_admin_changes_role_and_deactivates(api: Api) -> None:
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    response = api.client.patch(
+        f"/api/v1/users/{alice.id}",
+        json={"role": "moderator", "is_active": False},
+        headers=admin.headers,
+    )
+    assert response.status_code == 200
+    assert (response.json()["role"], response.json()["is_active"]) == ("moderator", False)
+    refreshed = api.client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": alice.tokens["refresh_token"]}
+    )
+    assert_problem(refreshed, 401)
+
+
+def test_admin_deletes_a_user_and_their_items(api: Api) -> None:
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    item = api.create_item(alice)
+    assert api.client.delete(f"/api/v1/users/{alice.id}", headers=admin.headers).status_code == 204
+    assert_problem(api.client.get(f"/api/v1/users/{alice.id}", headers=admin.headers), 404)
+    assert_problem(api.client.get(f"/api/v1/items/{item['id']}"), 404)
+    assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
+
+
+def test_admin_cannot_lock_themselves_out(api: Api) -> None:
+    admin = api.account("boss", role="admin")
+    for body in ({"role": "user"}, {"is_active": False}):
+        response = api.client.patch(f"/api/v1/users/{admin.id}", json=body, headers=admin.headers)
+        assert_problem(response, 409)
+    assert_problem(api.client.delete(f"/api/v1/users/{admin.id}", headers=admin.headers), 409)
+    assert api.client.get("/api/v1/users", headers=admin.headers).status_code == 200
+
+
+def test_only_a_superuser_manages_superusers(api: Api) -> None:
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    root = api.root()
+    forbidden = [
+        ("PATCH", f"/api/v1/users/{alice.id}", {"is_superuser": True}),
+        ("PATCH", f"/api/v1/users/{root.id}", {"role": "user"}),
+        ("DELETE", f"/api/v1/users/{root.id}", None),
+    ]
+    for method, url, body in forbidden:
+        assert_problem(api.client.request(method, url, json=body, headers=admin.headers), 403)
+    granted = api.client.patch(
+        f"/api/v1/users/{alice.id}", json={"is_superuser": True}, headers=root.headers
+    )
+    assert granted.status_code == 200
+    assert granted.json()["is_superuser"] is True
+
+
+def test_unknown_user_ids(api: Api) -> None:
+    root = api.root()
+    assert_problem(api.client.get("/api/v1/users/424242", headers=root.headers), 404)
+    assert_problem(api.client.get("/api/v1/users/0", headers=root.headers), 422)
+    assert_problem(api.client.get(f"/api/v1/users/{2**40}", headers=root.headers), 422)
+    assert_problem(api.client.get("/api/v1/users/abc", headers=root.headers), 422)
