@@ -67,7 +67,9 @@ def run_server(settings: Settings, host: str, port: int) -> None:
         port=port,
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
-        log_level=settings.log_level.lower(),
+        # create_app configures logging (structlog) and writes the access line itself.
+        log_config=None,
+        access_log=False,
     )
 
 

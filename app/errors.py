@@ -65,7 +65,7 @@ def problem_response(
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": phrase,
-        "status": status,
+        "status": int(status),
         "detail": detail or phrase,
         "request_id": request_id,
     }
@@ -76,7 +76,9 @@ def problem_response(
         # Responses built outside the middleware stack (500s) still carry the id.
         response_headers.setdefault("X-Request-ID", request_id)
     response_headers.setdefault("X-Content-Type-Options", "nosniff")
-    return JSONResponse(body, status_code=status, headers=response_headers, media_type=PROBLEM_JSON)
+    return JSONResponse(
+        body, status_code=int(status), headers=response_headers, media_type=PROBLEM_JSON
+    )
 
 
 async def _app_error(request: Request, exc: AppError) -> JSONResponse:

@@ -1,11 +1,14 @@
 """The application factory and its lifespan; nothing else lives here."""
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.engine import make_url
 
 import app
@@ -15,6 +18,11 @@ from app.db import create_engine, create_sessionmaker
 from app.errors import install_error_handlers
 from app.items.router import router as items_router
 from app.middleware import RequestIdMiddleware, SecurityHeadersMiddleware, TrustedHostMiddleware
+from app.observability import exposition, tracing
+from app.observability.access_log import AccessLogMiddleware
+from app.observability.http_middleware import HttpMetricsMiddleware
+from app.observability.logging import configure_logging
+from app.observability.system import SystemSampler
 from app.security import PasswordHasher, TokenCodec
 from app.settings import Settings
 from app.users.router import router as users_router
@@ -24,21 +32,37 @@ from app.users.router import router as users_router
 async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     settings: Settings = application.state.settings
     url = settings.effective_database_url
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.is_sqlite and (path := make_url(url).database):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, settings)
+    provider: TracerProvider | None = application.state.tracer_provider
+    if provider is not None:
+        tracing.instrument_engine(engine, provider)
     application.state.engine = engine
     application.state.sessionmaker = create_sessionmaker(engine)
     application.state.hasher = PasswordHasher(settings)
     application.state.tokens = TokenCodec(settings)
+    sampler = SystemSampler(settings.data_dir, settings.system_metrics_interval_seconds)
+    sampling = asyncio.create_task(sampler.run(), name="system-metrics")
     try:
         yield
     finally:
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
         await engine.dispose()
+        if provider is not None:
+            tracing.uninstrument_engines()
+            provider.shutdown()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """Build the service. ``tracer_provider`` overrides the one made from ``OTEL_*``."""
     settings = settings or Settings()
+    configure_logging(settings.log_level, settings.effective_log_format)
     docs = settings.docs_enabled
     application = FastAPI(
         title="FastAPI ops service",
@@ -49,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     application.state.settings = settings
+    application.state.tracer_provider = tracer_provider or tracing.tracer_provider_from_env()
     install_error_handlers(application)
 
     api = APIRouter(prefix="/api/v1")
@@ -56,9 +81,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api.include_router(router)
     application.include_router(api)
     application.include_router(health.router)
+    application.include_router(exposition.router)
 
     # add_middleware wraps: the last added runs first. Order, outermost first:
-    # request id → security headers → trusted host → CORS → routes.
+    # request id → access log → metrics → security headers → trusted host → CORS → routes
+    # (OpenTelemetry, when on, wraps all of them so every layer sees the span).
     if settings.cors_origins:
         application.add_middleware(
             CORSMiddleware,
@@ -69,5 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     application.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
     application.add_middleware(SecurityHeadersMiddleware)
+    application.add_middleware(HttpMetricsMiddleware)
+    application.add_middleware(AccessLogMiddleware)
     application.add_middleware(RequestIdMiddleware)
+    if application.state.tracer_provider is not None:
+        tracing.instrument_app(application, application.state.tracer_provider)
     return application

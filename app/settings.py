@@ -8,12 +8,11 @@ process at start-up, before it can accept a request.
 import contextlib
 import os
 import secrets
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIN_SECRET_BYTES = 32
@@ -35,7 +34,10 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
     database_url: str | None = None
     data_dir: Path = Path("./var")
+    log_format: Literal["json", "console"] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    metrics_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = []
+    system_metrics_interval_seconds: float = Field(default=5.0, gt=0)
 
     cors_origins: CommaList = []
     allowed_hosts: CommaList = ["*"]
@@ -55,7 +57,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, gt=0)
     db_max_overflow: int = Field(default=10, ge=0)
 
-    @field_validator("cors_origins", "allowed_hosts", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", "metrics_allowed_networks", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -87,16 +89,19 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         return self.effective_database_url.startswith("sqlite")
 
+    @property
+    def effective_log_format(self) -> Literal["json", "console"]:
+        return self.log_format or ("json" if self.env == "production" else "console")
+
     def signing_key(self) -> str:
         """The JWT signing secret.
 
-        Development keeps a generated secret in the data directory so tokens survive a
-        restart; tests get a fresh one per process; production always sets it (validated).
+        Outside production a generated secret is kept in the data directory, so tokens
+        survive a restart and every worker sharing the directory agrees on it; production
+        always sets it (validated).
         """
         if self.secret_key is not None:
             return self.secret_key.get_secret_value()
-        if self.env == "test":
-            return _ephemeral_secret()
         return _persistent_dev_secret(self.data_dir)
 
 
@@ -104,11 +109,6 @@ def is_strong_secret(value: str) -> bool:
     # Length alone lets "aaaa…" through; a handful of distinct characters rules out
     # placeholders while accepting hex, base64 and passphrases.
     return len(value.encode()) >= MIN_SECRET_BYTES and len(set(value)) >= 10
-
-
-@lru_cache(maxsize=1)
-def _ephemeral_secret() -> str:
-    return secrets.token_urlsafe(48)
 
 
 def _persistent_dev_secret(data_dir: Path) -> str:

@@ -7,6 +7,7 @@ roles inline, so every permission decision goes through ``require``.
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
@@ -32,9 +33,16 @@ TokenCodecDep = Annotated[TokenCodec, Depends(get_token_codec)]
 
 
 async def get_current_user(
-    token: Annotated[str, Depends(oauth2_scheme)], session: SessionDep, codec: TokenCodecDep
+    request: Request,
+    token: Annotated[str, Depends(oauth2_scheme)],
+    session: SessionDep,
+    codec: TokenCodecDep,
 ) -> User:
-    return await service.user_from_access_token(session, codec, token)
+    user = await service.user_from_access_token(session, codec, token)
+    # For the access line and every later log line of this request.
+    request.state.user_id = user.id
+    structlog.contextvars.bind_contextvars(user_id=user.id)
+    return user
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]

@@ -8,6 +8,7 @@ family (every token descended from the same login) is revoked.
 
 import uuid
 
+import structlog
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,12 +17,19 @@ from app.auth.models import RefreshToken
 from app.auth.schemas import TokenPair
 from app.db import utcnow
 from app.errors import Conflict, Unauthorized
+from app.observability.metrics import LOGINS, TOKEN_REFRESHES
 from app.security import PasswordHasher, TokenCodec, TokenType
 from app.users.models import Role, User
 from app.users.schemas import UserCreate
 
+logger = structlog.get_logger(__name__)
+
 INVALID_CREDENTIALS = "Incorrect username or password."
 INVALID_TOKEN = "Invalid or expired token."  # noqa: S105 - a message, not a secret
+
+
+class TokenReuse(Unauthorized):
+    """A spent refresh token was presented again; answered like any invalid token."""
 
 
 async def register(
@@ -76,10 +84,13 @@ async def authenticate(
     user = await session.scalar(select(User).where(by_login))
     if user is None:
         await hasher.dummy_verify(password)
+        LOGINS.labels("invalid_credentials").inc()
         raise Unauthorized(INVALID_CREDENTIALS)
     valid, new_hash = await hasher.verify_and_update(password, user.hashed_password)
     if not valid or not user.is_active:
+        LOGINS.labels("invalid_credentials").inc()
         raise Unauthorized(INVALID_CREDENTIALS)
+    LOGINS.labels("success").inc()
     if new_hash is not None:
         # Stored with older parameters: upgrade now that the plain password is at hand.
         user.hashed_password = new_hash
@@ -114,6 +125,19 @@ async def issue_pair(
 
 
 async def rotate(session: AsyncSession, codec: TokenCodec, refresh_token: str) -> TokenPair:
+    try:
+        pair = await _rotate(session, codec, refresh_token)
+    except TokenReuse:
+        TOKEN_REFRESHES.labels("reuse_detected").inc()
+        raise
+    except Unauthorized:
+        TOKEN_REFRESHES.labels("invalid").inc()
+        raise
+    TOKEN_REFRESHES.labels("success").inc()
+    return pair
+
+
+async def _rotate(session: AsyncSession, codec: TokenCodec, refresh_token: str) -> TokenPair:
     claims = codec.decode(refresh_token, TokenType.REFRESH)
     now = utcnow()
     claimed = await session.execute(
@@ -131,7 +155,8 @@ async def rotate(session: AsyncSession, codec: TokenCodec, refresh_token: str) -
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         # Already used or revoked: whoever holds it now is not the legitimate client.
         await revoke_family(session, token.family_id)
-        raise Unauthorized(INVALID_TOKEN)
+        logger.warning("refresh token reuse: family revoked", user_id=token.user_id)
+        raise TokenReuse(INVALID_TOKEN)
     user = await session.get(User, token.user_id)
     if user is None or not user.is_active:
         await session.rollback()

@@ -1,0 +1,198 @@
+"""Host and worker-process metrics sampled with psutil, off the request path.
+
+Custom collectors and ``ProcessCollector`` do not work in prometheus_client's
+multiprocess mode (the scraping process would report itself), so each worker samples on
+a timer and writes plain metrics that the multiprocess files carry:
+
+- Worker series are labelled ``worker`` with the worker's slot (``APP_WORKER_ID``, set by
+  deploy/gunicorn.conf.py; ``0`` for a single process), not its pid: a replacement worker
+  takes over the slot, so series survive restarts and their number stays bounded.
+  Gauges use ``livemostrecent`` (a dead worker's values disappear); CPU seconds are a
+  counter incremented by deltas, which the multiprocess files sum into a monotonic series
+  per slot across restarts.
+- Host series are written by worker 0 only, gauges with ``mostrecent``, so they are not
+  multiplied by the number of workers.
+"""
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import psutil
+from prometheus_client import Counter, Gauge
+
+from app.observability import WORKER_ID_ENV
+
+LAG_PROBE_SECONDS = 0.25
+
+WORKER_RSS = Gauge(
+    "app_worker_resident_memory_bytes",
+    "Resident memory of the worker process.",
+    ["worker"],
+    multiprocess_mode="livemostrecent",
+)
+WORKER_FDS = Gauge(
+    "app_worker_open_fds",
+    "Open file descriptors of the worker process.",
+    ["worker"],
+    multiprocess_mode="livemostrecent",
+)
+WORKER_THREADS = Gauge(
+    "app_worker_threads",
+    "Threads of the worker process.",
+    ["worker"],
+    multiprocess_mode="livemostrecent",
+)
+WORKER_LOOP_LAG = Gauge(
+    "app_worker_event_loop_lag_seconds",
+    "Largest event-loop delay seen during the last sampling interval.",
+    ["worker"],
+    multiprocess_mode="livemostrecent",
+)
+WORKER_CPU = Counter(
+    "app_worker_cpu_seconds_total", "CPU time used by the worker slot.", ["worker"]
+)
+HOST_CPU = Gauge(
+    "app_host_cpu_utilisation_ratio",
+    "Host CPU utilisation since the previous sample (0-1).",
+    multiprocess_mode="mostrecent",
+)
+HOST_LOAD = Gauge(
+    "app_host_load_average",
+    "Host load average.",
+    ["period"],
+    multiprocess_mode="mostrecent",
+)
+HOST_MEMORY = Gauge(
+    "app_host_memory_bytes",
+    "Host memory.",
+    ["state"],
+    multiprocess_mode="mostrecent",
+)
+HOST_SWAP = Gauge(
+    "app_host_swap_bytes",
+    "Host swap.",
+    ["state"],
+    multiprocess_mode="mostrecent",
+)
+HOST_DISK = Gauge(
+    "app_host_disk_bytes",
+    "Filesystem holding the data directory (database, uploads).",
+    ["volume", "state"],
+    multiprocess_mode="mostrecent",
+)
+HOST_DISK_IO = Counter(
+    "app_host_disk_io_bytes_total",
+    "Bytes read and written on the device of the data directory.",
+    ["volume", "direction"],
+)
+HOST_NETWORK = Counter("app_host_network_bytes_total", "Host network traffic.", ["direction"])
+
+
+def worker_id() -> str:
+    return os.environ.get(WORKER_ID_ENV, "0")
+
+
+@dataclass
+class _Previous:
+    """Last cumulative readings, so counters are incremented by deltas."""
+
+    cpu_seconds: float | None = None
+    disk: dict[str, float] = field(default_factory=dict)
+    network: dict[str, float] = field(default_factory=dict)
+
+
+class SystemSampler:
+    def __init__(self, data_dir: Path, interval_seconds: float) -> None:
+        self.data_dir = data_dir
+        self.interval = interval_seconds
+        self.worker = worker_id()
+        self.samples_host = self.worker == "0"
+        self.process = psutil.Process()
+        self.device = _device_of(data_dir) if self.samples_host else None
+        self.previous = _Previous()
+        self.max_lag = 0.0
+
+    async def run(self) -> None:
+        """Sample now and then every interval, until cancelled."""
+        loop = asyncio.get_running_loop()
+        next_sample = loop.time()
+        while True:
+            if loop.time() >= next_sample:
+                await anyio.to_thread.run_sync(self.sample)
+                next_sample = loop.time() + self.interval
+            before = loop.time()
+            await asyncio.sleep(LAG_PROBE_SECONDS)
+            self.max_lag = max(self.max_lag, loop.time() - before - LAG_PROBE_SECONDS)
+
+    def sample(self) -> None:
+        worker = self.worker
+        with self.process.oneshot():
+            WORKER_RSS.labels(worker).set(self.process.memory_info().rss)
+            WORKER_FDS.labels(worker).set(self.process.num_fds())
+            WORKER_THREADS.labels(worker).set(self.process.num_threads())
+            times = self.process.cpu_times()
+        cpu_seconds = times.user + times.system
+        if self.previous.cpu_seconds is not None:
+            WORKER_CPU.labels(worker).inc(max(cpu_seconds - self.previous.cpu_seconds, 0.0))
+        self.previous.cpu_seconds = cpu_seconds
+        WORKER_LOOP_LAG.labels(worker).set(self.max_lag)
+        self.max_lag = 0.0
+        if self.samples_host:
+            self._sample_host()
+
+    def _sample_host(self) -> None:
+        HOST_CPU.set(psutil.cpu_percent(interval=None) / 100)
+        for period, value in zip(("1m", "5m", "15m"), os.getloadavg(), strict=True):
+            HOST_LOAD.labels(period).set(value)
+        memory = psutil.virtual_memory()
+        for state in ("total", "available", "used"):
+            HOST_MEMORY.labels(state).set(getattr(memory, state))
+        swap = psutil.swap_memory()
+        for state in ("total", "used"):
+            HOST_SWAP.labels(state).set(getattr(swap, state))
+        disk = psutil.disk_usage(str(self.data_dir))
+        for state in ("total", "used", "free"):
+            HOST_DISK.labels("data", state).set(getattr(disk, state))
+        if self.device is not None:
+            counters = psutil.disk_io_counters(perdisk=True).get(self.device)
+            if counters is not None:
+                self._increment(
+                    HOST_DISK_IO,
+                    self.previous.disk,
+                    {"read": counters.read_bytes, "write": counters.write_bytes},
+                    "data",
+                )
+        network = psutil.net_io_counters()
+        self._increment(
+            HOST_NETWORK,
+            self.previous.network,
+            {"receive": network.bytes_recv, "transmit": network.bytes_sent},
+        )
+
+    @staticmethod
+    def _increment(
+        counter: Counter, previous: dict[str, float], current: dict[str, float], *labels: str
+    ) -> None:
+        for direction, value in current.items():
+            if direction in previous:
+                counter.labels(*labels, direction).inc(max(value - previous[direction], 0))
+            previous[direction] = value
+
+
+def _device_of(path: Path) -> str | None:
+    """The block device name (``vda``) under the filesystem of ``path``, when there is one."""
+    target = str(path.resolve())
+    best = None
+    for partition in psutil.disk_partitions(all=False):
+        mount = partition.mountpoint
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and (
+            best is None or len(mount) > len(best.mountpoint)
+        ):
+            best = partition
+    if best is None or not best.device.startswith("/dev/"):
+        return None
+    name = Path(best.device).name
+    return name if name in psutil.disk_io_counters(perdisk=True) else None

@@ -1,0 +1,80 @@
+"""gunicorn settings for the API: uvicorn workers, multiprocess metrics, structlog logs.
+
+Every value comes from the environment, so this one file serves the container image,
+compose, Kubernetes and the native stack:
+
+- ``WEB_CONCURRENCY`` workers (default: the CPU count), ``GUNICORN_BIND`` (default
+  ``0.0.0.0:8000``), ``GUNICORN_TIMEOUT``, ``GUNICORN_GRACEFUL_TIMEOUT``,
+  ``GUNICORN_KEEPALIVE`` (keep it above the proxy's upstream keep-alive timeout),
+  ``GUNICORN_MAX_REQUESTS`` (+ 10 % jitter so workers do not recycle together);
+- ``APP_FORWARDED_ALLOW_IPS``, ``APP_LOG_LEVEL`` and ``APP_LOG_FORMAT`` from the service
+  settings, which are validated here, before any worker starts.
+
+Metrics: prometheus_client picks its multiprocess backend when it is first imported, so
+``PROMETHEUS_MULTIPROC_DIR`` is settled before anything imports it. The directory is
+emptied when the master starts (stale files from a previous run would add up), each
+worker gets a slot number in ``APP_WORKER_ID`` (reused by its replacement), and a dead
+worker's live gauges are removed in ``child_exit``.
+"""
+
+import itertools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-multiproc-")
+Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base import Worker
+from prometheus_client import multiprocess
+
+from app.observability import WORKER_ID_ENV
+from app.observability.logging import dict_config
+from app.settings import Settings
+
+_settings = Settings()
+
+wsgi_app = "app.main:create_app()"
+worker_class = "uvicorn_worker.UvicornWorker"
+bind = [os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")]
+workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
+max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "10000"))
+max_requests_jitter = max_requests // 10
+forwarded_allow_ips = _settings.forwarded_allow_ips
+proxy_allow_ips = _settings.forwarded_allow_ips
+
+# The runtime control socket (gunicornc) is a management surface nobody here uses, and its
+# default path under $HOME would be shared by every gunicorn of the user (and is not
+# writable on a read-only root filesystem).
+control_socket_disable = True
+
+accesslog = None  # the app writes one structured access line per request
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+logconfig_dict = dict_config(_settings.log_level, _settings.effective_log_format)
+
+
+def on_starting(server: Arbiter) -> None:
+    directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+
+
+def pre_fork(server: Arbiter, worker: Worker) -> None:
+    # The lowest free slot: a replacement worker inherits the slot of the one it replaces.
+    taken = {getattr(other, "slot", None) for other in server.WORKERS.values()}
+    worker.slot = next(slot for slot in itertools.count() if slot not in taken)  # type: ignore[attr-defined]
+
+
+def post_fork(server: Arbiter, worker: Worker) -> None:
+    os.environ[WORKER_ID_ENV] = str(worker.slot)  # type: ignore[attr-defined]
+
+
+def child_exit(server: Arbiter, worker: Worker) -> None:
+    multiprocess.mark_process_dead(worker.pid)

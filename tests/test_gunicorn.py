@@ -1,0 +1,258 @@
+"""The service under real gunicorn with two workers: metrics aggregated across workers
+stay exact (also when a worker is SIGKILLed and replaced), system series are neither
+multiplied nor keyed by pid, and the logs are single-format JSON without secrets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+import psutil
+import pytest
+
+from app import migrate
+from tests.api import PASSWORD
+from tests.prom import Samples, parse, series, value
+from tests.services import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "deploy" / "gunicorn.conf.py"
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", str(CONFIG)]
+N = 25
+# (method, path, route label, status) — a mix of matched, templated and unmatched routes.
+TRAFFIC = [
+    ("GET", "/api/v1/items", "/api/v1/items", "200"),
+    ("GET", "/api/v1/items/{n}", "/api/v1/items/{item_id}", "404"),
+    ("POST", "/api/v1/items", "/api/v1/items", "401"),
+    ("GET", "/health/live", "/health/live", "200"),
+    ("GET", "/no/such/page-{n}", "UNMATCHED", "404"),
+]
+
+
+@dataclass
+class Gunicorn:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+
+    def workers(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children()
+
+    def scrape(self) -> Samples:
+        response = httpx2.get(f"{self.base_url}/metrics")
+        assert response.status_code == 200, response.text
+        return parse(response.text)
+
+    def log_records(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+
+def gunicorn_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APP_", "OTEL_"))}
+    return env | {
+        "APP_ENV": "test",
+        "APP_DATA_DIR": str(tmp_path / "data"),
+        "APP_LOG_FORMAT": "json",
+        "WEB_CONCURRENCY": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"),
+        **extra,
+    }
+
+
+@pytest.fixture
+def gunicorn(tmp_path: Path) -> Iterator[Gunicorn]:
+    database = tmp_path / "app.db"
+    migrate.upgrade(f"sqlite+aiosqlite:///{database}")
+    port = free_port()
+    env = gunicorn_env(
+        tmp_path,
+        APP_DATABASE_URL=f"sqlite+aiosqlite:///{database}",
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        APP_METRICS_ALLOWED_NETWORKS="127.0.0.0/8",
+        APP_SYSTEM_METRICS_INTERVAL_SECONDS="0.5",
+    )
+    # Left over from "a previous run": must be wiped, or it would inflate the totals.
+    (tmp_path / "prometheus").mkdir()
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from prometheus_client import Counter; Counter("
+            "'http_requests_total', '', ['method', 'route', 'status'])"
+            ".labels('GET', '/ghost', '200').inc(1000)",
+        ],
+        env=env,
+        check=True,
+    )
+    assert list((tmp_path / "prometheus").iterdir())
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            GUNICORN, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    server = Gunicorn(process, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_for(
+            lambda: _ready(server) and len(server.workers()) == 2,
+            timeout=60,
+            what="gunicorn with 2 workers",
+            process=process,
+            log_path=log,
+        )
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def _ready(server: Gunicorn) -> bool:
+    # /health/ready, not /health/live: the probes must not add to the counted traffic.
+    try:
+        return httpx2.get(f"{server.base_url}/health/ready", timeout=2).status_code == 200
+    except httpx2.HTTPError:
+        return False
+
+
+def send_traffic(server: Gunicorn, start: int) -> None:
+    def one(job: tuple[str, str, int]) -> None:
+        method, path, n = job
+        # A new connection per request: the kernel spreads them over both workers.
+        response = httpx2.request(method, server.base_url + path.format(n=n), timeout=30)
+        assert response.status_code < 500
+
+    # Ids from 1: item id 0 would be a 422, not the 404 counted here.
+    jobs = [(m, p, n) for m, p, _, _ in TRAFFIC for n in range(start + 1, start + N + 1)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(one, jobs))
+
+
+def assert_exact_totals(samples: Samples, expected: int) -> None:
+    for method, _, route, status in TRAFFIC:
+        labels = {"method": method, "route": route, "status": status}
+        assert value(samples, "http_requests_total", **labels) == expected, labels
+    for route in {(m, r) for m, _, r, _ in TRAFFIC}:
+        count = value(
+            samples, "http_request_duration_seconds_count", method=route[0], route=route[1]
+        )
+        statuses = sum(1 for m, _, r, _ in TRAFFIC if (m, r) == route)
+        assert count == expected * statuses, route
+    for labels in series(samples, "http_requests_in_progress"):
+        if labels["route"] != "/metrics":
+            assert value(samples, "http_requests_in_progress", **labels) == 0, labels
+    assert not any(labels["route"] == "/ghost" for labels in series(samples, "http_requests_total"))
+
+
+def test_metrics_are_exact_across_workers_and_survive_a_killed_worker(
+    gunicorn: Gunicorn,
+) -> None:
+    send_traffic(gunicorn, 0)
+    assert_exact_totals(gunicorn.scrape(), N)
+
+    victim = gunicorn.workers()[0].pid
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            len(gunicorn.workers()) == 2
+            and victim not in {w.pid for w in gunicorn.workers()}
+            and _ready(gunicorn)
+        ),
+        timeout=60,
+        what="gunicorn to replace the killed worker",
+        process=gunicorn.process,
+        log_path=gunicorn.log,
+    )
+    send_traffic(gunicorn, N)
+    samples = gunicorn.scrape()
+    assert_exact_totals(samples, 2 * N)
+
+    # The replacement took the dead worker's slot: still exactly workers 0 and 1.
+    wait_for(
+        lambda: (
+            {labels["worker"] for labels in series(gunicorn.scrape(), "app_worker_open_fds")}
+            == {"0", "1"}
+        ),
+        timeout=10,
+        what="both worker slots to report",
+        process=gunicorn.process,
+    )
+
+
+def test_system_series_are_not_multiplied_by_workers(gunicorn: Gunicorn) -> None:
+    wait_for(
+        lambda: len(series(gunicorn.scrape(), "app_worker_resident_memory_bytes")) == 2,
+        timeout=10,
+        what="both workers to sample",
+        process=gunicorn.process,
+    )
+    samples = gunicorn.scrape()
+    for name in ("app_worker_resident_memory_bytes", "app_worker_open_fds", "app_worker_threads"):
+        assert sorted(labels["worker"] for labels in series(samples, name)) == ["0", "1"]
+        assert all(value(samples, name, **labels) > 0 for labels in series(samples, name))
+    # Host series once, not once per worker.
+    assert sorted(labels["state"] for labels in series(samples, "app_host_memory_bytes")) == [
+        "available",
+        "total",
+        "used",
+    ]
+    assert value(samples, "app_host_memory_bytes", state="total") > 0
+    assert len(series(samples, "app_host_load_average")) == 3
+    assert len(series(samples, "app_host_disk_bytes")) == 3
+    keyed_by_pid = [name for name, labels in samples if any(key == "pid" for key, _ in labels)]
+    assert keyed_by_pid == []
+
+
+def test_logs_are_json_with_request_ids_and_no_secrets(gunicorn: Gunicorn) -> None:
+    base = gunicorn.base_url
+    body = {"email": "alice@example.com", "username": "alice", "password": PASSWORD}
+    assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
+    tokens = httpx2.post(
+        f"{base}/api/v1/auth/token", data={"username": "alice", "password": PASSWORD}
+    ).json()
+    me = httpx2.get(
+        f"{base}/api/v1/users/me",
+        headers={"Authorization": f"Bearer {tokens['access_token']}", "X-Request-ID": "probe-42"},
+    )
+    assert me.status_code == 200
+    httpx2.post(f"{base}/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    httpx2.post(f"{base}/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+
+    # Through a trusted proxy (loopback) the client is the forwarded address: not allowed.
+    spoofed = httpx2.get(f"{base}/metrics", headers={"X-Forwarded-For": "10.1.2.3"})
+    assert spoofed.status_code == 403
+    wait_for(lambda: "probe-42" in gunicorn.log.read_text(), timeout=10, what="the access line")
+
+    records = gunicorn.log_records()  # every line parses as JSON
+    access = [r for r in records if r.get("logger") == "app.access"]
+    line = next(r for r in access if r["request_id"] == "probe-42")
+    assert (line["route"], line["status"], line["user_id"]) == ("/api/v1/users/me", 200, 1)
+    assert line["client_ip"] == "127.0.0.1"
+    assert len([r for r in access if r["path"] == "/api/v1/auth/register"]) == 1
+    assert not any(r.get("logger") in ("uvicorn.access", "gunicorn.access") for r in records)
+    assert any(r.get("logger") == "gunicorn.error" for r in records)
+
+    text = gunicorn.log.read_text()
+    assert PASSWORD not in text
+    for token in (tokens["access_token"], tokens["refresh_token"]):
+        assert token.split(".")[2] not in text
+
+
+def test_check_config_and_refusal_of_unsafe_production(tmp_path: Path) -> None:
+    checked = subprocess.run(
+        [*GUNICORN, "--check-config"], env=gunicorn_env(tmp_path), capture_output=True, check=False
+    )
+    assert checked.returncode == 0, checked.stderr
+    refused = subprocess.run(
+        [*GUNICORN, "--check-config"],
+        env=gunicorn_env(tmp_path, APP_ENV="production"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "APP_SECRET_KEY is required" in refused.stderr

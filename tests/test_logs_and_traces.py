@@ -1,0 +1,103 @@
+"""Structured logs carry the request context and trace ids, and never secrets."""
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from app.main import create_app
+from app.observability.logging import formatter
+from tests.api import PASSWORD, Api
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Everything logged, rendered by the production JSON formatter."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(formatter("json"))
+    yield buffer
+    logging.getLogger().removeHandler(handler)
+
+
+def attach(buffer: io.StringIO) -> None:
+    # After create_app, which configures logging and would drop earlier handlers.
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(formatter("json"))
+    logging.getLogger().addHandler(handler)
+
+
+def records(buffer: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+def test_access_lines_carry_request_context_and_trace_ids(
+    database_url: str, tmp_path: Path, log_lines: io.StringIO
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = make_settings(database_url, tmp_path, log_format="json")
+    with TestClient(create_app(settings, tracer_provider=provider)) as client:
+        attach(log_lines)
+        api = Api(client, settings)
+        alice = api.account("alice")
+        incoming_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        response = client.get(
+            "/api/v1/users/me",
+            headers=alice.headers
+            | {"traceparent": f"00-{incoming_trace}-00f067aa0ba902b7-01", "X-Request-ID": "req-1"},
+        )
+    assert response.status_code == 200
+    access = [r for r in records(log_lines) if r.get("logger") == "app.access"]
+    line = next(r for r in access if r["path"] == "/api/v1/users/me")
+    assert line["request_id"] == response.headers["x-request-id"] == "req-1"
+    assert line["trace_id"] == incoming_trace
+    assert line["user_id"] == alice.id
+    assert (line["method"], line["route"], line["status"]) == ("GET", "/api/v1/users/me", 200)
+    assert line["duration_ms"] > 0
+    assert line["client_ip"] == "testclient"
+    spans = [
+        s for s in exporter.get_finished_spans() if s.context.trace_id == int(incoming_trace, 16)
+    ]
+    names = {span.name for span in spans}
+    assert "GET /api/v1/users/me" in names
+    # The database query of that request is a child span in the same trace.
+    assert any(span.attributes.get("db.system") for span in spans), names
+    server = next(span for span in spans if span.name == "GET /api/v1/users/me")
+    assert format(server.context.trace_id, "032x") == line["trace_id"]
+
+
+def test_secrets_never_reach_the_logs(
+    database_url: str, tmp_path: Path, log_lines: io.StringIO
+) -> None:
+    settings = make_settings(database_url, tmp_path, log_format="json", log_level="DEBUG")
+    with TestClient(create_app(settings)) as client:
+        attach(log_lines)
+        api = Api(client, settings)
+        alice = api.account("alice")
+        client.post("/api/v1/auth/refresh", json={"refresh_token": alice.tokens["refresh_token"]})
+        client.post("/api/v1/auth/refresh", json={"refresh_token": alice.tokens["refresh_token"]})
+        client.get("/api/v1/users/me", headers=alice.headers)
+        client.get("/api/v1/items", headers={"Authorization": "Bearer sneaky-token-value"})
+        logging.getLogger("app.test").info(
+            "leaky call %s", alice.tokens["access_token"], extra={"password": PASSWORD}
+        )
+    text = log_lines.getvalue()
+    assert records(log_lines), "nothing was captured"
+    assert PASSWORD not in text
+    for secret in (alice.tokens["access_token"], alice.tokens["refresh_token"]):
+        assert secret not in text
+        assert secret.split(".")[2] not in text  # not even the signature
+    assert "sneaky-token-value" not in text
+    assert "[REDACTED]" in text
+    # The reuse warning is there, attributed, but without the token.
+    assert any(r["event"].startswith("refresh token reuse") for r in records(log_lines))

@@ -1,0 +1,238 @@
+"""The metrics middleware and /metrics in one process: route labels, statuses,
+exceptions, WebSockets, content negotiation, access restriction, domain counters."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import WebSocket
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from app.main import create_app
+from app.settings import Settings
+from tests.api import Api, assert_problem
+from tests.conftest import make_settings
+from tests.prom import Samples, parse, series, value
+from tests.services import wait_for
+
+
+def scrape(client: TestClient, root_path: str = "") -> Samples:
+    response = client.get(f"{root_path}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def requests_total(samples: Samples, method: str, route: str, status: str) -> float:
+    return value(samples, "http_requests_total", method=method, route=route, status=status)
+
+
+def test_route_templates_label_requests(api: Api) -> None:
+    client = api.client
+    before = scrape(client)
+    client.get("/api/v1/items/123")
+    client.get("/api/v1/items/456")
+    client.get("/api/v1/items")
+    client.put("/api/v1/items/1")
+    after = scrape(client)
+
+    def delta(method: str, route: str, status: str) -> float:
+        return requests_total(after, method, route, status) - requests_total(
+            before, method, route, status
+        )
+
+    assert delta("GET", "/api/v1/items/{item_id}", "404") == 2
+    assert delta("GET", "/api/v1/items", "200") == 1
+    assert delta("PUT", "/api/v1/items/{item_id}", "405") == 1
+    routes = {labels["route"] for labels in series(after, "http_requests_total")}
+    assert not any("123" in route or "456" in route for route in routes)
+
+
+def test_unmatched_paths_share_one_label(client: TestClient) -> None:
+    before = scrape(client)
+    for n in range(20):
+        client.get(f"/scanner/probe-{n}.php")
+    after = scrape(client)
+    assert (
+        requests_total(after, "GET", "UNMATCHED", "404")
+        - requests_total(before, "GET", "UNMATCHED", "404")
+        == 20
+    )
+    assert not any("probe" in labels["route"] for labels in series(after, "http_requests_total"))
+
+
+@pytest.fixture
+def extended_app(settings: Settings) -> Iterator[TestClient]:
+    """The service with a mounted sub-app, a failing route and a websocket route."""
+    app = create_app(settings)
+    app.mount(
+        "/sub",
+        Starlette(routes=[Route("/things/{n}", lambda _: PlainTextResponse("thing"))]),
+    )
+
+    @app.get("/explode/{kind}")
+    async def explode(kind: str) -> None:
+        raise RuntimeError(kind)
+
+    @app.websocket("/ws-test/{room}")
+    async def echo(websocket: WebSocket, room: str) -> None:
+        await websocket.accept()
+        for _ in range(2):
+            await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    with TestClient(app, raise_server_exceptions=False, root_path="/svc") as client:
+        yield client
+
+
+def test_root_path_mounts_and_exceptions(extended_app: TestClient) -> None:
+    client = extended_app
+    before = scrape(client, "/svc")
+    # As behind a proxy that serves the app under /svc: paths include the root path.
+    assert client.get("/svc/sub/things/7").text == "thing"
+    assert_problem(client.get("/svc/explode/now"), 500)
+    client.get("/svc/api/v1/items")
+    after = scrape(client, "/svc")
+
+    def delta(route: str, status: str) -> float:
+        return requests_total(after, "GET", route, status) - requests_total(
+            before, "GET", route, status
+        )
+
+    assert delta("/svc/sub/things/{n}", "200") == 1
+    assert delta("/svc/explode/{kind}", "500") == 1
+    assert delta("/svc/api/v1/items", "200") == 1
+    for labels in series(after, "http_requests_in_progress"):
+        if labels["route"] != "/svc/metrics":
+            assert value(after, "http_requests_in_progress", **labels) == 0
+
+
+def test_websockets_are_counted_separately(extended_app: TestClient) -> None:
+    client = extended_app
+    route = "/svc/ws-test/{room}"
+    before = scrape(client, "/svc")
+    with client.websocket_connect("/svc/ws-test/lobby") as websocket:
+        during = scrape(client, "/svc")
+        for text in ("one", "two"):
+            websocket.send_text(text)
+            assert websocket.receive_text() == text
+    after = scrape(client, "/svc")
+    assert value(during, "websocket_connections_active", route=route) == 1
+    assert value(after, "websocket_connections_active", route=route) == 0
+    assert (
+        value(after, "websocket_connections_total", route=route)
+        - value(before, "websocket_connections_total", route=route)
+        == 1
+    )
+    for direction in ("received", "sent"):
+        assert (
+            value(after, "websocket_messages_total", route=route, direction=direction)
+            - value(before, "websocket_messages_total", route=route, direction=direction)
+            == 2
+        )
+    assert not any(labels["route"] == route for labels in series(after, "http_requests_total"))
+
+
+def test_histogram_and_sizes_follow_requests(api: Api) -> None:
+    alice = api.account("alice")
+    before = scrape(api.client)
+    body = {"title": "Lamp", "price": 3}
+    for _ in range(3):
+        api.client.post("/api/v1/items", json=body, headers=alice.headers)
+    after = scrape(api.client)
+    labels = {"method": "POST", "route": "/api/v1/items"}
+    for name in (
+        "http_request_duration_seconds_count",
+        "http_request_size_bytes_count",
+        "http_response_size_bytes_count",
+    ):
+        assert value(after, name, **labels) - value(before, name, **labels) == 3
+    inf = {**labels, "le": "+Inf"}
+    assert (
+        value(after, "http_request_duration_seconds_bucket", **inf)
+        - value(before, "http_request_duration_seconds_bucket", **inf)
+        == 3
+    )
+    sent = value(after, "http_request_size_bytes_sum", **labels) - value(
+        before, "http_request_size_bytes_sum", **labels
+    )
+    assert sent == 3 * len(b'{"title":"Lamp","price":3}')
+
+
+def test_login_and_refresh_outcomes_are_counted(api: Api) -> None:
+    before = scrape(api.client)
+    alice = api.account("alice")
+    api.login("alice", "wrong password")
+    api.login("nobody", "wrong password")
+    first = alice.tokens["refresh_token"]
+    api.client.post("/api/v1/auth/refresh", json={"refresh_token": first})
+    api.client.post("/api/v1/auth/refresh", json={"refresh_token": first})
+    api.client.post("/api/v1/auth/refresh", json={"refresh_token": "garbage"})
+    after = scrape(api.client)
+
+    def delta(name: str, outcome: str) -> float:
+        return value(after, name, outcome=outcome) - value(before, name, outcome=outcome)
+
+    assert delta("auth_logins_total", "success") == 1
+    assert delta("auth_logins_total", "invalid_credentials") == 2
+    assert delta("auth_token_refreshes_total", "success") == 1
+    assert delta("auth_token_refreshes_total", "reuse_detected") == 1
+    assert delta("auth_token_refreshes_total", "invalid") == 1
+
+
+def test_openmetrics_with_trace_exemplars(database_url: str, tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(make_settings(database_url, tmp_path), tracer_provider=provider)
+    with TestClient(app) as client:
+        client.get("/api/v1/items")
+        response = client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.rstrip().endswith("# EOF")
+    server_span = next(s for s in exporter.get_finished_spans() if s.name == "GET /api/v1/items")
+    trace_id = format(server_span.context.trace_id, "032x")
+    exemplars = [
+        sample.exemplar
+        for family in text_string_to_metric_families(response.text)
+        if family.name == "http_request_duration_seconds"
+        for sample in family.samples
+        if sample.exemplar and sample.labels.get("route") == "/api/v1/items"
+    ]
+    assert trace_id in {exemplar.labels["trace_id"] for exemplar in exemplars}
+
+
+def test_metrics_can_be_restricted_to_scraper_networks(database_url: str, tmp_path: Path) -> None:
+    closed = make_settings(database_url, tmp_path, metrics_allowed_networks="10.0.0.0/8")
+    with TestClient(create_app(closed)) as client:
+        assert_problem(client.get("/metrics"), 403)
+    # TestClient's peer address is "testclient", which is no network address at all; a
+    # real loopback peer is checked in test_gunicorn.
+    open_to_all = make_settings(database_url, tmp_path / "other")
+    with TestClient(create_app(open_to_all)) as client:
+        assert client.get("/metrics").status_code == 200
+
+
+def test_system_metrics_in_a_single_process(client: TestClient) -> None:
+    # The sampler starts with the app; give its first sample (in a thread) a moment.
+    wait_for(
+        lambda: value(scrape(client), "app_worker_open_fds", worker="0") > 0,
+        timeout=10,
+        what="the first system metrics sample",
+    )
+    samples = scrape(client)
+    assert value(samples, "app_worker_resident_memory_bytes", worker="0") > 10 * 2**20
+    assert value(samples, "app_worker_open_fds", worker="0") > 0
+    assert value(samples, "app_worker_threads", worker="0") >= 1
+    assert value(samples, "app_host_memory_bytes", state="total") > 0
+    assert value(samples, "app_host_disk_bytes", volume="data", state="total") > 0
+    assert len(series(samples, "app_host_load_average")) == 3
