@@ -23,16 +23,17 @@ class AppError(Exception):
     """An error a service raises on purpose; rendered as problem+json with its status."""
 
     status_code = HTTPStatus.BAD_REQUEST
-    headers: ClassVar[Mapping[str, str]] = {}
+    default_headers: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = {**self.default_headers, **(headers or {})}
 
 
 class Unauthorized(AppError):
     status_code = HTTPStatus.UNAUTHORIZED
-    headers: ClassVar[Mapping[str, str]] = {"WWW-Authenticate": "Bearer"}
+    default_headers: ClassVar[Mapping[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(AppError):

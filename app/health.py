@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from app.backends.redis import RedisBackend
 from app.settings import SettingsDep
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,30 @@ async def live() -> Health:
 
 @router.get("/ready", response_model=Health, responses={503: {"model": Health}})
 async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
-    database = await _check_database(request, settings.health_timeout_seconds)
-    checks: dict[str, CheckState] = {"database": database, "redis": "disabled"}
-    healthy = database == "ok"
-    body = Health(status="ok" if healthy else "unavailable", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
+    """503 without the database; 200 "degraded" without Redis, which the service survives
+    (reads fall back to the database, limits to per-process counters)."""
+    timeout = settings.health_timeout_seconds
+    checks: dict[str, CheckState] = {
+        "database": await _check_database(request, timeout),
+        "redis": await _check_redis(request.app.state.backends.redis, timeout),
+    }
+    if checks["database"] != "ok":
+        status, code = "unavailable", 503
+    elif checks["redis"] == "unavailable":
+        status, code = "degraded", 200
+    else:
+        status, code = "ok", 200
+    return JSONResponse(Health(status=status, checks=checks).model_dump(), status_code=code)
+
+
+async def _check_redis(redis: RedisBackend | None, limit_seconds: float) -> CheckState:
+    if redis is None:
+        return "disabled"
+    try:
+        async with asyncio.timeout(limit_seconds):
+            return "ok" if await redis.ping() else "unavailable"
+    except TimeoutError:
+        return "unavailable"
 
 
 async def _check_database(request: Request, limit_seconds: float) -> CheckState:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.engine import make_url
@@ -14,8 +14,10 @@ from sqlalchemy.engine import make_url
 import app
 from app import health
 from app.auth.router import router as auth_router
+from app.backends import create_backends
 from app.db import create_engine, create_sessionmaker
 from app.errors import install_error_handlers
+from app.items.cache import ItemCache
 from app.items.router import router as items_router
 from app.middleware import RequestIdMiddleware, SecurityHeadersMiddleware, TrustedHostMiddleware
 from app.observability import exposition, tracing
@@ -23,6 +25,8 @@ from app.observability.access_log import AccessLogMiddleware
 from app.observability.http_middleware import HttpMetricsMiddleware
 from app.observability.logging import configure_logging
 from app.observability.system import SystemSampler
+from app.rate_limits import RatePolicy, default_limit
+from app.realtime.router import router as realtime_router
 from app.security import PasswordHasher, TokenCodec
 from app.settings import Settings
 from app.users.router import router as users_router
@@ -41,6 +45,12 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         tracing.instrument_engine(engine, provider)
     application.state.engine = engine
     application.state.sessionmaker = create_sessionmaker(engine)
+    backends = create_backends(settings, application.state.sessionmaker)
+    application.state.backends = backends
+    application.state.rate_policy = RatePolicy(backends.limiter, settings)
+    application.state.item_cache = ItemCache(
+        backends.cache, settings.cache_item_ttl_seconds, settings.cache_list_ttl_seconds
+    )
     application.state.hasher = PasswordHasher(settings)
     application.state.tokens = TokenCodec(settings)
     sampler = SystemSampler(settings.data_dir, settings.system_metrics_interval_seconds)
@@ -51,6 +61,7 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampling
+        await backends.close()
         await engine.dispose()
         if provider is not None:
             tracing.uninstrument_engines()
@@ -76,8 +87,8 @@ def create_app(
     application.state.tracer_provider = tracer_provider or tracing.tracer_provider_from_env()
     install_error_handlers(application)
 
-    api = APIRouter(prefix="/api/v1")
-    for router in (auth_router, users_router, items_router):
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(default_limit)])
+    for router in (auth_router, users_router, items_router, realtime_router):
         api.include_router(router)
     application.include_router(api)
     application.include_router(health.router)

@@ -2,8 +2,9 @@
 Alembic and for the schema-drift test."""
 
 from app.auth.models import RefreshToken
+from app.backends.models import CacheEpoch
 from app.db import Base
 from app.items.models import Item
 from app.users.models import Role, User
 
-__all__ = ["Base", "Item", "RefreshToken", "Role", "User"]
+__all__ = ["Base", "CacheEpoch", "Item", "RefreshToken", "Role", "User"]

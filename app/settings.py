@@ -11,8 +11,16 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
+import limits
 from fastapi import Depends, Request
-from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIN_SECRET_BYTES = 32
@@ -24,6 +32,14 @@ OWASP_ARGON2_PARALLELISM = 1
 CommaList = Annotated[list[str], NoDecode]
 
 
+def _valid_rate_limit(value: str) -> str:
+    limits.parse(value)  # "10/minute", "5/15 minutes"; raises ValueError otherwise
+    return value
+
+
+RateLimitString = Annotated[str, AfterValidator(_valid_rate_limit)]
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a refused configuration must not print the secret it refused.
     model_config = SettingsConfigDict(
@@ -33,6 +49,20 @@ class Settings(BaseSettings):
     env: Literal["development", "production", "test"] = "development"
     secret_key: SecretStr | None = None
     database_url: str | None = None
+    redis_url: str | None = None
+    redis_timeout_seconds: float = Field(default=0.25, gt=0)
+    redis_breaker_seconds: float = Field(default=1.0, ge=0)
+    cache_item_ttl_seconds: float = Field(default=300, gt=0)
+    cache_list_ttl_seconds: float = Field(default=30, gt=0)
+    cache_epoch_sync_seconds: float = Field(default=1.0, gt=0)
+    rate_limit_default: RateLimitString = "300/minute"
+    rate_limit_login: RateLimitString = "10/minute"
+    rate_limit_login_failures: RateLimitString = "5/15 minutes"
+    rate_limit_register: RateLimitString = "5/minute"
+    rate_limit_uploads: RateLimitString = "30/minute"
+    rate_limit_auth_fallback: RateLimitString = "3/minute"
+    # gunicorn's worker count: in-process backends cannot be shared between workers.
+    web_concurrency: int = Field(default=1, ge=1, validation_alias="WEB_CONCURRENCY")
     data_dir: Path = Path("./var")
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -77,6 +107,11 @@ class Settings(BaseSettings):
             )
         if self.effective_database_url.startswith("sqlite"):
             problems.append("APP_DATABASE_URL must point to PostgreSQL, not SQLite")
+        if self.redis_url is None and self.web_concurrency > 1:
+            problems.append(
+                "APP_REDIS_URL is required with more than one worker (WEB_CONCURRENCY > 1): "
+                "caches, rate limits and chat would otherwise differ per worker"
+            )
         if problems:
             raise ValueError("unsafe production configuration: " + "; ".join(problems))
         return self

@@ -7,25 +7,39 @@ from app.auth import service
 from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep
 from app.auth.schemas import LogoutRequest, RefreshRequest, TokenPair
 from app.db import SessionDep
+from app.errors import Unauthorized
+from app.rate_limits import RatePolicyDep, login_limit, register_limit
 from app.users.schemas import UserCreate, UserRead
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
-@router.post("/register", status_code=status.HTTP_201_CREATED, response_model=UserRead)
+@router.post(
+    "/register",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UserRead,
+    dependencies=[Depends(register_limit)],
+)
 async def register(data: UserCreate, session: SessionDep, hasher: HasherDep) -> object:
     return await service.register(session, hasher, data)
 
 
-@router.post("/token", response_model=TokenPair)
+@router.post("/token", response_model=TokenPair, dependencies=[Depends(login_limit)])
 async def login(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
     session: SessionDep,
     hasher: HasherDep,
     codec: TokenCodecDep,
+    policy: RatePolicyDep,
 ) -> TokenPair:
     """OAuth2 password flow; ``username`` may be the username or the e-mail address."""
-    user = await service.authenticate(session, hasher, form.username, form.password)
+    account = form.username.strip().lower()
+    await policy.check_login_failures(account)
+    try:
+        user = await service.authenticate(session, hasher, account, form.password)
+    except Unauthorized:
+        await policy.record_login_failure(account)
+        raise
     return await service.issue_pair(session, codec, user)
 
 

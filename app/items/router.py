@@ -1,37 +1,52 @@
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from app.auth.deps import CurrentUser
 from app.db import IdPath, SessionDep
+from app.errors import NotFound
 from app.items import service
+from app.items.deps import ItemCacheDep
 from app.items.schemas import ItemCreate, ItemRead, ItemUpdate
 from app.pagination import Page, PageParamsDep
 
 router = APIRouter(prefix="/items", tags=["items"])
 
 
+def json_bytes(body: bytes) -> Response:
+    # Cached reads are already-serialised JSON: returned as they are, not re-encoded.
+    return Response(body, media_type="application/json")
+
+
 @router.get("", response_model=Page[ItemRead])
-async def list_items(session: SessionDep, page: PageParamsDep) -> Page[ItemRead]:
-    items, total = await service.list_items(session, page)
-    return Page[ItemRead].build(items, total, page)
+async def list_items(session: SessionDep, cache: ItemCacheDep, page: PageParamsDep) -> Response:
+    return json_bytes(
+        await cache.page(page.skip, page.limit, page.q, lambda: service.page_json(session, page))
+    )
 
 
 @router.get("/{item_id}", response_model=ItemRead)
-async def read_item(item_id: IdPath, session: SessionDep) -> object:
-    return await service.get_item(session, item_id)
+async def read_item(item_id: IdPath, session: SessionDep, cache: ItemCacheDep) -> Response:
+    body = await cache.item(item_id, lambda: service.item_json(session, item_id))
+    if body is None:
+        raise NotFound("Item not found.")
+    return json_bytes(body)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ItemRead)
-async def create_item(data: ItemCreate, user: CurrentUser, session: SessionDep) -> object:
-    return await service.create_item(session, user, data)
+async def create_item(
+    data: ItemCreate, user: CurrentUser, session: SessionDep, cache: ItemCacheDep
+) -> object:
+    return await service.create_item(session, cache, user, data)
 
 
 @router.patch("/{item_id}", response_model=ItemRead)
 async def update_item(
-    item_id: IdPath, data: ItemUpdate, user: CurrentUser, session: SessionDep
+    item_id: IdPath, data: ItemUpdate, user: CurrentUser, session: SessionDep, cache: ItemCacheDep
 ) -> object:
-    return await service.update_item(session, user, item_id, data)
+    return await service.update_item(session, cache, user, item_id, data)
 
 
 @router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_item(item_id: IdPath, user: CurrentUser, session: SessionDep) -> None:
-    await service.delete_item(session, user, item_id)
+async def delete_item(
+    item_id: IdPath, user: CurrentUser, session: SessionDep, cache: ItemCacheDep
+) -> None:
+    await service.delete_item(session, cache, user, item_id)

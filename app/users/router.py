@@ -2,6 +2,7 @@ from fastapi import APIRouter, status
 
 from app.auth.deps import CurrentUser, HasherDep, SelfOrUserManager, UserManager
 from app.db import IdPath, SessionDep
+from app.items.deps import ItemCacheDep
 from app.pagination import Page, PageParamsDep
 from app.users import service
 from app.users.schemas import UserAdminUpdate, UserRead, UserSelfUpdate
@@ -44,5 +45,7 @@ async def update_user(
 
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_user(user_id: IdPath, actor: UserManager, session: SessionDep) -> None:
-    await service.delete_user(session, actor, user_id)
+async def delete_user(
+    user_id: IdPath, actor: UserManager, session: SessionDep, item_cache: ItemCacheDep
+) -> None:
+    await service.delete_user(session, item_cache, actor, user_id)

@@ -17,6 +17,8 @@ from app.auth.service import (
     revoke_all_for_user,
 )
 from app.errors import Conflict, Forbidden, NotFound, Unauthorized
+from app.items.cache import ItemCache
+from app.items.service import owned_item_ids
 from app.pagination import PageParams, fetch_page, matching
 from app.security import PasswordHasher
 from app.users.models import Permission, User, grants
@@ -67,14 +69,19 @@ def _would_keep_user_management(user: User, changes: dict[str, Any]) -> bool:
     )
 
 
-async def delete_user(session: AsyncSession, actor: User, user_id: int) -> None:
+async def delete_user(
+    session: AsyncSession, item_cache: ItemCache, actor: User, user_id: int
+) -> None:
     user = await get_user(session, user_id)
     if user.id == actor.id:
         raise Conflict("You cannot delete your own account through the admin API.")
     if user.is_superuser and not actor.is_superuser:
         raise Forbidden("Only a superuser can delete a superuser account.")
+    # Their items go with them (ON DELETE CASCADE): cached copies must go too.
+    item_ids = await owned_item_ids(session, user.id)
     await session.delete(user)
     await session.commit()
+    await item_cache.invalidate(*item_ids)
 
 
 async def _apply(

@@ -180,9 +180,16 @@ class PostgresServer:
 
     def drop_database(self, name: str) -> None:
         """Drop database `name` if it exists, disconnecting anyone still using it."""
-        asyncio.run(
-            self._execute(f"DROP DATABASE IF EXISTS {_quote_identifier(name)} WITH (FORCE)")
-        )
+        statement = f"DROP DATABASE IF EXISTS {_quote_identifier(name)} WITH (FORCE)"
+        # Seen rarely under load: the server closes the admin connection mid-statement
+        # while it terminates the victim's sessions. The statement is idempotent: retry.
+        for attempt in range(3):
+            try:
+                asyncio.run(self._execute(statement))
+                return
+            except asyncpg.exceptions.ConnectionDoesNotExistError:
+                if attempt == 2:
+                    raise
 
     def __enter__(self) -> Self:
         self.start()

@@ -1,0 +1,90 @@
+"""Infrastructure the service shares between processes: cache, rate-limit storage,
+pub/sub broker and message history. Each is an interface with an embedded, in-process
+implementation (no APP_REDIS_URL: one process, nothing to install) and a Redis one
+(several workers and replicas)."""
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.backends.broker import (
+    Broker,
+    History,
+    LocalFanout,
+    MemoryHistory,
+    RedisBroker,
+    RedisHistory,
+)
+from app.backends.cache import Cache, DatabaseEpoch, MemoryCache, RedisCache
+from app.backends.ratelimit import RateLimiter
+from app.backends.redis import RedisBackend, RedisUnavailable
+from app.settings import Settings
+
+logger = structlog.get_logger(__name__)
+
+
+@dataclass
+class Backends:
+    cache: Cache
+    limiter: RateLimiter
+    broker: Broker
+    history: History
+    redis: RedisBackend | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.redis is not None:
+            await self.redis.close()
+
+
+def create_backends(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> Backends:
+    """The embedded implementations without APP_REDIS_URL, the Redis ones with it."""
+    if settings.redis_url is None:
+        return Backends(
+            cache=MemoryCache(),
+            limiter=RateLimiter(None),
+            broker=LocalFanout(),
+            history=MemoryHistory(),
+        )
+    redis = RedisBackend(
+        settings.redis_url, settings.redis_timeout_seconds, settings.redis_breaker_seconds
+    )
+    cache = RedisCache(redis, DatabaseEpoch(sessionmaker))
+    redis.on_connect = cache.sync_on_connect
+    broker = RedisBroker(redis)
+    backends = Backends(
+        cache=cache,
+        limiter=RateLimiter(redis),
+        broker=broker,
+        history=RedisHistory(redis),
+        redis=redis,
+    )
+    backends.tasks = [
+        asyncio.create_task(broker.run(), name="broker-pump"),
+        asyncio.create_task(
+            _every(settings.cache_epoch_sync_seconds, cache.sync_epoch), name="cache-epoch-sync"
+        ),
+    ]
+    return backends
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+    # Bounds how long a replica that never lost Redis keeps an old epoch after another
+    # replica wrote while it could not reach Redis (a partition, not a restart).
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except RedisUnavailable:
+            pass
+        except Exception:  # the database may be down too; try again next round
+            logger.warning("cache epoch sync failed", exc_info=True)

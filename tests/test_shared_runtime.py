@@ -1,0 +1,200 @@
+"""Cached reads, rate limits and readiness on a real Redis shared by two app instances
+("replicas" A and B on one database), including Redis going away and coming back with
+its old data."""
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.api import Api, assert_problem
+from tests.conftest import make_settings
+from tests.prom import parse, value
+from tests.services.redis import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    # One per test: these tests stop and restart it.
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def replicas(
+    database_url: str, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[tuple[Api, Api]]:
+    """Two app instances on one database and one Redis, like two replicas."""
+    settings = make_settings(
+        database_url, tmp_path / "data", redis_url=redis_server.url(), redis_breaker_seconds=0
+    )
+    with ExitStack() as stack:
+        a = stack.enter_context(TestClient(create_app(settings)))
+        b = stack.enter_context(TestClient(create_app(settings)))
+        yield Api(a, settings), Api(b, settings)
+
+
+def cache_results(client: TestClient) -> dict[str, float]:
+    samples = parse(client.get("/metrics").text)
+    return {
+        result: value(samples, "cache_requests_total", cache="items", result=result)
+        for result in ("hit", "miss", "error")
+    }
+
+
+def test_item_reads_are_served_from_the_cache(replicas: tuple[Api, Api]) -> None:
+    a, b = replicas
+    alice = a.account("alice")
+    item = a.create_item(alice)
+    url = f"/api/v1/items/{item['id']}"
+    before = cache_results(b.client)
+    first = b.client.get(url)
+    second = b.client.get(url)
+    after = cache_results(b.client)
+    assert first.json() == second.json() == item
+    assert first.headers["content-type"] == "application/json"
+    assert after["miss"] - before["miss"] == 1
+    assert after["hit"] - before["hit"] == 1
+    # The other replica finds what B stored.
+    hits = cache_results(a.client)["hit"]
+    assert a.client.get(url).json() == item
+    assert cache_results(a.client)["hit"] == hits + 1
+
+
+def test_a_write_on_one_replica_is_seen_by_the_next_read_on_the_other(
+    replicas: tuple[Api, Api],
+) -> None:
+    a, b = replicas
+    alice = a.account("alice")
+    item = a.create_item(alice, title="Lamp")
+    url = f"/api/v1/items/{item['id']}"
+    assert a.client.get(url).json()["title"] == "Lamp"  # cached on A's side
+    assert a.client.get("/api/v1/items").json()["total"] == 1  # list page cached too
+
+    patched = b.client.patch(url, json={"title": "Desk lamp"}, headers=alice.headers)
+    assert patched.status_code == 200
+    assert a.client.get(url).json()["title"] == "Desk lamp"
+    assert a.client.get("/api/v1/items").json()["items"][0]["title"] == "Desk lamp"
+
+    b.create_item(alice, title="Chair")
+    assert a.client.get("/api/v1/items").json()["total"] == 2
+    assert b.client.delete(url, headers=alice.headers).status_code == 204
+    assert_problem(a.client.get(url), 404)
+    assert [i["title"] for i in a.client.get("/api/v1/items").json()["items"]] == ["Chair"]
+
+
+def test_ready_reports_redis(replicas: tuple[Api, Api], redis_server: RedisServer) -> None:
+    a, _ = replicas
+    assert a.client.get("/health/ready").json() == {
+        "status": "ok",
+        "checks": {"database": "ok", "redis": "ok"},
+    }
+    redis_server.stop()
+    degraded = a.client.get("/health/ready")
+    assert degraded.status_code == 200
+    assert degraded.json() == {
+        "status": "degraded",
+        "checks": {"database": "ok", "redis": "unavailable"},
+    }
+    redis_server.start()
+    assert a.client.get("/health/ready").json()["status"] == "ok"
+
+
+def test_reads_survive_a_redis_outage_and_recover(
+    replicas: tuple[Api, Api], redis_server: RedisServer
+) -> None:
+    a, _ = replicas
+    alice = a.account("alice")
+    item = a.create_item(alice)
+    url = f"/api/v1/items/{item['id']}"
+    assert a.client.get(url).status_code == 200
+
+    redis_server.stop()
+    errors = cache_results(a.client)["error"]
+    for _ in range(3):
+        response = a.client.get(url)
+        assert response.status_code == 200
+        assert response.json() == item
+    assert a.client.get("/api/v1/items").json()["total"] == 1
+    assert cache_results(a.client)["error"] > errors
+
+    redis_server.start()
+    before = cache_results(a.client)
+    a.client.get(url)
+    a.client.get(url)
+    after = cache_results(a.client)
+    assert after["hit"] > before["hit"]
+    assert after["error"] == before["error"]
+
+
+def test_a_write_during_the_outage_is_not_hidden_by_redis_old_data(
+    replicas: tuple[Api, Api], redis_server: RedisServer
+) -> None:
+    a, b = replicas
+    alice = a.account("alice")
+    item = a.create_item(alice, title="Before")
+    url = f"/api/v1/items/{item['id']}"
+    # Both replicas have read (and so cached) the old version.
+    assert a.client.get(url).json()["title"] == "Before"
+    assert b.client.get(url).json()["title"] == "Before"
+    assert b.client.get("/api/v1/items").json()["items"][0]["title"] == "Before"
+
+    redis_server.stop()  # saves: the old cached copies come back with it
+    patched = a.client.patch(url, json={"title": "After"}, headers=alice.headers)
+    assert patched.status_code == 200
+    redis_server.start()
+
+    for replica in (b, a):
+        assert replica.client.get(url).json()["title"] == "After"
+        assert replica.client.get("/api/v1/items").json()["items"][0]["title"] == "After"
+
+
+def test_rate_limits_are_one_budget_across_replicas(replicas: tuple[Api, Api]) -> None:
+    a, b = replicas
+    a.register("alice")
+    statuses = [
+        (a if n % 2 else b).login("alice", "a wrong password").status_code for n in range(6)
+    ]
+    # Five failures per account per 15 minutes, counted together on both replicas.
+    assert statuses == [401] * 5 + [429]
+    refused = a.login("alice")
+    body = assert_problem(refused, 429)
+    assert body["title"] == "Too Many Requests"
+    assert int(refused.headers["retry-after"]) > 0
+    assert refused.headers["ratelimit-limit"] == "5"
+    assert refused.headers["ratelimit-remaining"] == "0"
+
+
+def test_login_limit_per_client_address(replicas: tuple[Api, Api]) -> None:
+    a, b = replicas
+    statuses = [(a if n % 2 else b).login(f"nobody{n}", "x").status_code for n in range(11)]
+    assert statuses == [401] * 10 + [429]
+
+
+def test_limiter_falls_back_locally_while_redis_is_down(
+    replicas: tuple[Api, Api], redis_server: RedisServer
+) -> None:
+    a, _ = replicas
+    redis_server.stop()
+    # Login is held to the strict per-process fallback (3/minute by default)...
+    statuses = [a.login(f"nobody{n}", "x").status_code for n in range(4)]
+    assert statuses == [401, 401, 401, 429]
+    # ...while general traffic keeps flowing under the normal limit.
+    assert all(a.client.get("/api/v1/items").status_code == 200 for _ in range(10))
+    redis_server.start()
+    assert a.login("nobody-else", "x").status_code == 401
+
+
+def test_production_refuses_in_process_backends_with_several_workers() -> None:
+    with pytest.raises(ValueError, match="APP_REDIS_URL is required"):
+        Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            env="production",
+            secret_key="kM9v-Qz2xT7rL0pWn5sB8yHc3dFj6gAe",
+            database_url="postgresql+asyncpg://app@db/app",
+            WEB_CONCURRENCY=2,
+        )
