@@ -15,6 +15,7 @@ import app
 from app import health
 from app.auth.router import router as auth_router
 from app.backends import create_backends
+from app.background import BackgroundJobs
 from app.db import create_engine, create_sessionmaker
 from app.errors import install_error_handlers
 from app.items.cache import ItemCache
@@ -47,7 +48,10 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     application.state.sessionmaker = create_sessionmaker(engine)
     backends = create_backends(settings, application.state.sessionmaker)
     application.state.backends = backends
+    if provider is not None and backends.redis is not None:
+        tracing.instrument_redis(backends.redis.client, provider)
     application.state.rate_policy = RatePolicy(backends.limiter, settings)
+    application.state.jobs = jobs = BackgroundJobs()
     application.state.item_cache = ItemCache(
         backends.cache, settings.cache_item_ttl_seconds, settings.cache_list_ttl_seconds
     )
@@ -61,6 +65,7 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampling
+        await jobs.drain(timeout_seconds=5)
         await backends.close()
         await engine.dispose()
         if provider is not None:

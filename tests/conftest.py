@@ -8,6 +8,7 @@ tests commit for real (as the service does) and still never see each other's row
 import itertools
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,30 @@ from tests.services.postgres import PostgresServer
 
 DATABASES = ["sqlite", "postgresql"]
 _database_names = itertools.count()
+
+
+_own_basetemp = pytest.StashKey[Path]()
+_passed = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A base directory of our own: pytest prunes old numbered directories under the
+    # shared one, and another pytest run on this machine would delete the live data
+    # directories of this run's PostgreSQL and Redis servers.
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="fastapi-ops-tests-")
+        config.stash[_own_basetemp] = Path(config.option.basetemp)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_passed] = exitstatus == 0
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Kept after a failure, for the server logs in it.
+    own = config.stash.get(_own_basetemp, None)
+    if own is not None and config.stash.get(_passed, False):
+        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

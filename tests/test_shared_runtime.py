@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from app.main import create_app
 from app.settings import Settings
@@ -198,3 +201,23 @@ def test_production_refuses_in_process_backends_with_several_workers() -> None:
             database_url="postgresql+asyncpg://app@db/app",
             WEB_CONCURRENCY=2,
         )
+
+
+def test_redis_commands_are_traced(
+    database_url: str, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = make_settings(database_url, tmp_path, redis_url=redis_server.url())
+    with TestClient(create_app(settings, tracer_provider=provider)) as client:
+        assert client.get("/api/v1/items").status_code == 200
+    request = next(s for s in exporter.get_finished_spans() if s.name == "GET /api/v1/items")
+    in_trace = [
+        span
+        for span in exporter.get_finished_spans()
+        if span.context.trace_id == request.context.trace_id
+    ]
+    systems = {span.attributes.get("db.system") for span in in_trace}
+    assert "redis" in systems  # the cache lookup
+    assert {"sqlite", "postgresql"} & systems  # the miss went to the database

@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, status
 from fastapi.security import OAuth2PasswordRequestForm
 
+from app.audit.deps import AuditDep
 from app.auth import service
 from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep
 from app.auth.schemas import LogoutRequest, RefreshRequest, TokenPair
@@ -20,8 +21,12 @@ router = APIRouter(prefix="/auth", tags=["auth"])
     response_model=UserRead,
     dependencies=[Depends(register_limit)],
 )
-async def register(data: UserCreate, session: SessionDep, hasher: HasherDep) -> object:
-    return await service.register(session, hasher, data)
+async def register(
+    data: UserCreate, session: SessionDep, hasher: HasherDep, audit: AuditDep
+) -> object:
+    user = await service.register(session, hasher, data)
+    audit("user.registered", actor_id=user.id, subject_id=user.id)
+    return user
 
 
 @router.post("/token", response_model=TokenPair, dependencies=[Depends(login_limit)])
@@ -31,6 +36,7 @@ async def login(
     hasher: HasherDep,
     codec: TokenCodecDep,
     policy: RatePolicyDep,
+    audit: AuditDep,
 ) -> TokenPair:
     """OAuth2 password flow; ``username`` may be the username or the e-mail address."""
     account = form.username.strip().lower()
@@ -39,17 +45,30 @@ async def login(
         user = await service.authenticate(session, hasher, account, form.password)
     except Unauthorized:
         await policy.record_login_failure(account)
+        audit("login.failure", login=account)
         raise
+    audit("login.success", actor_id=user.id, subject_id=user.id)
     return await service.issue_pair(session, codec, user)
 
 
 @router.post("/refresh", response_model=TokenPair)
-async def refresh(data: RefreshRequest, session: SessionDep, codec: TokenCodecDep) -> TokenPair:
-    return await service.rotate(session, codec, data.refresh_token)
+async def refresh(
+    data: RefreshRequest, session: SessionDep, codec: TokenCodecDep, audit: AuditDep
+) -> TokenPair:
+    try:
+        return await service.rotate(session, codec, data.refresh_token)
+    except service.TokenReuse as reuse:
+        audit("token.reuse_detected", subject_id=reuse.user_id)
+        raise
 
 
 @router.post("/logout", status_code=status.HTTP_204_NO_CONTENT)
 async def logout(
-    data: LogoutRequest, user: CurrentUser, session: SessionDep, codec: TokenCodecDep
+    data: LogoutRequest,
+    user: CurrentUser,
+    session: SessionDep,
+    codec: TokenCodecDep,
+    audit: AuditDep,
 ) -> None:
     await service.logout(session, codec, user, data.refresh_token)
+    audit("logout", actor_id=user.id, subject_id=user.id)

@@ -31,6 +31,10 @@ INVALID_TOKEN = "Invalid or expired token."  # noqa: S105 - a message, not a sec
 class TokenReuse(Unauthorized):
     """A spent refresh token was presented again; answered like any invalid token."""
 
+    def __init__(self, user_id: int) -> None:
+        super().__init__(INVALID_TOKEN)
+        self.user_id = user_id
+
 
 async def register(
     session: AsyncSession,
@@ -156,7 +160,7 @@ async def _rotate(session: AsyncSession, codec: TokenCodec, refresh_token: str) 
         # Already used or revoked: whoever holds it now is not the legitimate client.
         await revoke_family(session, token.family_id)
         logger.warning("refresh token reuse: family revoked", user_id=token.user_id)
-        raise TokenReuse(INVALID_TOKEN)
+        raise TokenReuse(token.user_id)
     user = await session.get(User, token.user_id)
     if user is None or not user.is_active:
         await session.rollback()

@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing: FastAPI and SQLAlchemy spans exported over OTLP/HTTP.
+"""OpenTelemetry tracing: FastAPI, SQLAlchemy and Redis spans exported over OTLP/HTTP.
 
 Off unless an OTLP endpoint is configured with the standard variables
 (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``); then nothing
@@ -12,10 +12,12 @@ import os
 from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 DEFAULT_SERVICE_NAME = "fastapi-ops-service"
@@ -46,6 +48,10 @@ def instrument_app(app: FastAPI, provider: TracerProvider) -> None:
 
 def instrument_engine(engine: AsyncEngine, provider: TracerProvider) -> None:
     SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, tracer_provider=provider)
+
+
+def instrument_redis(client: Redis, provider: TracerProvider) -> None:
+    RedisInstrumentor.instrument_client(client, tracer_provider=provider)
 
 
 def uninstrument_engines() -> None:

@@ -1,5 +1,7 @@
 from fastapi import APIRouter, status
+from pydantic import BaseModel
 
+from app.audit.deps import AuditDep
 from app.auth.deps import CurrentUser, HasherDep, SelfOrUserManager, UserManager
 from app.db import IdPath, SessionDep
 from app.items.deps import ItemCacheDep
@@ -17,9 +19,11 @@ async def read_me(user: CurrentUser) -> object:
 
 @router.patch("/me", response_model=UserRead)
 async def update_me(
-    data: UserSelfUpdate, user: CurrentUser, session: SessionDep, hasher: HasherDep
+    data: UserSelfUpdate, user: CurrentUser, session: SessionDep, hasher: HasherDep, audit: AuditDep
 ) -> object:
-    return await service.update_self(session, hasher, user, data)
+    updated = await service.update_self(session, hasher, user, data)
+    audit("user.updated", actor_id=user.id, subject_id=user.id, fields=changed_fields(data))
+    return updated
 
 
 @router.get("", response_model=Page[UserRead])
@@ -40,12 +44,33 @@ async def update_user(
     actor: UserManager,
     session: SessionDep,
     hasher: HasherDep,
+    audit: AuditDep,
 ) -> object:
-    return await service.admin_update(session, hasher, actor, user_id, data)
+    updated = await service.admin_update(session, hasher, actor, user_id, data)
+    audit(
+        "user.updated",
+        actor_id=actor.id,
+        subject_id=user_id,
+        fields=changed_fields(data),
+        role=updated.role.value,
+        is_active=updated.is_active,
+        is_superuser=updated.is_superuser,
+    )
+    return updated
 
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_user(
-    user_id: IdPath, actor: UserManager, session: SessionDep, item_cache: ItemCacheDep
+    user_id: IdPath,
+    actor: UserManager,
+    session: SessionDep,
+    item_cache: ItemCacheDep,
+    audit: AuditDep,
 ) -> None:
     await service.delete_user(session, item_cache, actor, user_id)
+    audit("user.deleted", actor_id=actor.id, subject_id=user_id)
+
+
+def changed_fields(data: BaseModel) -> list[str]:
+    # Names only: the values may be a password.
+    return sorted(data.model_dump(exclude_unset=True, exclude={"current_password"}))

@@ -1,0 +1,22 @@
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, utcnow
+
+
+class AuditEvent(Base):
+    """A security-relevant event: who did what to whom, from where, and when."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    event: Mapped[str] = mapped_column(String(50), index=True)
+    # SET NULL: deleting a user must not erase the record of what was done to them.
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    subject_id: Mapped[int | None]
+    client_ip: Mapped[str | None] = mapped_column(String(45))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -1,0 +1,103 @@
+"""Security events are recorded off the request path, and a failing record never
+reaches the client."""
+
+import asyncio
+
+import pytest
+from sqlalchemy import select
+
+from app.audit.models import AuditEvent
+from app.db import create_engine, create_sessionmaker
+from tests.api import PASSWORD, Api
+from tests.prom import parse, value
+from tests.services import wait_for
+
+
+async def events(database_url: str) -> list[AuditEvent]:
+    engine = create_engine(database_url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            return list(await session.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+    finally:
+        await engine.dispose()
+
+
+def recorded(database_url: str, count: int) -> list[AuditEvent]:
+    found: list[AuditEvent] = []
+
+    def enough() -> bool:
+        found[:] = asyncio.run(events(database_url))
+        return len(found) >= count
+
+    wait_for(enough, timeout=10, what=f"{count} audit events")
+    return found
+
+
+def test_security_events_are_recorded(api: Api, database_url: str) -> None:
+    alice = api.account("alice")  # registered + login.success
+    api.login("alice", "not the password")
+    first = alice.tokens["refresh_token"]
+    api.client.post("/api/v1/auth/refresh", json={"refresh_token": first})
+    api.client.post("/api/v1/auth/refresh", json={"refresh_token": first})  # reuse
+    admin = api.root()  # login.success (created by the CLI: no "registered")
+    api.client.patch(f"/api/v1/users/{alice.id}", json={"role": "moderator"}, headers=admin.headers)
+    api.client.delete(f"/api/v1/users/{alice.id}", headers=admin.headers)
+
+    rows = recorded(database_url, 7)
+    by_event = {row.event: row for row in rows}
+    assert [row.event for row in rows] == [
+        "user.registered",
+        "login.success",
+        "login.failure",
+        "token.reuse_detected",
+        "login.success",
+        "user.updated",
+        "user.deleted",
+    ]
+    assert by_event["login.failure"].details == {"login": "alice"}
+    assert by_event["token.reuse_detected"].subject_id == alice.id
+    update = by_event["user.updated"]
+    assert (update.actor_id, update.subject_id) == (admin.id, alice.id)
+    assert update.details["fields"] == ["role"]
+    assert update.details["role"] == "moderator"
+    assert by_event["user.deleted"].subject_id == alice.id
+    assert all(row.client_ip == "testclient" for row in rows)
+    assert all(PASSWORD not in str(row.details) for row in rows)
+
+
+def test_password_change_records_field_names_only(api: Api, database_url: str) -> None:
+    alice = api.account("alice")
+    response = api.client.patch(
+        "/api/v1/users/me",
+        json={"password": "a brand new password", "current_password": PASSWORD},
+        headers=alice.headers,
+    )
+    assert response.status_code == 200
+    change = recorded(database_url, 3)[-1]
+    assert change.event == "user.updated"
+    assert change.details == {"fields": ["password"]}
+    assert "brand new" not in str(change.details)
+
+
+def test_a_failing_record_does_not_fail_the_request(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database that refuses the audit write, simulated at the one call that writes it.
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("audit table unavailable")
+
+    monkeypatch.setattr("app.audit.deps.record", broken)
+    before = value(
+        parse(api.client.get("/metrics").text),
+        "background_tasks_total",
+        task="audit",
+        outcome="failure",
+    )
+    assert api.register("alice").status_code == 201
+    assert api.login("alice").status_code == 200
+
+    def failures() -> float:
+        samples = parse(api.client.get("/metrics").text)
+        return value(samples, "background_tasks_total", task="audit", outcome="failure")
+
+    wait_for(lambda: failures() - before == 2, timeout=10, what="two failed audit jobs")
