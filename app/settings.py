@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     rate_limit_register: RateLimitString = "5/minute"
     rate_limit_uploads: RateLimitString = "30/minute"
     rate_limit_auth_fallback: RateLimitString = "3/minute"
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, gt=0, le=65535)
+    smtp_starttls: bool = True
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "no-reply@localhost"
+    smtp_timeout_seconds: float = Field(default=10, gt=0)
     # gunicorn's worker count: in-process backends cannot be shared between workers.
     web_concurrency: int = Field(default=1, ge=1, validation_alias="WEB_CONCURRENCY")
     data_dir: Path = Path("./var")

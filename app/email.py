@@ -1,0 +1,39 @@
+"""Outgoing e-mail: SMTP when ``APP_SMTP_HOST`` is set, otherwise a log line.
+
+Always sent from a background job (app/background.py): a slow or failing mail server
+must not slow down or fail the request that caused the mail.
+"""
+
+from email.message import EmailMessage
+
+import aiosmtplib
+import structlog
+
+from app.settings import Settings
+
+logger = structlog.get_logger(__name__)
+
+
+class Mailer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def send(self, to: str, subject: str, body: str) -> None:
+        settings = self.settings
+        if settings.smtp_host is None:
+            logger.info("email not sent: SMTP is not configured", to=to, subject=subject)
+            return
+        message = EmailMessage()
+        message["From"] = settings.smtp_from
+        message["To"] = to
+        message["Subject"] = subject
+        message.set_content(body)
+        await aiosmtplib.send(
+            message,
+            hostname=settings.smtp_host,
+            port=settings.smtp_port,
+            start_tls=settings.smtp_starttls,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+            timeout=settings.smtp_timeout_seconds,
+        )
