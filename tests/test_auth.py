@@ -253,3 +253,18 @@ def test_unknown_user_login_still_does_the_hashing_work(api: Api, monkeypatch) -
     assert api.login("nobody", "whatever password").status_code == 401
     assert len(verified) == 1
     assert verified[0].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+
+
+def test_logout_revokes_the_access_token_too(api: Api) -> None:
+    alice = api.account("alice")
+    other_session = api.login("alice").json()
+    response = api.client.post(
+        "/api/v1/auth/logout",
+        json={"refresh_token": alice.tokens["refresh_token"]},
+        headers=alice.headers,
+    )
+    assert response.status_code == 204
+    assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
+    # Only that login: another session of the same user goes on.
+    other = {"Authorization": f"Bearer {other_session['access_token']}"}
+    assert api.client.get("/api/v1/users/me", headers=other).status_code == 200

@@ -221,3 +221,18 @@ def test_redis_commands_are_traced(
     systems = {span.attributes.get("db.system") for span in in_trace}
     assert "redis" in systems  # the cache lookup
     assert {"sqlite", "postgresql"} & systems  # the miss went to the database
+
+
+def test_logout_on_one_replica_revokes_the_access_token_on_the_other(
+    replicas: tuple[Api, Api],
+) -> None:
+    a, b = replicas
+    alice = a.account("alice")
+    assert b.client.get("/api/v1/users/me", headers=alice.headers).status_code == 200
+    logout = a.client.post(
+        "/api/v1/auth/logout",
+        json={"refresh_token": alice.tokens["refresh_token"]},
+        headers=alice.headers,
+    )
+    assert logout.status_code == 204
+    assert_problem(b.client.get("/api/v1/users/me", headers=alice.headers), 401)

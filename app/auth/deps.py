@@ -38,7 +38,8 @@ async def get_current_user(
     session: SessionDep,
     codec: TokenCodecDep,
 ) -> User:
-    user = await service.user_from_access_token(session, codec, token)
+    revocations = request.app.state.backends.revocations
+    user = await service.user_from_access_token(session, codec, revocations, token)
     # For the access line and every later log line of this request.
     request.state.user_id = user.id
     structlog.contextvars.bind_contextvars(user_id=user.id)

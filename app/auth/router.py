@@ -1,11 +1,11 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Request, status
 from fastapi.security import OAuth2PasswordRequestForm
 
 from app.audit.deps import AuditDep
 from app.auth import service
-from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep
+from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep, oauth2_scheme
 from app.auth.schemas import LogoutRequest, RefreshRequest, TokenPair
 from app.db import SessionDep
 from app.errors import Unauthorized
@@ -64,11 +64,14 @@ async def refresh(
 
 @router.post("/logout", status_code=status.HTTP_204_NO_CONTENT)
 async def logout(
+    request: Request,
+    token: Annotated[str, Depends(oauth2_scheme)],
     data: LogoutRequest,
     user: CurrentUser,
     session: SessionDep,
     codec: TokenCodecDep,
     audit: AuditDep,
 ) -> None:
-    await service.logout(session, codec, user, data.refresh_token)
+    revocations = request.app.state.backends.revocations
+    await service.logout(session, codec, revocations, user, token, data.refresh_token)
     audit("logout", actor_id=user.id, subject_id=user.id)

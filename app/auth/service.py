@@ -6,6 +6,7 @@ or replica. A token presented after it was used is treated as stolen and its who
 family (every token descended from the same login) is revoked.
 """
 
+import time
 import uuid
 
 import structlog
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.models import RefreshToken
 from app.auth.schemas import TokenPair
+from app.backends.revocation import Revocations
 from app.db import utcnow
 from app.errors import Conflict, Unauthorized
 from app.observability.metrics import LOGINS, TOKEN_REFRESHES
@@ -168,12 +170,22 @@ async def _rotate(session: AsyncSession, codec: TokenCodec, refresh_token: str) 
     return await issue_pair(session, codec, user, family_id=token.family_id)
 
 
-async def logout(session: AsyncSession, codec: TokenCodec, user: User, refresh_token: str) -> None:
+async def logout(
+    session: AsyncSession,
+    codec: TokenCodec,
+    revocations: Revocations,
+    user: User,
+    access_token: str,
+    refresh_token: str,
+) -> None:
+    """Revoke the refresh token's family, and the access token for the rest of its life."""
     claims = codec.decode(refresh_token, TokenType.REFRESH)
     token = await session.get(RefreshToken, claims["jti"])
     if token is None or token.user_id != user.id:
         raise Unauthorized(INVALID_TOKEN)
     await revoke_family(session, token.family_id)
+    access = codec.decode(access_token, TokenType.ACCESS)
+    await revocations.revoke(access["jti"], max(1, int(access["exp"] - time.time())))
 
 
 async def revoke_family(session: AsyncSession, family_id: str) -> None:
@@ -194,8 +206,12 @@ async def revoke_all_for_user(session: AsyncSession, user_id: int) -> None:
     )
 
 
-async def user_from_access_token(session: AsyncSession, codec: TokenCodec, token: str) -> User:
+async def user_from_access_token(
+    session: AsyncSession, codec: TokenCodec, revocations: Revocations, token: str
+) -> User:
     claims = codec.decode(token, TokenType.ACCESS)
+    if await revocations.is_revoked(claims["jti"]):
+        raise Unauthorized(INVALID_TOKEN)
     try:
         user_id = int(claims["sub"])
     except ValueError as exc:

@@ -1,7 +1,7 @@
 """Infrastructure the service shares between processes: cache, rate-limit storage,
-pub/sub broker and message history. Each is an interface with an embedded, in-process
-implementation (no APP_REDIS_URL: one process, nothing to install) and a Redis one
-(several workers and replicas)."""
+pub/sub broker, message history and revoked access tokens. Each is an interface with an
+embedded, in-process implementation (no APP_REDIS_URL: one process, nothing to install)
+and a Redis one (several workers and replicas)."""
 
 import asyncio
 import contextlib
@@ -22,6 +22,7 @@ from app.backends.broker import (
 from app.backends.cache import Cache, DatabaseEpoch, MemoryCache, RedisCache
 from app.backends.ratelimit import RateLimiter
 from app.backends.redis import RedisBackend, RedisUnavailable
+from app.backends.revocation import MemoryRevocations, RedisRevocations, Revocations
 from app.settings import Settings
 
 logger = structlog.get_logger(__name__)
@@ -33,6 +34,7 @@ class Backends:
     limiter: RateLimiter
     broker: Broker
     history: History
+    revocations: Revocations
     redis: RedisBackend | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -54,6 +56,7 @@ def create_backends(settings: Settings, sessionmaker: async_sessionmaker[AsyncSe
             limiter=RateLimiter(None),
             broker=LocalFanout(),
             history=MemoryHistory(),
+            revocations=MemoryRevocations(),
         )
     redis = RedisBackend(
         settings.redis_url, settings.redis_timeout_seconds, settings.redis_breaker_seconds
@@ -66,6 +69,7 @@ def create_backends(settings: Settings, sessionmaker: async_sessionmaker[AsyncSe
         limiter=RateLimiter(redis),
         broker=broker,
         history=RedisHistory(redis),
+        revocations=RedisRevocations(redis),
         redis=redis,
     )
     backends.tasks = [
