@@ -5,9 +5,11 @@ must not slow down or fail the request that caused the mail.
 """
 
 from email.message import EmailMessage
+from typing import Annotated
 
 import aiosmtplib
 import structlog
+from fastapi import Depends, Request
 
 from app.settings import Settings
 
@@ -37,3 +39,10 @@ class Mailer:
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
             timeout=settings.smtp_timeout_seconds,
         )
+
+
+def get_mailer(request: Request) -> Mailer:
+    return request.app.state.mailer
+
+
+MailerDep = Annotated[Mailer, Depends(get_mailer)]

@@ -17,6 +17,7 @@ from app.auth.router import router as auth_router
 from app.backends import create_backends
 from app.background import BackgroundJobs
 from app.db import create_engine, create_sessionmaker
+from app.email import Mailer
 from app.errors import install_error_handlers
 from app.items.cache import ItemCache
 from app.items.router import router as items_router
@@ -27,6 +28,7 @@ from app.observability.http_middleware import HttpMetricsMiddleware
 from app.observability.logging import configure_logging
 from app.observability.system import SystemSampler
 from app.rate_limits import RatePolicy, default_limit
+from app.realtime import service as realtime_service
 from app.realtime.router import router as realtime_router
 from app.security import PasswordHasher, TokenCodec
 from app.settings import Settings
@@ -52,6 +54,7 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         tracing.instrument_redis(backends.redis.client, provider)
     application.state.rate_policy = RatePolicy(backends.limiter, settings)
     application.state.jobs = jobs = BackgroundJobs()
+    application.state.mailer = Mailer(settings)
     application.state.item_cache = ItemCache(
         backends.cache, settings.cache_item_ttl_seconds, settings.cache_list_ttl_seconds
     )
@@ -65,6 +68,8 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampling
+        # First, so that leave events still go out through Redis.
+        await realtime_service.close_connections(application)
         await jobs.drain(timeout_seconds=5)
         await backends.close()
         await engine.dispose()

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import limits
-from fastapi import Depends, Request
+from fastapi import Depends
 from limits import RateLimitItem
+from starlette.requests import HTTPConnection
 
 from app.auth.deps import get_token_codec
 from app.backends.ratelimit import Decision, RateLimiter
@@ -91,18 +92,18 @@ class RatePolicy:
         await self.limiter.hit(self.limits.login_failures, "login-failures", login)
 
 
-def get_rate_policy(request: Request) -> RatePolicy:
+def get_rate_policy(request: HTTPConnection) -> RatePolicy:
     return request.app.state.rate_policy
 
 
 RatePolicyDep = Annotated[RatePolicy, Depends(get_rate_policy)]
 
 
-def client_address(request: Request) -> str:
+def client_address(request: HTTPConnection) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def caller_identity(request: Request) -> str:
+def caller_identity(request: HTTPConnection) -> str:
     """The user id from a valid access token, else the client address."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token:
@@ -115,17 +116,17 @@ def caller_identity(request: Request) -> str:
     return f"ip:{client_address(request)}"
 
 
-async def default_limit(request: Request, policy: RatePolicyDep) -> None:
+async def default_limit(request: HTTPConnection, policy: RatePolicyDep) -> None:
     await policy.enforce("default", policy.limits.default, caller_identity(request))
 
 
-async def login_limit(request: Request, policy: RatePolicyDep) -> None:
+async def login_limit(request: HTTPConnection, policy: RatePolicyDep) -> None:
     await policy.enforce(
         "login", policy.limits.login, client_address(request), policy.limits.auth_fallback
     )
 
 
-async def register_limit(request: Request, policy: RatePolicyDep) -> None:
+async def register_limit(request: HTTPConnection, policy: RatePolicyDep) -> None:
     await policy.enforce(
         "register", policy.limits.register, client_address(request), policy.limits.auth_fallback
     )

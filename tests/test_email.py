@@ -4,14 +4,19 @@ import asyncio
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.message import Message
+from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from fastapi.testclient import TestClient
 
 from app.email import Mailer
+from app.main import create_app
 from app.settings import Settings
-from tests.services import free_port
+from tests.api import Api
+from tests.conftest import make_settings
+from tests.services import free_port, wait_for
 
 
 class Inbox:
@@ -55,3 +60,28 @@ def test_without_smtp_the_mail_is_only_logged(smtp: tuple[Inbox, int]) -> None:
     inbox, _ = smtp
     asyncio.run(Mailer(Settings(_env_file=None)).send("a@example.com", "Hi", "x"))  # type: ignore[call-arg]
     assert inbox.messages == []
+
+
+def test_a_notification_to_one_user_is_also_emailed(
+    smtp: tuple[Inbox, int], database_url: str, tmp_path: Path
+) -> None:
+    inbox, port = smtp
+    settings = make_settings(
+        database_url, tmp_path, smtp_host="127.0.0.1", smtp_port=port, smtp_starttls=False
+    )
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        alice, admin = api.account("alice"), api.root()
+        sent = client.post(
+            "/api/v1/notifications",
+            json={"title": "Maintenance", "body": "Tonight.", "user_id": alice.id},
+            headers=admin.headers,
+        )
+        assert sent.status_code == 202
+        broadcast = client.post(
+            "/api/v1/notifications", json={"title": "To everyone"}, headers=admin.headers
+        )
+        assert broadcast.status_code == 202
+        wait_for(lambda: len(inbox.messages) >= 1, timeout=10, what="the e-mail")
+    [message] = inbox.messages  # the broadcast is not e-mailed
+    assert (message["To"], message["Subject"]) == ("alice@example.com", "Maintenance")

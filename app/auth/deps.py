@@ -10,6 +10,7 @@ from typing import Annotated
 import structlog
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
+from starlette.requests import HTTPConnection
 
 from app.auth import service
 from app.db import IdPath, SessionDep
@@ -24,7 +25,7 @@ def get_hasher(request: Request) -> PasswordHasher:
     return request.app.state.hasher
 
 
-def get_token_codec(request: Request) -> TokenCodec:
+def get_token_codec(request: HTTPConnection) -> TokenCodec:
     return request.app.state.tokens
 
 
@@ -59,6 +60,7 @@ def require(permission: Permission) -> Callable[[User], Awaitable[User]]:
 
 
 UserManager = Annotated[User, Depends(require(Permission.MANAGE_USERS))]
+NotificationSender = Annotated[User, Depends(require(Permission.SEND_NOTIFICATIONS))]
 
 
 async def self_or_user_manager(user_id: IdPath, user: CurrentUser) -> User:

@@ -20,6 +20,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from app.backends.redis import RedisBackend, RedisUnavailable
+from app.observability.metrics import REALTIME_DROPPED
 
 logger = structlog.get_logger(__name__)
 
@@ -39,6 +40,7 @@ class Subscription:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
             self.dropped += 1
+            REALTIME_DROPPED.inc()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self

@@ -57,6 +57,10 @@ WEBSOCKET_CONNECTIONS_TOTAL = Counter(
 WEBSOCKET_MESSAGES = Counter(
     "websocket_messages_total", "WebSocket messages.", ["route", "direction"]
 )
+REALTIME_DROPPED = Counter(
+    "realtime_messages_dropped_total",
+    "Real-time messages dropped because a slow subscriber's inbox was full.",
+)
 
 # Authentication, from app.auth.service.
 LOGINS = Counter("auth_logins_total", "Login attempts by outcome.", ["outcome"])

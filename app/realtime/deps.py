@@ -1,0 +1,119 @@
+"""Handshake checks for the WebSockets, and the realtime service for a route.
+
+The HTTP dependencies (``CurrentUser``) cannot serve sockets: browsers cannot put an
+``Authorization`` header on a WebSocket, so they authenticate with a first frame, and the
+wire format wants refusals as close code 1008. Closing before ``accept`` makes the server
+answer the handshake itself with HTTP 403.
+"""
+
+import re
+from contextlib import suppress
+from typing import Annotated
+from urllib.parse import parse_qsl
+
+import anyio
+import structlog
+from fastapi import Depends, WebSocketException, status
+from pydantic import ValidationError
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket
+
+from app.auth.service import user_from_access_token
+from app.errors import Unauthorized
+from app.realtime.connection import DISCONNECTED
+from app.realtime.schemas import MAX_FRAME_BYTES, AuthFrame
+from app.realtime.service import Realtime, realtime_of
+from app.users.models import User
+
+ROOM_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+AUTH_TIMEOUT_SECONDS = 5.0
+POLICY_VIOLATION = status.WS_1008_POLICY_VIOLATION
+# URLs end up in proxy and server logs, so a credential there is refused even when the
+# handshake also carries a valid header: the client must be fixed, not tolerated.
+_CREDENTIAL_PARAMS = frozenset({"token", "access_token", "jwt", "auth", "authorization"})
+_JWT_SHAPED = re.compile(r"eyJ[\w-]*\.[\w-]*\.")
+
+
+def get_realtime(connection: HTTPConnection) -> Realtime:
+    return realtime_of(connection.app)
+
+
+RealtimeDep = Annotated[Realtime, Depends(get_realtime)]
+
+
+async def room_name(room: str) -> str:
+    if ROOM_PATTERN.fullmatch(room) is None:
+        raise WebSocketException(POLICY_VIOLATION, "Invalid room name.")
+    return room
+
+
+RoomName = Annotated[str, Depends(room_name)]
+
+
+async def authenticate(websocket: WebSocket) -> User | None:
+    """Accept the socket and return its user, or close it (1008) and return None.
+
+    The handshake's bearer header is checked before accepting; without one the socket is
+    accepted and the first frame must be ``{"type": "auth", "token": …}`` within 5 s.
+    """
+    if _credential_in_url(websocket):
+        await _refuse(websocket, "Credentials are not accepted in the URL.")
+        return None
+    header = websocket.headers.get("authorization")
+    if header is not None:
+        user = await _user_for(websocket, _bearer_token(header))
+        if user is not None:
+            await websocket.accept()
+    else:
+        await websocket.accept()
+        user = await _user_for(websocket, await _first_frame_token(websocket))
+    if user is None:
+        await _refuse(websocket, "Authentication failed.")
+        return None
+    # Every later log line of this connection names the user, as for HTTP requests.
+    structlog.contextvars.bind_contextvars(user_id=user.id)
+    return user
+
+
+def _credential_in_url(websocket: WebSocket) -> bool:
+    return any(
+        name.lower() in _CREDENTIAL_PARAMS or _JWT_SHAPED.search(value)
+        for name, value in parse_qsl(websocket.url.query, keep_blank_values=True)
+    )
+
+
+def _bearer_token(header: str) -> str | None:
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def _first_frame_token(websocket: WebSocket) -> str | None:
+    with anyio.move_on_after(AUTH_TIMEOUT_SECONDS):
+        message = await websocket.receive()
+        text = message.get("text")
+        if text is None or len(text.encode()) > MAX_FRAME_BYTES:
+            return None
+        with suppress(ValidationError):
+            return AuthFrame.model_validate_json(text).token
+    return None
+
+
+async def _user_for(websocket: WebSocket, token: str | None) -> User | None:
+    if token is None:
+        return None
+    state = websocket.app.state
+    async with state.sessionmaker() as session:
+        try:
+            return await user_from_access_token(
+                session, state.tokens, state.backends.revocations, token
+            )
+        except Unauthorized:
+            return None
+
+
+async def _refuse(websocket: WebSocket, reason: str) -> None:
+    # The client may already have gone (it disconnected instead of authenticating).
+    with suppress(*DISCONNECTED):
+        await websocket.close(POLICY_VIOLATION, reason)
