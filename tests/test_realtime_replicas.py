@@ -1,8 +1,9 @@
-"""The WebSockets across replicas: real service processes (uvicorn, as ``python -m app
-serve`` runs it) sharing one SQLite file and one real Redis. A chat message, a private
-message and a notification cross from one process to the other; handshake refusals are
-real HTTP 403s; a client that stops reading does not hold up anyone else; a replica that
-shuts down closes its sockets with 1012; and no token reaches a log line."""
+"""Replicas: real service processes (uvicorn, as ``python -m app serve`` runs it) sharing
+one SQLite file and one real Redis. A chat message, a private message and a notification
+cross from one process to the other; handshake refusals are real HTTP 403s; a client that
+stops reading does not hold up anyone else; a replica that shuts down closes its sockets
+with 1012; no token reaches a log line; a write on one replica is read back on the other
+at once; and failed logins count against one budget on both."""
 
 import asyncio
 import json
@@ -321,3 +322,28 @@ def test_a_replica_shutting_down_closes_its_sockets_with_1012(cluster: Cluster) 
     log = c.log.read_text()
     assert "Application shutdown complete." in log
     assert "Traceback" not in log
+
+
+def test_a_patch_through_b_is_seen_by_the_next_get_through_a(cluster: Cluster) -> None:
+    headers = {"Authorization": f"Bearer {cluster.token('patcher')}"}
+    created = httpx2.post(
+        f"{cluster.a.http}/api/v1/items", json={"title": "Lamp", "price": 10}, headers=headers
+    )
+    assert created.status_code == 201
+    url = f"/api/v1/items/{created.json()['id']}"
+    assert httpx2.get(cluster.a.http + url).json()["title"] == "Lamp"  # now cached
+    patched = httpx2.patch(cluster.b.http + url, json={"title": "Desk lamp"}, headers=headers)
+    assert patched.status_code == 200
+    assert httpx2.get(cluster.a.http + url).json()["title"] == "Desk lamp"
+
+
+def test_failed_logins_on_both_replicas_share_one_budget(cluster: Cluster) -> None:
+    cluster.token("guarded")
+    statuses = [
+        httpx2.post(
+            f"{replica.http}/api/v1/auth/token",
+            data={"username": "guarded", "password": "not the password"},
+        ).status_code
+        for replica in [cluster.a, cluster.b] * 3
+    ]
+    assert statuses == [401] * 5 + [429]
