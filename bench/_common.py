@@ -1,0 +1,155 @@
+"""Helpers shared by the benchmarks: free ports, the machine description, RESULTS.md.
+
+RESULTS.md holds one section per benchmark; a run replaces its own section (dated) and
+keeps the other one, so running either script never loses the other's latest results.
+"""
+
+import os
+import platform
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTIONS = ("http_overhead", "metrics_render")
+PACKAGES = (
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "gunicorn",
+    "uvicorn-worker",
+    "prometheus_client",
+    "structlog",
+    "prometheus-fastapi-instrumentator",
+)
+HEADER = """# Benchmark results
+
+Written by the scripts in this directory (see README.md); each run replaces its own
+section. Machines here are small and noisy: compare numbers **within one section**
+(one run), never across runs or machines.
+"""
+# Variables that would change what the service does; the benchmarks set their own.
+_FOREIGN_ENV_PREFIXES = (
+    "APP_",
+    "OTEL_",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "WEB_CONCURRENCY",
+    "GUNICORN_",
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV_PREFIXES)}
+    return env | extra
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def command_line() -> str:
+    """The command that started this run, relative to the repository root."""
+
+    def rel(path: str) -> str:
+        try:
+            return str(Path(path).absolute().relative_to(REPO))
+        except ValueError:
+            return path
+
+    return shlex.join([rel(sys.executable), rel(sys.argv[0]), *sys.argv[1:]])
+
+
+def require_tools(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        sys.exit(f"missing tools: {', '.join(missing)} (see bench/README.md)")
+
+
+def load_average() -> str:
+    """Other work on the machine skews results; recorded at the start of a run."""
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def machine(extra: dict[str, str] | None = None) -> str:
+    """A markdown list describing the machine and the software under test."""
+    cpu_model = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+    versions = ", ".join(f"{name} {_version(name)}" for name in PACKAGES)
+    lines = {
+        "nproc": f"{nproc} ({cpu_model})",
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "packages": versions,
+        "code": code_version(),
+        **(extra or {}),
+    }
+    return "\n".join(f"- {key}: {value}" for key, value in lines.items())
+
+
+def code_version() -> str:
+    """The commit measured, and whether the service's code differed from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "app", "deploy", "migrations").splitlines()
+    if not changed:
+        return f"commit {commit}, clean"
+    return f"commit {commit} + uncommitted changes to {len(changed)} paths in the service"
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def write_section(name: str, body: str) -> None:
+    """Rewrite RESULTS.md with ``body`` as section ``name``, keeping the other sections."""
+    existing = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else ""
+    sections: dict[str, str] = {}
+    for known in SECTIONS:
+        found = re.search(
+            rf"<!-- {known}:start -->\n(.*?)\n<!-- {known}:end -->", existing, flags=re.S
+        )
+        if found:
+            sections[known] = found.group(1)
+    sections[name] = body.strip()
+    parts = [HEADER]
+    for known in SECTIONS:
+        if known in sections:
+            parts.append(f"<!-- {known}:start -->\n{sections[known]}\n<!-- {known}:end -->\n")
+    RESULTS.write_text("\n".join(parts), encoding="utf-8")
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
