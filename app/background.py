@@ -10,12 +10,12 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Annotated, Any
 
-import structlog
 from fastapi import Depends, Request
 
+from app.observability.logging import get_logger
 from app.observability.metrics import BACKGROUND_TASKS
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 class BackgroundJobs:

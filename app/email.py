@@ -8,12 +8,12 @@ from email.message import EmailMessage
 from typing import Annotated
 
 import aiosmtplib
-import structlog
 from fastapi import Depends, Request
 
+from app.observability.logging import get_logger
 from app.settings import Settings
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 class Mailer:

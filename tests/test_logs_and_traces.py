@@ -13,26 +13,21 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from app.main import create_app
-from app.observability.logging import formatter
+from app.observability.logging import configure_logging
 from tests.api import PASSWORD, Api
 from tests.conftest import make_settings
 
 
 @pytest.fixture
 def log_lines() -> Iterator[io.StringIO]:
-    """Everything logged, rendered by the production JSON formatter."""
-    buffer = io.StringIO()
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(formatter("json"))
-    yield buffer
-    logging.getLogger().removeHandler(handler)
+    """Everything logged (the service's lines and stdlib ones), as production renders it."""
+    yield io.StringIO()
+    configure_logging("INFO", "console")
 
 
-def attach(buffer: io.StringIO) -> None:
-    # After create_app, which configures logging and would drop earlier handlers.
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(formatter("json"))
-    logging.getLogger().addHandler(handler)
+def attach(buffer: io.StringIO, level: str = "INFO") -> None:
+    # After create_app, which configures logging to standard output.
+    configure_logging(level, "json", stream=buffer)
 
 
 def records(buffer: io.StringIO) -> list[dict]:
@@ -81,7 +76,7 @@ def test_secrets_never_reach_the_logs(
 ) -> None:
     settings = make_settings(database_url, tmp_path, log_format="json", log_level="DEBUG")
     with TestClient(create_app(settings)) as client:
-        attach(log_lines)
+        attach(log_lines, "DEBUG")
         api = Api(client, settings)
         alice = api.account("alice")
         client.post("/api/v1/auth/refresh", json={"refresh_token": alice.tokens["refresh_token"]})

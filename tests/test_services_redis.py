@@ -17,7 +17,8 @@ import pytest
 import redis
 
 import tests.services.redis as redis_service
-from tests.services.redis import HOST, RedisServer
+from tests.services.process import HOST
+from tests.services.redis import RedisServer
 
 
 @pytest.fixture

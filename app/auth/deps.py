@@ -7,7 +7,6 @@ roles inline, so every permission decision goes through ``require``.
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-import structlog
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from starlette.requests import HTTPConnection
@@ -15,6 +14,7 @@ from starlette.requests import HTTPConnection
 from app.auth import service
 from app.db import IdPath, SessionDep
 from app.errors import Forbidden
+from app.observability.logging import user_id_var
 from app.security import PasswordHasher, TokenCodec
 from app.users.models import Permission, User
 
@@ -43,7 +43,7 @@ async def get_current_user(
     user = await service.user_from_access_token(session, codec, revocations, token)
     # For the access line and every later log line of this request.
     request.state.user_id = user.id
-    structlog.contextvars.bind_contextvars(user_id=user.id)
+    user_id_var.set(user.id)
     return user
 
 

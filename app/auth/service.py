@@ -9,7 +9,6 @@ family (every token descended from the same login) is revoked.
 import time
 import uuid
 
-import structlog
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,12 +18,13 @@ from app.auth.schemas import TokenPair
 from app.backends.revocation import Revocations
 from app.db import utcnow
 from app.errors import Conflict, Unauthorized
+from app.observability.logging import get_logger
 from app.observability.metrics import LOGINS, TOKEN_REFRESHES
 from app.security import PasswordHasher, TokenCodec, TokenType
 from app.users.models import Role, User
 from app.users.schemas import UserCreate
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 
 INVALID_CREDENTIALS = "Incorrect username or password."
 INVALID_TOKEN = "Invalid or expired token."  # noqa: S105 - a message, not a secret

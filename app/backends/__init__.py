@@ -8,7 +8,6 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.backends.broker import (
@@ -23,9 +22,10 @@ from app.backends.cache import Cache, DatabaseEpoch, MemoryCache, RedisCache
 from app.backends.ratelimit import RateLimiter
 from app.backends.redis import RedisBackend, RedisUnavailable
 from app.backends.revocation import MemoryRevocations, RedisRevocations, Revocations
+from app.observability.logging import get_logger
 from app.settings import Settings
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass

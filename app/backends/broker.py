@@ -16,13 +16,13 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-import structlog
 from redis.exceptions import RedisError
 
 from app.backends.redis import RedisBackend, RedisUnavailable
+from app.observability.logging import get_logger
 from app.observability.metrics import REALTIME_DROPPED
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 
 CHANNEL_PREFIX = "rt:"
 HISTORY_PREFIX = "history:"

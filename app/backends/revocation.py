@@ -10,11 +10,10 @@ database regardless.
 import time
 from typing import Protocol
 
-import structlog
-
 from app.backends.redis import RedisBackend, RedisUnavailable
+from app.observability.logging import get_logger
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 PREFIX = "revoked:"
 
 

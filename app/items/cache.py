@@ -12,12 +12,11 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import cast
 
-import structlog
-
 from app.backends.cache import Cache, CacheUnavailable
+from app.observability.logging import get_logger
 from app.observability.metrics import CACHE_REQUESTS
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 
 LIST_VERSION = "v:items"
 Loader = Callable[[], Awaitable[bytes | None]]

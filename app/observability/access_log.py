@@ -7,12 +7,12 @@ Probe and scrape requests are logged at DEBUG so they do not drown the rest.
 
 import time
 
-import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.observability.logging import get_logger
 from app.observability.routes import route_template
 
-logger = structlog.get_logger("app.access")
+logger = get_logger("app.access")
 QUIET_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
 
 

@@ -1,7 +1,7 @@
 """HTTP and WebSocket metrics, as pure ASGI middleware.
 
 Written here rather than taken from prometheus-fastapi-instrumentator: that package costs
-~55 µs per request on these machines, has no exemplars, and reads route paths in a way
+more per request (bench/RESULTS.md), has no exemplars, and reads route paths in a way
 that FastAPI's routing changes have broken. Requests are labelled with the route
 template (``/api/v1/items/{item_id}``), never the raw path, so a scanner cannot create
 series; paths that match no route share the label ``UNMATCHED`` (see routes.py).
@@ -9,6 +9,7 @@ Exceptions are counted as 500 and re-raised for the server to log.
 """
 
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,10 +18,32 @@ from app.observability.routes import route_template
 from app.observability.tracing import current_trace_id
 
 
+class _RouteSeries:
+    """The labelled children of one (method, route): ``labels()`` is the costly part of
+    an update, so it is paid once per series, not once per request."""
+
+    def __init__(self, method: str, route: str) -> None:
+        self.method, self.route = method, route
+        self.in_progress = metrics.HTTP_IN_PROGRESS.labels(method, route)
+        self.duration = metrics.HTTP_DURATION.labels(method, route)
+        self.request_size = metrics.HTTP_REQUEST_SIZE.labels(method, route)
+        self.response_size = metrics.HTTP_RESPONSE_SIZE.labels(method, route)
+        self.requests: dict[int, Any] = {}
+
+    def count(self, status: int) -> None:
+        counter = self.requests.get(status)
+        if counter is None:
+            counter = self.requests[status] = metrics.HTTP_REQUESTS.labels(
+                self.method, self.route, str(status)
+            )
+        counter.inc()
+
+
 class HttpMetricsMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.exemplars = not metrics.multiprocess_enabled()
+        self.series: dict[tuple[str, str], _RouteSeries] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -31,13 +54,14 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = scope["method"]
-        route = route_template(scope)
+        key = (scope["method"], route_template(scope))
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _RouteSeries(*key)
         start = time.perf_counter()
         status = 500
         request_bytes = response_bytes = 0
-        in_progress = metrics.HTTP_IN_PROGRESS.labels(method, route)
-        in_progress.inc()
+        series.in_progress.inc()
 
         async def counting_receive() -> Message:
             nonlocal request_bytes
@@ -57,15 +81,13 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, counting_receive, counting_send)
         finally:
-            in_progress.dec()
+            series.in_progress.dec()
             elapsed = time.perf_counter() - start
-            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            series.count(status)
             trace_id = current_trace_id() if self.exemplars else None
-            metrics.HTTP_DURATION.labels(method, route).observe(
-                elapsed, exemplar={"trace_id": trace_id} if trace_id else None
-            )
-            metrics.HTTP_REQUEST_SIZE.labels(method, route).observe(request_bytes)
-            metrics.HTTP_RESPONSE_SIZE.labels(method, route).observe(response_bytes)
+            series.duration.observe(elapsed, {"trace_id": trace_id} if trace_id else None)
+            series.request_size.observe(request_bytes)
+            series.response_size.observe(response_bytes)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = route_template(scope)

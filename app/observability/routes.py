@@ -1,50 +1,99 @@
 """The route template of a request, known before the request is handled.
 
-Metrics need it before dispatch (``http_requests_in_progress`` is labelled by route), so
-the request is matched against the application's routes with Starlette's public
-``BaseRoute.matches``. FastAPI (0.16x) keeps included routers as objects whose
+Metrics need it before dispatch (``http_requests_in_progress`` is labelled by route), and
+both the metrics and the access-log middleware need it on every request, so it must be
+cheap: the application's routes are compiled once into a flat table of
+(regex, template, methods) — FastAPI (0.16x) keeps included routers as objects whose
 ``effective_route_contexts()`` yield the routes with their prefixes applied; older
-versions and Starlette list the routes directly. Mounted applications are searched
-recursively, so a sub-app route is labelled with its full template; a mount whose app
-has no route table is labelled ``/mount/{path}``. The test suite pins these labels.
+versions and Starlette list them directly — and the request is matched against that
+table with plain regex matches, once per request (the result is kept in the scope).
+Mounted applications are compiled recursively, so a sub-app route is labelled with its
+full template; a mount without a route table is labelled ``/mount/{path}``. Routes added
+after the first request are not seen (they are labelled ``UNMATCHED``). The test suite
+pins these labels against the installed FastAPI.
 """
 
+import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from starlette.routing import BaseRoute, Match, Mount
+from starlette.routing import BaseRoute, Mount
 from starlette.types import Scope
 
 UNMATCHED = "UNMATCHED"
+_SCOPE_KEY = "app.route_template"
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    regex: re.Pattern[str]
+    template: str
+    # None for WebSocket routes and mounts; HTTP routes list their methods.
+    methods: frozenset[str] | None
+    mount: tuple["_Entry", ...] | None = None
+    is_mount: bool = False
 
 
 def route_template(scope: Scope) -> str:
-    app = scope.get("app")
-    routes = getattr(getattr(app, "router", None), "routes", None)
-    if routes is None:
-        return UNMATCHED
-    template = _match(routes, scope)
-    if template is None:
-        return UNMATCHED
-    return scope.get("root_path", "") + template
+    cached = scope.get(_SCOPE_KEY)
+    if cached is not None:
+        return cached
+    table = _table(scope.get("app"))
+    root_path = scope.get("root_path", "")
+    path = scope["path"]
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
+    method = scope.get("method") if scope["type"] == "http" else None
+    template = _match(table, path, method)
+    result = UNMATCHED if template is None else root_path + template
+    scope[_SCOPE_KEY] = result
+    return result
 
 
-def _match(routes: Iterable[BaseRoute], scope: Scope) -> str | None:
-    partial: str | None = None
+def _table(app: Any) -> tuple[_Entry, ...]:
+    state = getattr(app, "state", None)
+    router = getattr(app, "router", None)
+    if state is None or router is None:
+        return ()
+    table = getattr(state, "route_template_table", None)
+    if table is None:
+        table = tuple(_compile(router.routes))
+        state.route_template_table = table
+    return table
+
+
+def _compile(routes: Iterable[Any]) -> Iterator[_Entry]:
     for route in _flatten(routes):
-        match, child_scope = route.matches(scope)
-        if match is Match.NONE:
+        regex = getattr(route, "path_regex", None)
+        if regex is None:
             continue
         if isinstance(route, Mount):
-            inner = _match(route.routes, {**scope, **child_scope}) if route.routes else None
-            template = route.path + (inner or "/{path}")
+            children = tuple(_compile(route.routes)) if route.routes else None
+            yield _Entry(regex, route.path, None, children, is_mount=True)
         else:
-            template = getattr(route, "path_format", None) or getattr(route, "path", UNMATCHED)
-        if match is Match.FULL:
-            return template
-        # A PARTIAL match is a path that exists with another method (405): keep the
-        # template, but let a later FULL match win, as the router does.
-        partial = partial or template
+            methods = getattr(route, "methods", None)
+            yield _Entry(regex, route.path_format, frozenset(methods) if methods else None)
+
+
+def _match(table: tuple[_Entry, ...], path: str, method: str | None) -> str | None:
+    partial: str | None = None
+    for entry in table:
+        found = entry.regex.match(path)
+        if found is None:
+            continue
+        if entry.is_mount:
+            inner = _match(entry.mount, "/" + found["path"], method) if entry.mount else None
+            return entry.template + (inner or "/{path}")
+        if method is None:
+            if entry.methods is None:
+                return entry.template
+        elif entry.methods is not None:
+            if method in entry.methods:
+                return entry.template
+            # The path exists with another method (405): keep the template, but let a
+            # later full match win, as the router does.
+            partial = partial or entry.template
     return partial
 
 

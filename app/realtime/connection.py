@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 
 import anyio
-import structlog
 from pydantic import ValidationError
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from app.backends.broker import Subscription
+from app.observability.logging import get_logger
 from app.realtime.schemas import (
     MAX_FRAME_BYTES,
     ClientFrame,
@@ -36,7 +36,7 @@ from app.realtime.schemas import (
     client_frame,
 )
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 
 # The client went away (or was closed) while we were sending or receiving.
 DISCONNECTED = (WebSocketDisconnect, WebSocketDisconnected)

@@ -12,7 +12,6 @@ from typing import Annotated
 from urllib.parse import parse_qsl
 
 import anyio
-import structlog
 from fastapi import Depends, WebSocketException, status
 from pydantic import ValidationError
 from starlette.requests import HTTPConnection
@@ -20,6 +19,7 @@ from starlette.websockets import WebSocket
 
 from app.auth.service import user_from_access_token
 from app.errors import Unauthorized
+from app.observability.logging import user_id_var
 from app.realtime.connection import DISCONNECTED
 from app.realtime.schemas import MAX_FRAME_BYTES, AuthFrame
 from app.realtime.service import Realtime, realtime_of
@@ -71,7 +71,7 @@ async def authenticate(websocket: WebSocket) -> User | None:
         await _refuse(websocket, "Authentication failed.")
         return None
     # Every later log line of this connection names the user, as for HTTP requests.
-    structlog.contextvars.bind_contextvars(user_id=user.id)
+    user_id_var.set(user.id)
     return user
 
 

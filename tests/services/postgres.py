@@ -24,16 +24,15 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 from urllib.parse import quote
 
 import asyncpg
 
 from tests.services import find_binary, free_port, prepare_dir_for_user, require_binary, wait_for
+from tests.services.process import ServerProcess
 
 SUPERUSER = "postgres"
-HOST = "127.0.0.1"
 StopMode = Literal["fast", "immediate"]
 
 _OS_USER = "postgres"
@@ -57,31 +56,17 @@ class _Identity:
     name: str | None = None
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """A PostgreSQL cluster in `base_dir`, started and stopped on demand.
 
     Layout: `base_dir/data` (cluster), `base_dir/socket` (Unix socket), `base_dir/postgres.log`.
     """
 
     def __init__(self, base_dir: Path) -> None:
-        self.base_dir = base_dir
+        super().__init__(base_dir)
         self.data_dir = base_dir / "data"
         self.socket_dir = base_dir / "socket"
         self.log_path = base_dir / "postgres.log"
-        self.host = HOST
-        self._port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the server has no port until start() picks one")
-        return self._port
-
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's pid while it runs, else None."""
-        return None if self._process is None else self._process.pid
 
     def url(self, dbname: str = "postgres", driver: str = "postgresql+asyncpg") -> str:
         """SQLAlchemy URL for `dbname`, as the password-less superuser over TCP."""
@@ -190,18 +175,6 @@ class PostgresServer:
             except asyncpg.exceptions.ConnectionDoesNotExistError:
                 if attempt == 2:
                     raise
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _initdb(self, initdb: str, identity: _Identity) -> None:
         command = [

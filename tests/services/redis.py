@@ -21,12 +21,9 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from tests.services import free_port, require_binary, wait_for
-
-HOST = "127.0.0.1"
+from tests.services.process import ServerProcess
 
 _WHY = "tests that need a real Redis run redis-server (Debian: apt-get install redis-server)"
 _START_TIMEOUT = 30.0
@@ -35,30 +32,16 @@ _PING_TIMEOUT = 1.0
 _DUMP_FILE = "dump.rdb"
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """A Redis server keeping its data in `base_dir`, started and stopped on demand.
 
     Layout: `base_dir/dump.rdb` (the snapshot `stop()` writes), `base_dir/redis.log`.
     """
 
     def __init__(self, base_dir: Path) -> None:
-        self.base_dir = base_dir
+        super().__init__(base_dir)
         self.dump_path = base_dir / _DUMP_FILE
         self.log_path = base_dir / "redis.log"
-        self.host = HOST
-        self._port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the server has no port until start() picks one")
-        return self._port
-
-    @property
-    def pid(self) -> int | None:
-        """The server's pid while it runs, else None."""
-        return None if self._process is None else self._process.pid
 
     def url(self, db: int = 0) -> str:
         """redis:// URL of logical database `db`."""
@@ -154,15 +137,3 @@ class RedisServer:
                     return replies.readline() == b"+PONG\r\n"
         except OSError:
             return False
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
