@@ -6,16 +6,20 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
 
+from app.main import create_app
 from app.realtime import deps
 from app.realtime.service import close_connections
 from tests.api import Account, Api, assert_problem
+from tests.conftest import make_settings
 
 NOTIFICATIONS = "/api/v1/ws/notifications"
 NOTIFY = "/api/v1/notifications"
@@ -461,3 +465,17 @@ def test_close_connections_closes_every_socket_with_1012(api: Api) -> None:
     # The service keeps working for new connections (a restarted lifespan, a new replica).
     with joined(api, alice, "lobby") as ws:
         assert_silent(ws)
+
+
+def test_a_socket_is_closed_when_its_token_expires(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path, access_token_ttl_seconds=2)
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        alice = api.account("alice")
+        with joined(api, alice, "lobby") as ws:
+            # Nothing is sent: the server closes it when the token runs out.
+            assert close_code(ws) == 1008
+        # A fresh token connects again.
+        api.sign_in(alice)
+        with joined(api, alice, "lobby") as ws:
+            assert_silent(ws)

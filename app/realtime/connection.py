@@ -14,10 +14,12 @@ that stop answering, which detects dead clients and keeps idle proxies from timi
 ``{"type": "ping"}`` is for clients that want an application-level round trip.
 """
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 
 import anyio
+from fastapi import status
 from pydantic import ValidationError
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
@@ -41,6 +43,7 @@ logger = get_logger(__name__)
 # The client went away (or was closed) while we were sending or receiving.
 DISCONNECTED = (WebSocketDisconnect, WebSocketDisconnected)
 CLOSE_TIMEOUT_SECONDS = 1.0
+TOKEN_EXPIRED = status.WS_1008_POLICY_VIOLATION
 
 FrameHandler = Callable[[MessageFrame | PrivateFrame], Awaitable[None]]
 
@@ -50,8 +53,9 @@ class FrameRejected(Exception):
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket) -> None:
+    def __init__(self, websocket: WebSocket, expires_at: float) -> None:
         self.websocket = websocket
+        self.expires_at = expires_at
         self.close_code: int | None = None
         self.finished = anyio.Event()
         self._send_lock = anyio.Lock()
@@ -61,14 +65,17 @@ class Connection:
         await self._send_text(frame.to_json())
 
     async def serve(self, inboxes: Sequence[Subscription], handle: FrameHandler) -> None:
-        """Deliver the inboxes and answer client frames until the client leaves or
-        ``shutdown`` is called."""
-        with self._serving:
+        """Deliver the inboxes and answer client frames until the client leaves, its token
+        expires (closed with 1008: it must reconnect with a fresh token), or ``shutdown``
+        is called."""
+        with self._serving, anyio.move_on_after(self.expires_at - time.time()) as lifetime:
             async with anyio.create_task_group() as tasks:
                 for inbox in inboxes:
                     tasks.start_soon(self._deliver, inbox)
                 await self._receive(handle)
                 tasks.cancel_scope.cancel()
+        if lifetime.cancelled_caught and self.close_code is None:
+            self.close_code = TOKEN_EXPIRED
         if dropped := sum(inbox.dropped for inbox in inboxes):
             logger.warning("realtime: slow client missed messages", dropped=dropped)
 

@@ -22,8 +22,8 @@ from app.errors import Unauthorized
 from app.observability.logging import user_id_var
 from app.realtime.connection import DISCONNECTED
 from app.realtime.schemas import MAX_FRAME_BYTES, AuthFrame
-from app.realtime.service import Realtime, realtime_of
-from app.users.models import User
+from app.realtime.service import Realtime, SocketUser, realtime_of
+from app.security import TokenType
 
 ROOM_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 AUTH_TIMEOUT_SECONDS = 5.0
@@ -50,7 +50,7 @@ async def room_name(room: str) -> str:
 RoomName = Annotated[str, Depends(room_name)]
 
 
-async def authenticate(websocket: WebSocket) -> User | None:
+async def authenticate(websocket: WebSocket) -> SocketUser | None:
     """Accept the socket and return its user, or close it (1008) and return None.
 
     The handshake's bearer header is checked before accepting; without one the socket is
@@ -61,18 +61,18 @@ async def authenticate(websocket: WebSocket) -> User | None:
         return None
     header = websocket.headers.get("authorization")
     if header is not None:
-        user = await _user_for(websocket, _bearer_token(header))
-        if user is not None:
+        found = await _user_for(websocket, _bearer_token(header))
+        if found is not None:
             await websocket.accept()
     else:
         await websocket.accept()
-        user = await _user_for(websocket, await _first_frame_token(websocket))
-    if user is None:
+        found = await _user_for(websocket, await _first_frame_token(websocket))
+    if found is None:
         await _refuse(websocket, "Authentication failed.")
         return None
     # Every later log line of this connection names the user, as for HTTP requests.
-    user_id_var.set(user.id)
-    return user
+    user_id_var.set(found.user.id)
+    return found
 
 
 def _credential_in_url(websocket: WebSocket) -> bool:
@@ -100,17 +100,19 @@ async def _first_frame_token(websocket: WebSocket) -> str | None:
     return None
 
 
-async def _user_for(websocket: WebSocket, token: str | None) -> User | None:
+async def _user_for(websocket: WebSocket, token: str | None) -> SocketUser | None:
     if token is None:
         return None
     state = websocket.app.state
     async with state.sessionmaker() as session:
         try:
-            return await user_from_access_token(
+            user = await user_from_access_token(
                 session, state.tokens, state.backends.revocations, token
             )
         except Unauthorized:
             return None
+    expires_at = state.tokens.decode(token, TokenType.ACCESS)["exp"]
+    return SocketUser(user, float(expires_at))
 
 
 async def _refuse(websocket: WebSocket, reason: str) -> None:

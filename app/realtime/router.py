@@ -15,14 +15,14 @@ router = APIRouter(tags=["realtime"])
 
 @router.websocket("/ws/chat/{room}")
 async def chat(websocket: WebSocket, room: RoomName, realtime: RealtimeDep) -> None:
-    if (user := await authenticate(websocket)) is not None:
-        await realtime.chat(websocket, user, room)
+    if (socket_user := await authenticate(websocket)) is not None:
+        await realtime.chat(websocket, socket_user, room)
 
 
 @router.websocket("/ws/notifications")
 async def notifications(websocket: WebSocket, realtime: RealtimeDep) -> None:
-    if (user := await authenticate(websocket)) is not None:
-        await realtime.notifications(websocket, user)
+    if (socket_user := await authenticate(websocket)) is not None:
+        await realtime.notifications(websocket, socket_user)
 
 
 @router.post("/notifications", status_code=status.HTTP_202_ACCEPTED, response_model=Notification)

@@ -13,6 +13,7 @@ the application shuts down.
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import anyio
@@ -48,6 +49,15 @@ LEAVE_PUBLISH_SECONDS = 1.0
 NOTIFY_ALL = "notify:all"
 
 
+@dataclass(frozen=True, slots=True)
+class SocketUser:
+    """An authenticated socket's user, and when its access token expires (epoch seconds):
+    the connection is closed then, so a socket cannot outlive its credential."""
+
+    user: User
+    expires_at: float
+
+
 def room_channel(room: str) -> str:
     return f"chat:{room}"
 
@@ -72,10 +82,10 @@ class Realtime:
         self.sessionmaker = sessionmaker
         self.connections: set[Connection] = set()
 
-    async def chat(self, websocket: WebSocket, user: User, room: str) -> None:
-        channel = room_channel(room)
+    async def chat(self, websocket: WebSocket, socket_user: SocketUser, room: str) -> None:
+        user, channel = socket_user.user, room_channel(room)
         async with (
-            self._open(websocket) as connection,
+            self._open(websocket, socket_user.expires_at) as connection,
             # Subscribed before the history is read: a message sent in between may arrive
             # twice (same id), but none can fall between the two.
             self.broker.subscribe(channel, INBOX_SIZE) as room_inbox,
@@ -91,10 +101,10 @@ class Realtime:
                 with anyio.move_on_after(LEAVE_PUBLISH_SECONDS, shield=True):
                     await self._presence("leave", room, user)
 
-    async def notifications(self, websocket: WebSocket, user: User) -> None:
+    async def notifications(self, websocket: WebSocket, socket_user: SocketUser) -> None:
         async with (
-            self._open(websocket) as connection,
-            self.broker.subscribe(notify_channel(user.id), INBOX_SIZE) as own_inbox,
+            self._open(websocket, socket_user.expires_at) as connection,
+            self.broker.subscribe(notify_channel(socket_user.user.id), INBOX_SIZE) as own_inbox,
             self.broker.subscribe(NOTIFY_ALL, INBOX_SIZE) as broadcast_inbox,
         ):
             await connection.serve([own_inbox, broadcast_inbox], _push_only)
@@ -117,8 +127,8 @@ class Realtime:
                 await connection.finished.wait()
 
     @asynccontextmanager
-    async def _open(self, websocket: WebSocket) -> AsyncIterator[Connection]:
-        connection = Connection(websocket)
+    async def _open(self, websocket: WebSocket, expires_at: float) -> AsyncIterator[Connection]:
+        connection = Connection(websocket, expires_at)
         self.connections.add(connection)
         try:
             yield connection
