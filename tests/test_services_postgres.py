@@ -8,7 +8,6 @@ broken helper shows up here rather than as puzzling failures elsewhere.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import pytest
 
 from tests.services import require_binary, wait_for
 from tests.services.postgres import PostgresServer, StopMode
+from tests.services.process import is_alive
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,6 @@ def _query(server: PostgresServer, dbname: str, *statements: str) -> list[tuple[
 
 def _database_exists(server: PostgresServer, name: str) -> bool:
     return (name,) in _query(server, "postgres", "SELECT datname FROM pg_database")
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_serves_the_configured_cluster_over_tcp(server: PostgresServer) -> None:
@@ -139,7 +131,7 @@ def test_stop_takes_the_server_away_and_start_brings_it_back(
     server.stop(mode)
 
     assert server.pid is None
-    assert [p for p in [pid, *children] if _is_alive(p)] == []
+    assert [p for p in [pid, *children] if is_alive(p)] == []
     assert not server.accepts_connections()
     with pytest.raises(ConnectionRefusedError):
         _query(server, "postgres", "SELECT 1")

@@ -7,7 +7,6 @@ rather than as puzzling failures elsewhere.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 import redis
 
 import tests.services.redis as redis_service
-from tests.services.process import HOST
+from tests.services.process import HOST, is_alive
 from tests.services.redis import RedisServer
 
 
@@ -61,17 +60,9 @@ def _redis_processes_on(port: int) -> list[int]:
     return pids
 
 
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _assert_gone(server: RedisServer, port: int, pid: int) -> None:
     assert server.pid is None
-    assert not _is_alive(pid)
+    assert not is_alive(pid)
     assert _redis_processes_on(port) == []
     assert not server.accepts_connections()
     with pytest.raises(ConnectionRefusedError):

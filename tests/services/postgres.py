@@ -63,10 +63,9 @@ class PostgresServer(ServerProcess):
     """
 
     def __init__(self, base_dir: Path) -> None:
-        super().__init__(base_dir)
+        super().__init__(base_dir, "postgres.log")
         self.data_dir = base_dir / "data"
         self.socket_dir = base_dir / "socket"
-        self.log_path = base_dir / "postgres.log"
 
     def url(self, dbname: str = "postgres", driver: str = "postgresql+asyncpg") -> str:
         """SQLAlchemy URL for `dbname`, as the password-less superuser over TCP."""
@@ -99,19 +98,12 @@ class PostgresServer(ServerProcess):
             "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off",
         ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.base_dir,
-                # Ctrl-C must reach pytest, whose fixture teardown then stops the server.
-                start_new_session=True,
-                user=identity.user,
-                group=identity.group,
-                extra_groups=identity.extra_groups,
-            )
+        self._launch(
+            command,
+            user=identity.user,
+            group=identity.group,
+            extra_groups=identity.extra_groups,
+        )
         try:
             wait_for(
                 self.accepts_connections,

@@ -39,9 +39,8 @@ class RedisServer(ServerProcess):
     """
 
     def __init__(self, base_dir: Path) -> None:
-        super().__init__(base_dir)
+        super().__init__(base_dir, "redis.log")
         self.dump_path = base_dir / _DUMP_FILE
-        self.log_path = base_dir / "redis.log"
 
     def url(self, db: int = 0) -> str:
         """redis:// URL of logical database `db`."""
@@ -70,16 +69,7 @@ class RedisServer(ServerProcess):
             "--shutdown-on-sigint", "nosave",
         ]  # fmt: skip
         # Errors in the command line are printed before Redis opens its log file.
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.base_dir,
-                # Ctrl-C must reach pytest, whose fixture teardown then stops the server.
-                start_new_session=True,
-            )
+        self._launch(command)
         try:
             wait_for(
                 self.accepts_connections,
