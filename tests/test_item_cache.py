@@ -1,0 +1,43 @@
+"""The item cache's own guarantees, on the in-process backend: concurrent misses share
+one load, and a fill that raced a write can never be read afterwards."""
+
+import asyncio
+
+from app.backends.cache import MemoryCache
+from app.items.cache import ItemCache
+
+
+def test_concurrent_misses_share_one_database_load() -> None:
+    cache = ItemCache(MemoryCache(), item_ttl=60, list_ttl=60)
+    loads = 0
+
+    async def load() -> bytes:
+        nonlocal loads
+        loads += 1
+        await asyncio.sleep(0.05)  # a slow query: the others arrive while it runs
+        return b'{"id": 1}'
+
+    async def main() -> list[bytes | None]:
+        return await asyncio.gather(*(cache.item(1, load) for _ in range(20)))
+
+    assert asyncio.run(main()) == [b'{"id": 1}'] * 20
+    assert loads == 1
+
+
+def test_a_fill_that_raced_a_write_is_never_served() -> None:
+    cache = ItemCache(MemoryCache(), item_ttl=60, list_ttl=60)
+
+    async def main() -> bytes | None:
+        async def stale_load() -> bytes:
+            # The write commits and invalidates while this reader is still loading.
+            await cache.invalidate(1)
+            return b'{"title": "old"}'
+
+        assert await cache.item(1, stale_load) == b'{"title": "old"}'
+
+        async def fresh_load() -> bytes:
+            return b'{"title": "new"}'
+
+        return await cache.item(1, fresh_load)
+
+    assert asyncio.run(main()) == b'{"title": "new"}'
