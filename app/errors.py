@@ -48,6 +48,18 @@ class Conflict(AppError):
     status_code = HTTPStatus.CONFLICT
 
 
+class PayloadTooLarge(AppError):
+    status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UnsupportedMediaType(AppError):
+    status_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+class UnprocessableContent(AppError):
+    status_code = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
 def request_id_of(scope: Scope) -> str | None:
     """The id RequestIdMiddleware put in the request state, if it ran."""
     return scope.get("state", {}).get("request_id")

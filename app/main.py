@@ -15,10 +15,12 @@ import app
 from app import health
 from app.auth.router import router as auth_router
 from app.backends import create_backends
+from app.backends.storage import LocalStorage
 from app.background import BackgroundJobs
 from app.db import create_engine, create_sessionmaker
 from app.email import Mailer
 from app.errors import install_error_handlers
+from app.files.router import router as files_router
 from app.items.cache import ItemCache
 from app.items.router import router as items_router
 from app.middleware import RequestIdMiddleware, SecurityHeadersMiddleware, TrustedHostMiddleware
@@ -58,6 +60,7 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     application.state.item_cache = ItemCache(
         backends.cache, settings.cache_item_ttl_seconds, settings.cache_list_ttl_seconds
     )
+    application.state.storage = LocalStorage(settings.upload_dir)
     application.state.hasher = PasswordHasher(settings)
     application.state.tokens = TokenCodec(settings)
     sampler = SystemSampler(settings.data_dir, settings.system_metrics_interval_seconds)
@@ -98,7 +101,7 @@ def create_app(
     install_error_handlers(application)
 
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(default_limit)])
-    for router in (auth_router, users_router, items_router, realtime_router):
+    for router in (auth_router, users_router, items_router, files_router, realtime_router):
         api.include_router(router)
     application.include_router(api)
     application.include_router(health.router)

@@ -77,6 +77,11 @@ RATE_LIMIT_REJECTIONS = Counter(
 )
 UPLOAD_BYTES = Counter("upload_bytes_total", "Bytes of accepted uploads.")
 UPLOAD_REJECTIONS = Counter("upload_rejections_total", "Refused uploads.", ["reason"])
+THUMBNAIL_DURATION = Histogram(
+    "thumbnail_duration_seconds",
+    "Time to check, clean and thumbnail one uploaded image (in a worker thread).",
+    buckets=LATENCY_BUCKETS,
+)
 BACKGROUND_TASKS = Counter(
     "background_tasks_total", "Background task runs by outcome.", ["task", "outcome"]
 )

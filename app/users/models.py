@@ -16,6 +16,7 @@ class Role(StrEnum):
 class Permission(StrEnum):
     MANAGE_USERS = "users:manage"
     MANAGE_ANY_ITEM = "items:manage-any"
+    MANAGE_ANY_FILE = "files:manage-any"
     SEND_NOTIFICATIONS = "notifications:send"
 
 

@@ -4,6 +4,7 @@ from pydantic import BaseModel
 from app.audit.deps import AuditDep
 from app.auth.deps import CurrentUser, HasherDep, SelfOrUserManager, UserManager
 from app.db import IdPath, SessionDep
+from app.files.deps import StorageDep
 from app.items.deps import ItemCacheDep
 from app.pagination import Page, PageParamsDep
 from app.users import service
@@ -65,9 +66,10 @@ async def delete_user(
     actor: UserManager,
     session: SessionDep,
     item_cache: ItemCacheDep,
+    storage: StorageDep,
     audit: AuditDep,
 ) -> None:
-    await service.delete_user(session, item_cache, actor, user_id)
+    await service.delete_user(session, item_cache, storage, actor, user_id)
     audit("user.deleted", actor_id=actor.id, subject_id=user_id)
 
 

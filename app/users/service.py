@@ -16,7 +16,9 @@ from app.auth.service import (
     ensure_identity_free,
     revoke_all_for_user,
 )
+from app.backends.storage import Storage
 from app.errors import Conflict, Forbidden, NotFound, Unauthorized
+from app.files.service import delete_blobs, owned_files
 from app.items.cache import ItemCache
 from app.items.service import owned_item_ids
 from app.pagination import PageParams, fetch_page, matching
@@ -70,18 +72,22 @@ def _would_keep_user_management(user: User, changes: dict[str, Any]) -> bool:
 
 
 async def delete_user(
-    session: AsyncSession, item_cache: ItemCache, actor: User, user_id: int
+    session: AsyncSession, item_cache: ItemCache, storage: Storage, actor: User, user_id: int
 ) -> None:
     user = await get_user(session, user_id)
     if user.id == actor.id:
         raise Conflict("You cannot delete your own account through the admin API.")
     if user.is_superuser and not actor.is_superuser:
         raise Forbidden("Only a superuser can delete a superuser account.")
-    # Their items go with them (ON DELETE CASCADE): cached copies must go too.
+    # Their items and files go with them (ON DELETE CASCADE): cached copies and stored
+    # bytes must go too, after the commit (a crash in between leaves orphan bytes, never
+    # a row without its bytes).
     item_ids = await owned_item_ids(session, user.id)
+    files = await owned_files(session, user.id)
     await session.delete(user)
     await session.commit()
     await item_cache.invalidate(*item_ids)
+    await delete_blobs(storage, files)
 
 
 async def _apply(

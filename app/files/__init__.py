@@ -1,0 +1,1 @@
+"""Private file uploads: streamed, size-capped, type-checked, images cleaned and thumbnailed."""

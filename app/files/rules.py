@@ -1,0 +1,98 @@
+"""What an upload may be: the allowed types, how a type is detected from the bytes, how it
+must agree with the name and the declared type, and what an original name may contain."""
+
+import codecs
+import unicodedata
+from pathlib import PurePosixPath
+from urllib.parse import quote
+
+import filetype
+
+from app.errors import UnsupportedMediaType
+
+# The first bytes are enough for every signature filetype knows.
+SNIFF_BYTES = 8192
+GENERIC_TYPE = "application/octet-stream"
+MAX_NAME_BYTES = 255
+FALLBACK_NAME = "file"
+
+EXTENSIONS: dict[str, frozenset[str]] = {
+    "image/png": frozenset({".png"}),
+    "image/jpeg": frozenset({".jpg", ".jpeg"}),
+    "image/gif": frozenset({".gif"}),
+    "image/webp": frozenset({".webp"}),
+    "application/pdf": frozenset({".pdf"}),
+    "text/plain": frozenset({".txt", ".text", ".log"}),
+}
+
+
+class TextProbe:
+    """Whether the whole upload is UTF-8 without NUL bytes, decided as the chunks pass
+    (a multi-byte character may straddle two chunks, hence the incremental decoder)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._valid = True
+
+    def feed(self, chunk: bytes) -> None:
+        if not self._valid:
+            return
+        try:
+            self._decoder.decode(chunk)
+        except UnicodeDecodeError:
+            self._valid = False
+        if b"\0" in chunk:
+            self._valid = False
+
+    def is_text(self) -> bool:
+        try:
+            self._decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+        return self._valid
+
+
+def detect(head: bytes, is_text: bool) -> str | None:
+    """The type the bytes say they are; text only when no binary signature matched."""
+    kind = filetype.guess(head)
+    if kind is not None:
+        return str(kind.mime)
+    return "text/plain" if is_text else None
+
+
+def check_type(detected: str | None, filename: str, declared: str | None) -> str:
+    """The detected type, if it is allowed and the name and the part's type agree with it."""
+    if detected not in EXTENSIONS:
+        raise UnsupportedMediaType("This type of file is not accepted.")
+    if PurePosixPath(filename).suffix.lower() not in EXTENSIONS[detected]:
+        raise UnsupportedMediaType(
+            f"The file name's extension does not match its {detected} content."
+        )
+    declared_type = (declared or GENERIC_TYPE).split(";", 1)[0].strip().lower()
+    if declared_type not in (detected, GENERIC_TYPE):
+        raise UnsupportedMediaType(f"The declared {declared_type} does not match the content.")
+    return detected
+
+
+def sanitize_filename(raw: str | None) -> str:
+    """A display name only (storage uses generated keys), yet it ends up in headers and
+    on users' disks: the last path component, no control characters, at most 255 bytes."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch) != "Cc").strip()
+    if name in ("", ".", ".."):
+        return FALLBACK_NAME
+    if len(name.encode()) > MAX_NAME_BYTES:
+        path = PurePosixPath(name)
+        suffix = path.suffix if len(path.suffix.encode()) < 16 else ""
+        budget = MAX_NAME_BYTES - len(suffix.encode())
+        stem = name[: len(name) - len(suffix)].encode()[:budget].decode("utf-8", "ignore")
+        name = stem + suffix
+    return name
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII fallback for old clients and the exact UTF-8 name."""
+    fallback = "".join(
+        ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else "_" for ch in filename
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -1,0 +1,338 @@
+"""Files: private to their owner (and to users with MANAGE_ANY_FILE); anyone else is told
+they do not exist.
+
+An upload is written to a staged blob as it arrives, checked, and only then committed
+under a generated key and recorded. Whatever fails before the row is committed leaves
+neither a blob nor a row behind. A batch streams its files the same way, each into its
+own staged blob; each file is accepted or refused on its own.
+"""
+
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.to_thread
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.backends.storage import StagedBlob, Storage, new_key
+from app.errors import AppError, NotFound, PayloadTooLarge, UnprocessableContent
+from app.files import images, multipart, rules
+from app.files.models import StoredFile
+from app.files.schemas import MAX_DESCRIPTION_CHARS, FileRead
+from app.observability.metrics import THUMBNAIL_DURATION, UPLOAD_BYTES, UPLOAD_REJECTIONS
+from app.pagination import Page, PageParams, fetch_page
+from app.settings import Settings
+from app.users.models import Permission, User
+
+# Room for the multipart framing and the description around the file itself.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def thumbnail_key(storage_key: str) -> str:
+    return f"{storage_key}-thumb"
+
+
+@dataclass
+class _IncomingFile:
+    """A file part as it streams into its staged blob: counted, hashed, probed."""
+
+    blob: StagedBlob
+    max_bytes: int
+    filename: str
+    declared_type: str | None
+    size: int = 0
+    head: bytearray = field(default_factory=bytearray)
+    sha256: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    text: rules.TextProbe = field(default_factory=rules.TextProbe)
+    error: AppError | None = None  # in a batch: this file failed, the others go on
+
+    async def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise PayloadTooLarge(f"The file is larger than {self.max_bytes} bytes.")
+        if len(self.head) < rules.SNIFF_BYTES:
+            self.head += chunk[: rules.SNIFF_BYTES - len(self.head)]
+        self.sha256.update(chunk)
+        self.text.feed(chunk)
+        await self.blob.write(chunk)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One file of a batch: its record, or the error it was refused with."""
+
+    filename: str
+    record: StoredFile | None = None
+    error: AppError | None = None
+
+
+async def upload(
+    session: AsyncSession,
+    storage: Storage,
+    settings: Settings,
+    owner: User,
+    content_type: str,
+    body: AsyncIterator[bytes],
+) -> StoredFile:
+    try:
+        async with contextlib.AsyncExitStack() as stages:
+            files, description = await _receive(
+                stages, storage, content_type, body, settings, max_files=1
+            )
+            if not files:
+                raise UnprocessableContent("The form has no 'file' part.")
+            record = await _store(storage, settings, owner, files[0], description)
+    except AppError as exc:
+        UPLOAD_REJECTIONS.labels(_reason(exc)).inc()
+        raise
+    await _save(session, storage, [record])
+    return record
+
+
+async def upload_batch(
+    session: AsyncSession,
+    storage: Storage,
+    settings: Settings,
+    owner: User,
+    content_type: str,
+    body: AsyncIterator[bytes],
+) -> list[BatchResult]:
+    """Each file succeeds or fails on its own; a malformed or oversized form fails whole."""
+    results: list[BatchResult] = []
+    try:
+        async with contextlib.AsyncExitStack() as stages:
+            files, description = await _receive(
+                stages, storage, content_type, body, settings, max_files=settings.max_batch_files
+            )
+            if not files:
+                raise UnprocessableContent("The form has no 'file' part.")
+            for incoming in files:
+                try:
+                    if incoming.error is not None:
+                        raise incoming.error
+                    record = await _store(storage, settings, owner, incoming, description)
+                except AppError as exc:
+                    UPLOAD_REJECTIONS.labels(_reason(exc)).inc()
+                    results.append(BatchResult(incoming.filename, error=exc))
+                else:
+                    results.append(BatchResult(incoming.filename, record=record))
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _delete_blobs(storage, [r.record for r in results if r.record is not None])
+        raise
+    await _save(session, storage, [r.record for r in results if r.record is not None])
+    return results
+
+
+async def _save(session: AsyncSession, storage: Storage, records: list[StoredFile]) -> None:
+    """Record committed blobs; if that fails, the blobs go too (no orphan, no dangling row)."""
+    try:
+        session.add_all(records)
+        await session.commit()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _delete_blobs(storage, records)
+        raise
+    UPLOAD_BYTES.inc(sum(record.size for record in records))
+
+
+async def _delete_blobs(storage: Storage, records: list[StoredFile]) -> None:
+    await storage.delete(
+        *(key for r in records for key in (r.storage_key, thumbnail_key(r.storage_key)))
+    )
+
+
+async def _store(
+    storage: Storage,
+    settings: Settings,
+    owner: User,
+    incoming: _IncomingFile,
+    description: str | None,
+) -> StoredFile:
+    """Check a received file and commit its blobs; on any failure none of them remain."""
+    detected = rules.check_type(
+        rules.detect(bytes(incoming.head), incoming.text.is_text()),
+        incoming.filename,
+        incoming.declared_type,
+    )
+    key = new_key()
+    record = StoredFile(
+        owner_id=owner.id,
+        original_name=incoming.filename,
+        content_type=detected,
+        size=incoming.size,
+        sha256=incoming.sha256.hexdigest(),
+        has_thumbnail=False,
+        description=description,
+        storage_key=key,
+    )
+    committed: list[str] = []
+    try:
+        if detected in images.PIL_FORMATS:
+            processed = await _process_image(incoming.blob, detected, settings.max_image_pixels)
+            await _put(storage, thumbnail_key(key), processed.thumbnail)
+            committed.append(thumbnail_key(key))
+            record.has_thumbnail = True
+            if processed.cleaned is not None:
+                await _put(storage, key, processed.cleaned)
+                committed.append(key)
+                record.size = len(processed.cleaned)
+                record.sha256 = hashlib.sha256(processed.cleaned).hexdigest()
+        if key not in committed:
+            await incoming.blob.commit(key)
+            committed.append(key)
+    except BaseException:
+        # Cancellation included (a client gone mid-request): the blobs must still go.
+        with anyio.CancelScope(shield=True):
+            await storage.delete(*committed)
+        raise
+    return record
+
+
+async def _receive(
+    stages: contextlib.AsyncExitStack,
+    storage: Storage,
+    content_type: str,
+    body: AsyncIterator[bytes],
+    settings: Settings,
+    *,
+    max_files: int,
+) -> tuple[list[_IncomingFile], str | None]:
+    """Stream the form's ``file`` parts into staged blobs (discarded when ``stages``
+    closes, unless committed) and read the optional ``description``.
+
+    A single upload stops at the first file error; a batch notes it on the file and reads on.
+    """
+    boundary = multipart.boundary_of(content_type)
+    files: list[_IncomingFile] = []
+    description: bytearray | None = None
+    current: _IncomingFile | bytearray | None = None
+    limit = max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    events = multipart.events(body, boundary, limit)
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, multipart.PartStart):
+                if event.name == "file" and event.filename is not None:
+                    if len(files) == max_files:
+                        raise multipart.MalformedBody(f"At most {max_files} file(s) per request.")
+                    blob = await stages.enter_async_context(storage.stage())
+                    current = _IncomingFile(
+                        blob,
+                        settings.max_upload_bytes,
+                        rules.sanitize_filename(event.filename),
+                        event.content_type,
+                    )
+                    files.append(current)
+                elif event.name == "description" and description is None:
+                    current = description = bytearray()
+                else:
+                    raise multipart.MalformedBody(
+                        "Expected 'file' parts and an optional 'description'."
+                    )
+            elif isinstance(event, bytes):
+                if isinstance(current, _IncomingFile):
+                    await _feed(current, event, abort=max_files == 1)
+                elif current is not None:
+                    current += event
+                    # 4 bytes per character at most in UTF-8: stop buffering early.
+                    if len(current) > 4 * MAX_DESCRIPTION_CHARS:
+                        raise _description_too_long()
+            else:
+                current = None
+    return files, _description(description)
+
+
+async def _feed(incoming: _IncomingFile, chunk: bytes, *, abort: bool) -> None:
+    if incoming.error is not None:
+        return  # already refused: the rest of its bytes are read past, not kept
+    try:
+        await incoming.feed(chunk)
+    except PayloadTooLarge as exc:
+        if abort:
+            raise
+        incoming.error = exc
+
+
+def _description(raw: bytearray | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnprocessableContent("The description is not valid UTF-8.") from None
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        raise _description_too_long()
+    return text or None
+
+
+def _description_too_long() -> UnprocessableContent:
+    return UnprocessableContent(
+        f"The description is longer than {MAX_DESCRIPTION_CHARS} characters."
+    )
+
+
+async def _process_image(
+    blob: StagedBlob, content_type: str, max_pixels: int
+) -> images.ProcessedImage:
+    started = time.perf_counter()
+    try:
+        return await anyio.to_thread.run_sync(images.process, blob.path, content_type, max_pixels)
+    except images.ImageRejected as exc:
+        raise UnprocessableContent(exc.detail) from exc
+    finally:
+        THUMBNAIL_DURATION.observe(time.perf_counter() - started)
+
+
+async def _put(storage: Storage, key: str, data: bytes) -> None:
+    async with storage.stage() as blob:
+        await blob.write(data)
+        await blob.commit(key)
+
+
+def _reason(exc: AppError) -> str:
+    """A bounded label for the rejection metric."""
+    if isinstance(exc, PayloadTooLarge):
+        return "too_large"
+    if exc.status_code == 415:
+        return "type"
+    if isinstance(exc.__cause__, images.ImageRejected):
+        return exc.__cause__.reason
+    return "invalid"
+
+
+async def page(session: AsyncSession, owner: User, params: PageParams) -> Page[FileRead]:
+    """The caller's own files, admins included: the list is a personal view."""
+    query = select(StoredFile).where(StoredFile.owner_id == owner.id)
+    files, total = await fetch_page(session, query, StoredFile.id, params)
+    return Page[FileRead].build(files, total, params)
+
+
+async def visible_file(session: AsyncSession, actor: User, file_id: int) -> StoredFile:
+    """The file if ``actor`` may see it; otherwise the same 404 as a missing one."""
+    record = await session.get(StoredFile, file_id)
+    if record is None or (
+        record.owner_id != actor.id and not actor.has_permission(Permission.MANAGE_ANY_FILE)
+    ):
+        raise NotFound("File not found.")
+    return record
+
+
+async def delete(session: AsyncSession, storage: Storage, actor: User, file_id: int) -> None:
+    record = await visible_file(session, actor, file_id)
+    await session.delete(record)
+    await session.commit()
+    # After the commit: a crash in between leaves an orphan blob, never a row without bytes.
+    await storage.delete(record.storage_key, thumbnail_key(record.storage_key))
+
+
+async def owned_files(session: AsyncSession, owner_id: int) -> list[StoredFile]:
+    return list(await session.scalars(select(StoredFile).where(StoredFile.owner_id == owner_id)))
+
+
+async def delete_blobs(storage: Storage, records: list[StoredFile]) -> None:
+    """Remove the stored bytes (and thumbnails) of rows already deleted."""
+    await _delete_blobs(storage, records)

@@ -1,0 +1,483 @@
+"""Files: streamed uploads with a size cap, type checks, image cleaning and thumbnails,
+private downloads (Range included) and deletion; after every rejection nothing is left."""
+
+import contextlib
+import hashlib
+import io
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from httpx2 import Response
+from PIL import ExifTags, Image
+
+from app.files.rules import content_disposition, sanitize_filename
+from app.main import create_app
+from tests.api import Account, Api, assert_problem
+from tests.conftest import make_settings
+
+PDF = b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer\n<< /Root 1 0 R >>\n%%EOF\n"
+TEXT = "Grüße, world\nline two\n".encode()
+BOUNDARY = "test-boundary-7MA4YWxk"
+
+
+def image_bytes(
+    fmt: str, size: tuple[int, int] = (64, 48), exif: Image.Exif | None = None
+) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, (200, 30, 30))
+    image.save(buffer, fmt, **({"exif": exif} if exif is not None else {}))
+    return buffer.getvalue()
+
+
+def gps_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored sideways: displayed rotated 90° clockwise
+    exif[ExifTags.Base.Make] = "SpyCam"
+    exif[ExifTags.IFD.GPSInfo] = {
+        ExifTags.GPS.GPSLatitudeRef: "N",
+        ExifTags.GPS.GPSLatitude: (52.0, 31.0, 12.0),
+    }
+    return exif
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A real 1-bit PNG of this size; all-zero rows compress to almost nothing."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def upload(
+    api: Api,
+    owner: Account,
+    name: str,
+    data: bytes,
+    content_type: str = "application/octet-stream",
+    **form: str,
+) -> Response:
+    return api.client.post(
+        "/api/v1/files",
+        files={"file": (name, data, content_type)},
+        data=form,
+        headers=owner.headers,
+    )
+
+
+def raw_upload(api: Api, owner: Account, disposition: bytes, data: bytes) -> Response:
+    """A hand-built body, for file names no well-behaved client would send."""
+    body = (
+        f"--{BOUNDARY}\r\nContent-Disposition: ".encode()
+        + disposition
+        + b"\r\nContent-Type: text/plain\r\n\r\n"
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    headers = owner.headers | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    return api.client.post("/api/v1/files", content=body, headers=headers)
+
+
+def uploaded(response: Response) -> dict[str, Any]:
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def leftovers(api: Api) -> list[Path]:
+    return sorted(api.settings.upload_dir.iterdir())
+
+
+def assert_rejected_without_trace(
+    api: Api, owner: Account, response: Response, status: int
+) -> None:
+    assert_problem(response, status)
+    assert leftovers(api) == []
+    assert api.client.get("/api/v1/files", headers=owner.headers).json()["total"] == 0
+
+
+@pytest.fixture
+def api_with(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Api]]:
+    """An API whose settings differ from the defaults (small caps, strict limits)."""
+    with contextlib.ExitStack() as stack:
+
+        def build(**overrides: object) -> Api:
+            settings = make_settings(database_url, tmp_path / "custom", **overrides)
+            client = stack.enter_context(TestClient(create_app(settings)))
+            return Api(client, settings)
+
+        yield build
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "content_type", "detected"),
+    [
+        ("report.pdf", PDF, "application/pdf", "application/pdf"),
+        ("notes.txt", TEXT, "text/plain; charset=utf-8", "text/plain"),
+        ("empty.txt", b"", "application/octet-stream", "text/plain"),
+    ],
+)
+def test_documents_round_trip_byte_for_byte(
+    api: Api, name: str, data: bytes, content_type: str, detected: str
+) -> None:
+    alice = api.account("alice")
+    meta = uploaded(upload(api, alice, name, data, content_type, description="Quarterly"))
+    assert set(meta) == {
+        "id",
+        "owner_id",
+        "original_name",
+        "content_type",
+        "size",
+        "sha256",
+        "has_thumbnail",
+        "description",
+        "created_at",
+    }
+    assert (meta["owner_id"], meta["original_name"], meta["content_type"]) == (
+        alice.id,
+        name,
+        detected,
+    )
+    assert (meta["size"], meta["has_thumbnail"], meta["description"]) == (
+        len(data),
+        False,
+        "Quarterly",
+    )
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert api.client.get(f"/api/v1/files/{meta['id']}", headers=alice.headers).json() == meta
+
+    content = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    assert content.status_code == 200
+    assert content.content == data
+    assert content.headers["content-type"].split(";")[0] == detected
+    assert content.headers["x-content-type-options"] == "nosniff"
+    assert (
+        content.headers["content-disposition"]
+        == f"attachment; filename=\"{name}\"; filename*=UTF-8''{name}"
+    )
+    assert_problem(
+        api.client.get(f"/api/v1/files/{meta['id']}/thumbnail", headers=alice.headers), 404
+    )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "thumb_type"),
+    [
+        ("PNG", "pic.png", "image/png"),
+        ("JPEG", "pic.jpg", "image/jpeg"),
+        ("GIF", "pic.gif", "image/png"),
+        ("WEBP", "pic.webp", "image/png"),
+    ],
+)
+def test_images_get_a_thumbnail(api: Api, fmt: str, name: str, thumb_type: str) -> None:
+    alice = api.account("alice")
+    meta = uploaded(upload(api, alice, name, image_bytes(fmt, (600, 300)), f"image/{fmt.lower()}"))
+    assert meta["has_thumbnail"] is True
+    content = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    assert content.headers["content-type"] == f"image/{fmt.lower()}"
+    assert len(content.content) == meta["size"]
+    assert Image.open(io.BytesIO(content.content)).size == (600, 300)
+
+    thumb = api.client.get(f"/api/v1/files/{meta['id']}/thumbnail", headers=alice.headers)
+    assert thumb.status_code == 200
+    assert thumb.headers["content-type"] == thumb_type
+    assert thumb.headers["x-content-type-options"] == "nosniff"
+    assert Image.open(io.BytesIO(thumb.content)).size == (256, 128)
+
+
+def test_exif_and_gps_never_come_back(api: Api) -> None:
+    alice = api.account("alice")
+    photo = image_bytes("JPEG", (300, 200), exif=gps_exif())
+    assert Image.open(io.BytesIO(photo)).getexif().get_ifd(ExifTags.IFD.GPSInfo)  # sanity
+    meta = uploaded(upload(api, alice, "holiday.jpeg", photo, "image/jpeg"))
+
+    for path, size in (("content", (200, 300)), ("thumbnail", (171, 256))):
+        served = api.client.get(f"/api/v1/files/{meta['id']}/{path}", headers=alice.headers)
+        image = Image.open(io.BytesIO(served.content))
+        assert image.size == size  # the orientation was applied before the tag was dropped
+        assert not image.getexif()
+        assert "exif" not in image.info
+        assert b"SpyCam" not in served.content
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "content_type"),
+    [
+        ("x.png", TEXT, "application/octet-stream"),  # text named as an image
+        ("x.png", image_bytes("PNG"), "text/plain"),  # an image declared as text
+        ("x.jpg", image_bytes("PNG"), "application/octet-stream"),  # wrong extension
+        ("x.txt", image_bytes("PNG"), "application/octet-stream"),
+        ("x", TEXT, "text/plain"),  # no extension to agree with
+        ("x.txt", b"abc\x00def", "text/plain"),  # NUL: not text
+        ("x.txt", b"\xff\xfe\xfa", "text/plain"),  # not UTF-8
+        ("x.zip", b"PK\x03\x04" + bytes(100), "application/zip"),  # detected, not allowed
+    ],
+)
+def test_type_mismatches_are_415_and_leave_nothing(
+    api: Api, name: str, data: bytes, content_type: str
+) -> None:
+    alice = api.account("alice")
+    response = upload(api, alice, name, data, content_type)
+    assert_rejected_without_trace(api, alice, response, 415)
+
+
+def test_a_decompression_bomb_is_422_and_leaves_nothing(api: Api) -> None:
+    alice = api.account("alice")
+    bomb = huge_png(20_000, 20_000)
+    assert len(bomb) < 200_000
+    response = upload(api, alice, "bomb.png", bomb, "image/png")
+    assert_rejected_without_trace(api, alice, response, 422)
+
+
+def test_the_pixel_cap_is_checked_before_decoding(api_with: Callable[..., Api]) -> None:
+    api = api_with(max_image_pixels=100)
+    alice = api.account("alice")
+    response = upload(api, alice, "big.png", image_bytes("PNG", (11, 10)), "image/png")
+    assert_rejected_without_trace(api, alice, response, 422)
+    uploaded(upload(api, alice, "ok.png", image_bytes("PNG", (10, 10)), "image/png"))
+
+
+def test_a_broken_image_is_422_and_leaves_nothing(api: Api) -> None:
+    alice = api.account("alice")
+    truncated = image_bytes("JPEG", (400, 400))[:600]
+    response = upload(api, alice, "broken.jpg", truncated, "image/jpeg")
+    assert_rejected_without_trace(api, alice, response, 422)
+
+
+def test_one_byte_over_the_cap_is_413_and_leaves_nothing(api_with: Callable[..., Api]) -> None:
+    api = api_with(max_upload_bytes=1000)
+    alice = api.account("alice")
+    response = upload(api, alice, "big.txt", b"a" * 1001, "text/plain")
+    assert_rejected_without_trace(api, alice, response, 413)
+    assert uploaded(upload(api, alice, "fits.txt", b"a" * 1000, "text/plain"))["size"] == 1000
+
+
+def test_the_cap_holds_without_a_content_length(api_with: Callable[..., Api]) -> None:
+    api = api_with(max_upload_bytes=1000)
+    alice = api.account("alice")
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\n'
+    ).encode()
+
+    def chunked() -> Iterator[bytes]:
+        yield head
+        for _ in range(100):
+            yield b"a" * 100
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    headers = alice.headers | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    response = api.client.post("/api/v1/files", content=chunked(), headers=headers)
+    assert_rejected_without_trace(api, alice, response, 413)
+
+
+@pytest.mark.parametrize(
+    ("disposition", "stored"),
+    [
+        (b'form-data; name="file"; filename="../../etc/passwd.txt"', "passwd.txt"),
+        (b'form-data; name="file"; filename="..\\\\..\\\\boot.txt"', "boot.txt"),
+        (b'form-data; name="file"; filename="evil\x00name.txt"', "evilname.txt"),
+        (b'form-data; name="file"; filename="tab\there\x1b.txt"', "tabhere.txt"),
+    ],
+)
+def test_file_names_are_sanitised(api: Api, disposition: bytes, stored: str) -> None:
+    alice = api.account("alice")
+    meta = uploaded(raw_upload(api, alice, disposition, TEXT))
+    assert meta["original_name"] == stored
+    # Stored under a generated key: the client's name never reaches the file system.
+    assert [len(path.name) for path in leftovers(api)] == [32]
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("a\r\nb.txt", "ab.txt"),
+        ("/abs/path/x.txt", "x.txt"),
+        ("C:\\Users\\me\\x.txt", "x.txt"),
+        ("..", "file"),
+        ("\x00\r\n", "file"),
+        ("", "file"),
+        (None, "file"),
+        ("é" * 200 + ".txt", "é" * 125 + ".txt"),
+    ],
+)
+def test_sanitize_filename(raw: str | None, clean: str) -> None:
+    assert sanitize_filename(raw) == clean
+    assert len(sanitize_filename(raw).encode()) <= 255
+
+
+def test_content_disposition_has_an_ascii_fallback_and_the_utf8_name() -> None:
+    assert content_disposition('résumé "1".txt') == (
+        "attachment; filename=\"r_sum_ _1_.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%221%22.txt"
+    )
+
+
+def test_form_problems_are_4xx_and_leave_nothing(api: Api) -> None:
+    alice = api.account("alice")
+    no_file = api.client.post("/api/v1/files", data={"description": "x"}, headers=alice.headers)
+    assert_rejected_without_trace(api, alice, no_file, 415)  # urlencoded, not multipart
+    long = upload(api, alice, "a.txt", TEXT, "text/plain", description="d" * 501)
+    assert_rejected_without_trace(api, alice, long, 422)
+    two = api.client.post(
+        "/api/v1/files",
+        files=[("file", ("a.txt", TEXT, "text/plain")), ("file", ("b.txt", TEXT, "text/plain"))],
+        headers=alice.headers,
+    )
+    assert_rejected_without_trace(api, alice, two, 400)
+    truncated = api.client.post(
+        "/api/v1/files",
+        content=f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"'
+        "\r\n\r\nno closing boundary",
+        headers=alice.headers | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+    )
+    assert_rejected_without_trace(api, alice, truncated, 400)
+    assert_problem(api.client.post("/api/v1/files", files={"file": ("a.txt", TEXT)}), 401)
+
+
+def test_range_requests_are_answered_with_206(api: Api) -> None:
+    alice = api.account("alice")
+    meta = uploaded(upload(api, alice, "report.pdf", PDF, "application/pdf"))
+    partial = api.client.get(
+        f"/api/v1/files/{meta['id']}/content", headers=alice.headers | {"Range": "bytes=0-9"}
+    )
+    assert partial.status_code == 206
+    assert partial.content == PDF[:10]
+    assert partial.headers["content-range"] == f"bytes 0-9/{len(PDF)}"
+
+
+def test_someone_elses_file_is_404_on_every_route_and_stays(api: Api) -> None:
+    alice, mallory = api.account("alice"), api.account("mallory")
+    meta = uploaded(upload(api, alice, "pic.png", image_bytes("PNG"), "image/png"))
+    file_id = meta["id"]
+    for method, path in (
+        ("GET", f"/api/v1/files/{file_id}"),
+        ("GET", f"/api/v1/files/{file_id}/content"),
+        ("GET", f"/api/v1/files/{file_id}/thumbnail"),
+        ("DELETE", f"/api/v1/files/{file_id}"),
+        ("GET", "/api/v1/files/999999"),
+    ):
+        body = assert_problem(api.client.request(method, path, headers=mallory.headers), 404)
+        assert body["detail"] == "File not found."
+    assert api.client.get("/api/v1/files", headers=mallory.headers).json()["total"] == 0
+    assert api.client.get(f"/api/v1/files/{file_id}", headers=alice.headers).json() == meta
+    assert len(leftovers(api)) == 2  # the image and its thumbnail
+
+
+def test_listing_is_paginated_and_private(api: Api) -> None:
+    alice, bob = api.account("alice"), api.account("bob")
+    ids = [uploaded(upload(api, alice, f"{n}.txt", TEXT, "text/plain"))["id"] for n in range(3)]
+    uploaded(upload(api, bob, "bob.txt", TEXT, "text/plain"))
+    page = api.client.get("/api/v1/files?skip=1&limit=1", headers=alice.headers).json()
+    assert (page["total"], page["skip"], page["limit"]) == (3, 1, 1)
+    assert [item["id"] for item in page["items"]] == ids[1:2]
+
+
+def test_delete_removes_row_blob_and_thumbnail(api: Api) -> None:
+    alice = api.account("alice")
+    meta = uploaded(upload(api, alice, "pic.png", image_bytes("PNG"), "image/png"))
+    assert len(leftovers(api)) == 2
+    assert (
+        api.client.delete(f"/api/v1/files/{meta['id']}", headers=alice.headers).status_code == 204
+    )
+    assert leftovers(api) == []
+    assert_problem(api.client.get(f"/api/v1/files/{meta['id']}", headers=alice.headers), 404)
+
+
+def test_deleting_a_user_removes_their_stored_files(api: Api) -> None:
+    alice = api.account("alice")
+    uploaded(upload(api, alice, "pic.png", image_bytes("PNG"), "image/png"))
+    uploaded(upload(api, alice, "notes.txt", TEXT, "text/plain"))
+    assert len(leftovers(api)) == 3
+    root = api.root()
+    assert api.client.delete(f"/api/v1/users/{alice.id}", headers=root.headers).status_code == 204
+    assert leftovers(api) == []
+
+
+def test_an_admin_can_read_and_delete_any_file(api: Api) -> None:
+    alice = api.account("alice")
+    meta = uploaded(upload(api, alice, "notes.txt", TEXT, "text/plain"))
+    root = api.root()
+    content = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=root.headers)
+    assert content.content == TEXT
+    assert api.client.delete(f"/api/v1/files/{meta['id']}", headers=root.headers).status_code == 204
+    assert leftovers(api) == []
+
+
+def test_uploads_are_rate_limited_per_user(api_with: Callable[..., Api]) -> None:
+    api = api_with(rate_limit_uploads="2/minute")
+    alice, bob = api.account("alice"), api.account("bob")
+    for _ in range(2):
+        uploaded(upload(api, alice, "a.txt", TEXT, "text/plain"))
+    limited = upload(api, alice, "a.txt", TEXT, "text/plain")
+    assert_problem(limited, 429)
+    assert "retry-after" in limited.headers
+    uploaded(upload(api, bob, "b.txt", TEXT, "text/plain"))
+
+
+def batch(api: Api, owner: Account, files: list[tuple[str, bytes, str]]) -> Response:
+    return api.client.post(
+        "/api/v1/files/batch",
+        files=[("file", spec) for spec in files],
+        data={"description": "batch"},
+        headers=owner.headers,
+    )
+
+
+def test_a_batch_answers_207_with_one_result_per_file(api: Api) -> None:
+    alice = api.account("alice")
+    response = batch(
+        api,
+        alice,
+        [
+            ("pic.png", image_bytes("PNG"), "image/png"),
+            ("fake.png", TEXT, "image/png"),
+            ("report.pdf", PDF, "application/pdf"),
+            ("bomb.png", huge_png(20_000, 20_000), "image/png"),
+        ],
+    )
+    assert response.status_code == 207, response.text
+    results = response.json()["results"]
+    assert [(r["filename"], r["status"]) for r in results] == [
+        ("pic.png", 201),
+        ("fake.png", 415),
+        ("report.pdf", 201),
+        ("bomb.png", 422),
+    ]
+    assert results[0]["file"]["has_thumbnail"] is True
+    assert results[2]["file"]["description"] == "batch"
+    assert results[1]["file"] is None
+    assert results[1]["detail"]
+    listed = api.client.get("/api/v1/files", headers=alice.headers).json()
+    assert [f["id"] for f in listed["items"]] == [
+        results[0]["file"]["id"],
+        results[2]["file"]["id"],
+    ]
+    assert len(leftovers(api)) == 3  # the image, its thumbnail and the PDF
+
+
+def test_a_batch_holds_ten_files_and_eleven_are_400(api: Api) -> None:
+    alice = api.account("alice")
+    eleven = [(f"{n}.txt", TEXT, "text/plain") for n in range(11)]
+    assert_rejected_without_trace(api, alice, batch(api, alice, eleven), 400)
+    ten = batch(api, alice, eleven[:10])
+    assert [r["status"] for r in ten.json()["results"]] == [201] * 10
+    assert len(leftovers(api)) == 10
+
+
+def test_a_file_over_the_cap_fails_alone_in_a_batch(api_with: Callable[..., Api]) -> None:
+    api = api_with(max_upload_bytes=1000)
+    alice = api.account("alice")
+    response = batch(
+        api, alice, [("big.txt", b"a" * 1001, "text/plain"), ("ok.txt", b"a" * 10, "text/plain")]
+    )
+    assert [r["status"] for r in response.json()["results"]] == [413, 201]
+    assert len(leftovers(api)) == 1
