@@ -18,6 +18,7 @@ from app.files.rules import content_disposition, sanitize_filename
 from app.main import create_app
 from tests.api import Account, Api, assert_problem
 from tests.conftest import make_settings
+from tests.prom import parse, value
 
 PDF = b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer\n<< /Root 1 0 R >>\n%%EOF\n"
 TEXT = "Grüße, world\nline two\n".encode()
@@ -481,3 +482,39 @@ def test_a_file_over_the_cap_fails_alone_in_a_batch(api_with: Callable[..., Api]
     )
     assert [r["status"] for r in response.json()["results"]] == [413, 201]
     assert len(leftovers(api)) == 1
+
+
+def test_polyglots_are_refused_or_defused(api: Api) -> None:
+    alice = api.account("alice")
+    # Text that opens like a PDF is a PDF to the sniffer: it disagrees with ".txt".
+    pdf_looking = upload(api, alice, "notes.txt", PDF, "text/plain")
+    assert_rejected_without_trace(api, alice, pdf_looking, 415)
+    # A real PNG with a script appended after its end: accepted as the image it is, and the
+    # payload does not survive the re-encoding, so it is never served back.
+    payload = b"<html><script>alert(document.cookie)</script></html>"
+    meta = uploaded(upload(api, alice, "pic.png", image_bytes("PNG") + payload, "image/png"))
+    served = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    assert served.headers["content-type"] == "image/png"
+    assert b"<script" not in served.content
+
+
+def test_upload_outcomes_are_counted(api: Api) -> None:
+    alice = api.account("alice")
+
+    def outcomes() -> dict[str, float]:
+        samples = parse(api.client.get("/metrics").text)
+        return {
+            outcome: value(samples, "uploads_total", outcome=outcome)
+            for outcome in ("ok", "bad_type", "bomb")
+        }
+
+    before = outcomes()
+    uploaded(upload(api, alice, "notes.txt", TEXT, "text/plain"))
+    upload(api, alice, "fake.png", TEXT, "image/png")
+    upload(api, alice, "bomb.png", huge_png(20_000, 20_000), "image/png")
+    after = outcomes()
+    assert {key: after[key] - before[key] for key in after} == {
+        "ok": 1,
+        "bad_type": 1,
+        "bomb": 1,
+    }

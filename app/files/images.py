@@ -52,7 +52,7 @@ def process(path: Path, content_type: str, max_pixels: int) -> ProcessedImage:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageRejected(
-                        "decompression_bomb", f"The image has more than {max_pixels} pixels."
+                        "bomb", f"The image has more than {max_pixels} pixels."
                     )
                 upright = ImageOps.exif_transpose(image)
                 cleaned = _encode(upright, content_type) if content_type in REENCODED else None
@@ -60,9 +60,9 @@ def process(path: Path, content_type: str, max_pixels: int) -> ProcessedImage:
                 thumbnail.thumbnail(THUMBNAIL_SIZE)
                 return ProcessedImage(_encode(thumbnail, thumbnail_type(content_type)), cleaned)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageRejected("decompression_bomb", "The image is too large to decode.") from exc
+            raise ImageRejected("bomb", "The image is too large to decode.") from exc
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ImageRejected("invalid_image", "The image cannot be decoded.") from exc
+            raise ImageRejected("invalid", "The image cannot be decoded.") from exc
 
 
 def _encode(image: Image.Image, content_type: str) -> bytes:

@@ -23,7 +23,7 @@ from app.errors import AppError, NotFound, PayloadTooLarge, UnprocessableContent
 from app.files import images, multipart, rules
 from app.files.models import StoredFile
 from app.files.schemas import MAX_DESCRIPTION_CHARS, FileRead
-from app.observability.metrics import THUMBNAIL_DURATION, UPLOAD_BYTES, UPLOAD_REJECTIONS
+from app.observability.metrics import THUMBNAIL_DURATION, UPLOAD_BYTES, UPLOADS
 from app.pagination import Page, PageParams, fetch_page
 from app.settings import Settings
 from app.users.models import Permission, User
@@ -87,7 +87,7 @@ async def upload(
                 raise UnprocessableContent("The form has no 'file' part.")
             record = await _store(storage, settings, owner, files[0], description)
     except AppError as exc:
-        UPLOAD_REJECTIONS.labels(_reason(exc)).inc()
+        UPLOADS.labels(_outcome(exc)).inc()
         raise
     await _save(session, storage, [record])
     return record
@@ -116,7 +116,7 @@ async def upload_batch(
                         raise incoming.error
                     record = await _store(storage, settings, owner, incoming, description)
                 except AppError as exc:
-                    UPLOAD_REJECTIONS.labels(_reason(exc)).inc()
+                    UPLOADS.labels(_outcome(exc)).inc()
                     results.append(BatchResult(incoming.filename, error=exc))
                 else:
                     results.append(BatchResult(incoming.filename, record=record))
@@ -138,6 +138,7 @@ async def _save(session: AsyncSession, storage: Storage, records: list[StoredFil
             await _delete_blobs(storage, records)
         raise
     UPLOAD_BYTES.inc(sum(record.size for record in records))
+    UPLOADS.labels("ok").inc(len(records))
 
 
 async def _delete_blobs(storage: Storage, records: list[StoredFile]) -> None:
@@ -293,12 +294,12 @@ async def _put(storage: Storage, key: str, data: bytes) -> None:
         await blob.commit(key)
 
 
-def _reason(exc: AppError) -> str:
-    """A bounded label for the rejection metric."""
+def _outcome(exc: AppError) -> str:
+    """A bounded label for a refused upload."""
     if isinstance(exc, PayloadTooLarge):
         return "too_large"
     if exc.status_code == 415:
-        return "type"
+        return "bad_type"
     if isinstance(exc.__cause__, images.ImageRejected):
         return exc.__cause__.reason
     return "invalid"

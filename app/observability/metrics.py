@@ -76,7 +76,11 @@ RATE_LIMIT_REJECTIONS = Counter(
     "rate_limit_rejections_total", "Requests refused with 429.", ["limit"]
 )
 UPLOAD_BYTES = Counter("upload_bytes_total", "Bytes of accepted uploads.")
-UPLOAD_REJECTIONS = Counter("upload_rejections_total", "Refused uploads.", ["reason"])
+UPLOADS = Counter(
+    "uploads_total",
+    "Uploaded files by outcome: ok, too_large, bad_type, bomb, invalid.",
+    ["outcome"],
+)
 THUMBNAIL_DURATION = Histogram(
     "thumbnail_duration_seconds",
     "Time to check, clean and thumbnail one uploaded image (in a worker thread).",
@@ -91,3 +95,5 @@ for _outcome in ("success", "invalid_credentials"):
     LOGINS.labels(_outcome)
 for _outcome in ("success", "invalid", "reuse_detected"):
     TOKEN_REFRESHES.labels(_outcome)
+for _outcome in ("ok", "too_large", "bad_type", "bomb", "invalid"):
+    UPLOADS.labels(_outcome)
