@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import problem_response
@@ -56,11 +56,12 @@ class SecurityHeadersMiddleware:
     """Baseline browser hardening for an API; ``no-store`` where responses hold secrets."""
 
     BASE = (
-        ("X-Content-Type-Options", "nosniff"),
-        ("X-Frame-Options", "DENY"),
-        ("Referrer-Policy", "no-referrer"),
-        ("Cross-Origin-Resource-Policy", "same-origin"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"cross-origin-resource-policy", b"same-origin"),
     )
+    NO_STORE = (b"cache-control", b"no-store")
     NO_STORE_PREFIXES = ("/api/v1/auth", "/api/v1/users")
 
     def __init__(self, app: ASGIApp) -> None:
@@ -74,11 +75,14 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in self.BASE:
-                    headers.setdefault(name, value)
+                # Raw header lists, not MutableHeaders: this runs on every response.
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [header for header in self.BASE if header[0] not in present]
                 if no_store:
-                    headers["Cache-Control"] = "no-store"
+                    headers = [h for h in headers if h[0].lower() != b"cache-control"]
+                    headers.append(self.NO_STORE)
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
