@@ -1,7 +1,7 @@
 """Helpers shared by the benchmarks: free ports, the machine description, RESULTS.md.
 
 RESULTS.md holds one section per benchmark; a run replaces its own section (dated) and
-keeps the other one, so running either script never loses the other's latest results.
+keeps the others, so running one script never loses the others' latest results.
 """
 
 import os
@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
-SECTIONS = ("http_overhead", "metrics_render")
+SECTIONS = ("http_overhead", "metrics_render", "upload_throughput")
 PACKAGES = (
     "fastapi",
     "starlette",
