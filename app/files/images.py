@@ -51,9 +51,7 @@ def process(path: Path, content_type: str, max_pixels: int) -> ProcessedImage:
             with Image.open(path, formats=[PIL_FORMATS[content_type]]) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise ImageRejected(
-                        "bomb", f"The image has more than {max_pixels} pixels."
-                    )
+                    raise ImageRejected("bomb", f"The image has more than {max_pixels} pixels.")
                 upright = ImageOps.exif_transpose(image)
                 cleaned = _encode(upright, content_type) if content_type in REENCODED else None
                 thumbnail = upright.copy()
