@@ -281,7 +281,8 @@ async def _process_image(
 ) -> images.ProcessedImage:
     started = time.perf_counter()
     try:
-        return await anyio.to_thread.run_sync(images.process, blob.path, content_type, max_pixels)
+        path = await blob.local_file()
+        return await anyio.to_thread.run_sync(images.process, path, content_type, max_pixels)
     except images.ImageRejected as exc:
         raise UnprocessableContent(exc.detail) from exc
     finally:
