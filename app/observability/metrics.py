@@ -12,6 +12,11 @@ import os
 
 from prometheus_client import Counter, Gauge, Histogram, Summary, disable_created_metrics
 
+# prometheus_client writes a file there as soon as a metric exists; a fresh tmpfs (or a
+# one-off `python -m app migrate` in the container) may not have the directory yet.
+if _multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(_multiproc_dir, exist_ok=True)
+
 # The *_created series double every counter's output and no dashboard here uses them.
 disable_created_metrics()
 

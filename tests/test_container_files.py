@@ -1,0 +1,58 @@
+"""The container files are read by their real linters, and the entrypoint behaves as the
+image relies on: it empties the metrics directory before gunicorn, and passes other
+commands through."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.services import require_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def run(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = require_binary("hadolint", why="Dockerfile lint", extra_dirs=[VENV_BIN])
+    result = run(hadolint, "--failure-threshold", "warning", "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    shellcheck = require_binary("shellcheck", why="shell script lint (apt: shellcheck)")
+    result = run(shellcheck, str(ENTRYPOINT), ".ci/run")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def entrypoint_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APP_")}
+    return env | {
+        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        "APP_ENV": "test",
+        "APP_DATA_DIR": str(tmp_path / "data"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"),
+    }
+
+
+def test_serve_empties_the_metrics_directory_and_runs_gunicorn(tmp_path: Path) -> None:
+    stale = tmp_path / "prometheus" / "counter_4242.db"
+    stale.parent.mkdir()
+    stale.write_bytes(b"left over by a previous run")
+    result = run(str(ENTRYPOINT), "serve", "--check-config", env=entrypoint_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not stale.exists()
+    assert (tmp_path / "prometheus").is_dir()
+
+
+def test_other_commands_pass_through(tmp_path: Path) -> None:
+    result = run(str(ENTRYPOINT), "python", "-m", "app", "--help", env=entrypoint_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "create-superuser" in result.stdout
