@@ -3,10 +3,8 @@ any directory as a separate process, the way operators run them."""
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx2
@@ -18,7 +16,7 @@ from sqlalchemy import Connection, inspect
 from app import migrate
 from app.db import create_engine
 from app.models import Base
-from tests.services import free_port, wait_for
+from tests.services.app_server import app_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,25 +138,8 @@ def test_production_refuses_weak_settings_without_printing_them(tmp_path: Path) 
 
 
 def test_serve_runs_the_embedded_default_from_any_directory(tmp_path: Path) -> None:
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("w") as output:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path,
-            env={k: v for k, v in os.environ.items() if not k.startswith("APP_")},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(
-            lambda: _answers(f"{base}/health/live"),
-            timeout=60,
-            what="app serve",
-            process=server,
-            log_path=log,
-        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APP_")}
+    with app_server(tmp_path, env, tmp_path / "serve.log") as (base, server):
         ready = httpx2.get(f"{base}/health/ready")
         assert ready.json()["checks"]["database"] == "ok"
         assert httpx2.get(f"{base}/docs").status_code == 200
@@ -167,18 +148,7 @@ def test_serve_runs_the_embedded_default_from_any_directory(tmp_path: Path) -> N
             json={"email": "a@example.com", "username": "alice", "password": "long enough pw"},
         )
         assert registered.status_code == 201
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
     # Data, the migrated database and the generated secret live under ./var of the cwd.
     assert (tmp_path / "var" / "app.db").is_file()
     assert (tmp_path / "var" / "secret_key").is_file()
     assert server.returncode == 0
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx2.get(url, timeout=1).status_code == 200
-    except httpx2.HTTPError:
-        time.sleep(0.2)
-        return False

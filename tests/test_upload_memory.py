@@ -2,9 +2,6 @@
 megabytes, not by the file's size. A memory bound, measured on a real server process."""
 
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +9,7 @@ import httpx2
 
 from app import migrate
 from tests.api import PASSWORD
-from tests.services import free_port, wait_for
+from tests.services.app_server import app_server
 
 MIB = 1024 * 1024
 FILE_SIZE = 200 * MIB
@@ -45,7 +42,6 @@ def multipart_body(size: int) -> Iterator[bytes]:
 def test_a_200_mb_upload_keeps_the_server_within_its_memory_bound(tmp_path: Path) -> None:
     database = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
     migrate.upgrade(database)
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("APP_")} | {
         "APP_ENV": "test",
         "APP_DATA_DIR": str(tmp_path / "data"),
@@ -53,24 +49,7 @@ def test_a_200_mb_upload_keeps_the_server_within_its_memory_bound(tmp_path: Path
         "APP_MAX_UPLOAD_BYTES": str(FILE_SIZE + MIB),
         "APP_LOG_LEVEL": "WARNING",
     }
-    log = tmp_path / "server.log"
-    with log.open("wb") as output:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(
-            lambda: _answers(f"{base}/health/live"),
-            timeout=60,
-            what="the server",
-            process=server,
-            log_path=log,
-        )
+    with app_server(tmp_path, env, tmp_path / "server.log") as (base, server):
         body = {"email": "big@example.com", "username": "big", "password": PASSWORD}
         assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
         token = httpx2.post(
@@ -94,13 +73,3 @@ def test_a_200_mb_upload_keeps_the_server_within_its_memory_bound(tmp_path: Path
         assert big.json()["size"] == FILE_SIZE
         growth = peak_rss(server.pid) - idle
         assert growth < ALLOWED_GROWTH, f"peak RSS grew by {growth / MIB:.1f} MiB"
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx2.get(url, timeout=1).status_code == 200
-    except httpx2.HTTPError:
-        return False

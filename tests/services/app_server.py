@@ -1,0 +1,46 @@
+"""The service itself as a separate process (``python -m app serve``), for tests that
+need what only a real server shows: its working directory, its memory, its logs."""
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2
+
+from tests.services import free_port, wait_for
+
+
+@contextmanager
+def app_server(
+    cwd: Path, env: dict[str, str], log: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Serve on a free port until the block ends; yields the base URL and the process."""
+    port = free_port()
+    command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: _answers(f"{base}/health/live"),
+            timeout=60,
+            what="python -m app serve",
+            process=server,
+            log_path=log,
+        )
+        yield base, server
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx2.get(url, timeout=1).status_code == 200
+    except httpx2.HTTPError:
+        return False
