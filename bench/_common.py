@@ -153,3 +153,23 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> N
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a server we started: SIGTERM, then SIGKILL if it does not exit in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> None:
+    """``python -m app ARGS`` (migrate, create-superuser); its output only on failure."""
+    done = subprocess.run(
+        [sys.executable, "-m", "app", *args], env=env, cwd=cwd, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"python -m app {args[0]} failed:\n{done.stdout}{done.stderr}")

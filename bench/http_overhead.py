@@ -56,6 +56,7 @@ from _common import (
     machine,
     now,
     require_tools,
+    terminate,
     wait_until,
     write_section,
 )
@@ -211,13 +212,7 @@ def start(config: str, workdir: Path) -> Server:
 
 
 def stop(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+    terminate(server.process)
 
 
 def wrk(url: str, seconds: int, connections: int) -> tuple[int, float]:

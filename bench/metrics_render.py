@@ -48,6 +48,8 @@ from _common import (
     load_average,
     machine,
     now,
+    run_cli,
+    terminate,
     wait_until,
     write_section,
 )
@@ -242,22 +244,8 @@ def describe(body: bytes) -> tuple[int, int, int, list[tuple[str, int]]]:
     return len(lines), len(samples), len(families), per_family.most_common(5)
 
 
-def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "app", *args], env=env, cwd=cwd, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"python -m app {args[0]} failed:\n{done.stdout}{done.stderr}")
-
-
 def stop(process: subprocess.Popen[bytes], workers: list[psutil.Process]) -> None:
-    if process.poll() is None:
-        process.terminate()  # gunicorn: graceful shutdown of the workers
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    terminate(process, timeout=40)  # gunicorn: graceful shutdown of the workers
     for worker in workers:  # only ours: psutil checks the pid was not reused
         if worker.is_running():
             worker.kill()

@@ -65,6 +65,8 @@ from _common import (
     machine,
     now,
     require_tools,
+    run_cli,
+    terminate,
     wait_until,
     write_section,
 )
@@ -170,14 +172,6 @@ def pinned(command: list[str], cpu: str | None) -> list[str]:
     return ["taskset", "-c", cpu, *command] if cpu is not None else command
 
 
-def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "app", *args], env=env, cwd=cwd, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"python -m app {args[0]} failed:\n{done.stdout}{done.stderr}")
-
-
 def start(config: str, workdir: Path, server_cpu: str | None) -> Server:
     port = free_port()
     data = workdir / config
@@ -224,13 +218,7 @@ def start(config: str, workdir: Path, server_cpu: str | None) -> Server:
 
 
 def stop(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+    terminate(server.process)
 
 
 def login(client: httpx2.Client, server: Server) -> None:
