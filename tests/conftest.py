@@ -9,8 +9,9 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,8 +19,11 @@ from fastapi.testclient import TestClient
 from app import migrate
 from app.main import create_app
 from app.settings import Settings
+from deploy.stack.postgres import PostgresServer
+from deploy.stack.process import MissingBinary
 from tests.api import Api
-from tests.services.postgres import PostgresServer
+
+pytest_plugins = ["pytester"]
 
 DATABASES = ["sqlite", "postgresql"]
 _database_names = itertools.count()
@@ -47,6 +51,34 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     own = config.stash.get(_own_basetemp, None)
     if own is not None and config.stash.get(_passed, False):
         shutil.rmtree(own, ignore_errors=True)
+
+
+def skip_or_fail(missing: MissingBinary) -> NoReturn:
+    """A missing server binary skips the test locally; CI (REQUIRE_SERVICES=1) must never
+    pass by skipping, so there it fails."""
+    if os.environ.get("REQUIRE_SERVICES") == "1":
+        pytest.fail(
+            f"{missing} (REQUIRE_SERVICES=1 makes this an error, not a skip)", pytrace=False
+        )
+    pytest.skip(str(missing))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Generator[None, Any, Any]:
+    try:
+        return (yield)
+    except MissingBinary as missing:
+        skip_or_fail(missing)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    except MissingBinary as missing:
+        skip_or_fail(missing)
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,9 @@ from sqlalchemy import select
 
 from app.audit.models import AuditEvent
 from app.db import create_engine, create_sessionmaker
+from deploy.stack.process import wait_for
 from tests.api import PASSWORD, Api
 from tests.prom import parse, value
-from tests.services import wait_for
 
 
 async def events(database_url: str) -> list[AuditEvent]:

@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from app.email import Mailer
 from app.main import create_app
 from app.settings import Settings
+from deploy.stack.process import free_port, wait_for
 from tests.api import Api
 from tests.conftest import make_settings
-from tests.services import free_port, wait_for
 
 
 class Inbox:

@@ -17,9 +17,9 @@ import psutil
 import pytest
 
 from app import migrate
+from deploy.stack.process import free_port, wait_for
 from tests.api import PASSWORD
 from tests.prom import Samples, parse, series, value
-from tests.services import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "gunicorn.conf.py"

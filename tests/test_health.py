@@ -6,8 +6,8 @@ from fastapi.testclient import TestClient
 
 from app import migrate
 from app.main import create_app
+from deploy.stack.postgres import PostgresServer
 from tests.conftest import make_settings
-from tests.services.postgres import PostgresServer
 
 HEALTHY = {"status": "ok", "checks": {"database": "ok", "redis": "disabled"}}
 DOWN = {"status": "unavailable", "checks": {"database": "unavailable", "redis": "disabled"}}

@@ -17,10 +17,10 @@ from starlette.routing import Route
 
 from app.main import create_app
 from app.settings import Settings
+from deploy.stack.process import wait_for
 from tests.api import Api, assert_problem
 from tests.conftest import make_settings
 from tests.prom import Samples, parse, series, value
-from tests.services import wait_for
 
 
 def scrape(client: TestClient, root_path: str = "") -> Samples:

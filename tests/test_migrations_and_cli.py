@@ -16,7 +16,7 @@ from sqlalchemy import Connection, inspect
 from app import migrate
 from app.db import create_engine
 from app.models import Base
-from tests.services.app_server import app_server
+from tests.app_server import app_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

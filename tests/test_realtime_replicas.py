@@ -28,9 +28,9 @@ from websockets.sync.client import ClientConnection, connect
 from app import migrate
 from app.cli import create_superuser
 from app.settings import Settings
+from deploy.stack.process import free_port, wait_for
+from deploy.stack.redis import RedisServer
 from tests.api import PASSWORD
-from tests.services import free_port, wait_for
-from tests.services.redis import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 10.0

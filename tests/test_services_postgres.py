@@ -17,9 +17,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.services import require_binary, wait_for
-from tests.services.postgres import PostgresServer, StopMode
-from tests.services.process import is_alive
+from deploy.stack.postgres import PostgresServer, StopMode
+from deploy.stack.process import is_alive, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +158,32 @@ def test_wait_for_gives_up_after_the_timeout() -> None:
 
 
 def test_a_missing_binary_skips_unless_services_are_required(
-    monkeypatch: pytest.MonkeyPatch,
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The hooks of the real conftest, in a throwaway test session.
+    pytester.makeconftest("from tests.conftest import pytest_fixture_setup, pytest_runtest_call")
+    pytester.makepyfile(
+        """
+        import pytest
+        from deploy.stack.process import require_binary
+
+        @pytest.fixture
+        def server():
+            return require_binary("no-such-binary", why="needed by a fixture")
+
+        def test_in_a_fixture(server):
+            pass
+
+        def test_in_the_test():
+            require_binary("no-such-binary", why="needed by the test")
+        """
+    )
     monkeypatch.delenv("REQUIRE_SERVICES", raising=False)
-    with pytest.raises(pytest.skip.Exception, match=r"no-such-binary.*for this test"):
-        require_binary("no-such-binary", why="needed for this test")
+    skipped = pytester.runpytest("-rs")
+    skipped.assert_outcomes(skipped=2)
+    skipped.stdout.fnmatch_lines(["*no-such-binary*needed by a fixture*"])
 
     monkeypatch.setenv("REQUIRE_SERVICES", "1")
-    with pytest.raises(pytest.fail.Exception, match="REQUIRE_SERVICES=1"):
-        require_binary("no-such-binary", why="needed for this test")
+    required = pytester.runpytest()
+    required.assert_outcomes(passed=0, failed=1, errors=1)
+    required.stdout.fnmatch_lines(["*REQUIRE_SERVICES=1 makes this an error*"])

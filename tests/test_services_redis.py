@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-import tests.services.redis as redis_service
-from tests.services.process import HOST, is_alive
-from tests.services.redis import RedisServer
+import deploy.stack.redis as redis_service
+from deploy.stack.process import HOST, is_alive
+from deploy.stack.redis import RedisServer
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from app.main import create_app
 from app.settings import Settings
+from deploy.stack.redis import RedisServer
 from tests.api import Api, assert_problem
 from tests.conftest import make_settings
 from tests.prom import parse, value
-from tests.services.redis import RedisServer
 
 
 @pytest.fixture

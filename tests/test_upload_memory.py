@@ -9,7 +9,7 @@ import httpx2
 
 from app import migrate
 from tests.api import PASSWORD
-from tests.services.app_server import app_server
+from tests.app_server import app_server
 
 MIB = 1024 * 1024
 FILE_SIZE = 200 * MIB

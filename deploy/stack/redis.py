@@ -22,8 +22,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.services import free_port, require_binary, wait_for
-from tests.services.process import ServerProcess
+from deploy.stack.process import ServerProcess, free_port, require_binary, wait_for
 
 _WHY = "tests that need a real Redis run redis-server (Debian: apt-get install redis-server)"
 _START_TIMEOUT = 30.0
@@ -37,6 +36,8 @@ class RedisServer(ServerProcess):
 
     Layout: `base_dir/dump.rdb` (the snapshot `stop()` writes), `base_dir/redis.log`.
     """
+
+    what = "Redis"
 
     def __init__(self, base_dir: Path) -> None:
         super().__init__(base_dir, "redis.log")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx2
 
-from tests.services import free_port, wait_for
+from deploy.stack.process import free_port, wait_for
 
 
 @contextmanager

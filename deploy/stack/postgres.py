@@ -29,8 +29,14 @@ from urllib.parse import quote
 
 import asyncpg
 
-from tests.services import find_binary, free_port, prepare_dir_for_user, require_binary, wait_for
-from tests.services.process import ServerProcess
+from deploy.stack.process import (
+    ServerProcess,
+    find_binary,
+    free_port,
+    prepare_dir_for_user,
+    require_binary,
+    wait_for,
+)
 
 SUPERUSER = "postgres"
 StopMode = Literal["fast", "immediate"]
@@ -61,6 +67,8 @@ class PostgresServer(ServerProcess):
 
     Layout: `base_dir/data` (cluster), `base_dir/socket` (Unix socket), `base_dir/postgres.log`.
     """
+
+    what = "PostgreSQL"
 
     def __init__(self, base_dir: Path) -> None:
         super().__init__(base_dir, "postgres.log")

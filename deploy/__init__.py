@@ -1,0 +1,1 @@
+"""How the service runs: gunicorn config, container entrypoint, the native stack."""
