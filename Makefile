@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format migrate superuser clean
+.PHONY: run test stack lint format migrate superuser clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -24,6 +24,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 ## Serve the API on the embedded default (SQLite, in-process backends, data in ./var).
 run: $(VENV)/.installed
 	$(BIN)/python -m app serve --host $(HOST) --port $(PORT)
+
+## The compose topology without Docker, from system packages (see README: Native stack).
+stack: $(VENV)/.installed
+	$(BIN)/python -m deploy.stack
 
 ## Lint, check formatting, and run the whole test suite.
 test: $(VENV)/.installed-dev

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.services import require_binary
+from deploy.stack.process import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
@@ -26,9 +26,19 @@ def test_dockerfile_passes_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def shell_scripts() -> list[Path]:
+    """Every shell script in the repository: *.sh, the nginx image's *.envsh, CI's run."""
+    found = [ROOT / ".ci" / "run"]
+    for pattern in ("*.sh", "*.envsh"):
+        found += [p for p in ROOT.rglob(pattern) if ".venv" not in p.relative_to(ROOT).parts]
+    return sorted(found)
+
+
 def test_shell_scripts_pass_shellcheck() -> None:
     shellcheck = require_binary("shellcheck", why="shell script lint (apt: shellcheck)")
-    result = run(shellcheck, str(ENTRYPOINT), ".ci/run")
+    scripts = shell_scripts()
+    assert {ENTRYPOINT, ROOT / "nginx" / "entrypoint.d" / "19-app-limits.envsh"} <= set(scripts)
+    result = run(shellcheck, *map(str, scripts))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
