@@ -24,18 +24,16 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import asyncpg
 
 from deploy.stack.process import (
-    ServerProcess,
+    ProgramServer,
     find_binary,
-    free_port,
     prepare_dir_for_user,
     require_binary,
-    wait_for,
 )
 
 SUPERUSER = "postgres"
@@ -43,7 +41,6 @@ StopMode = Literal["fast", "immediate"]
 
 _OS_USER = "postgres"
 _WHY = "tests that need a real database run PostgreSQL (Debian: apt-get install postgresql-15)"
-_START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 30.0
 _CONNECT_TIMEOUT = 2.0
 _STOP_SIGNALS: dict[StopMode, signal.Signals] = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}
@@ -62,18 +59,21 @@ class _Identity:
     name: str | None = None
 
 
-class PostgresServer(ServerProcess):
+class PostgresServer(ProgramServer):
     """A PostgreSQL cluster in `base_dir`, started and stopped on demand.
 
     Layout: `base_dir/data` (cluster), `base_dir/socket` (Unix socket), `base_dir/postgres.log`.
     """
 
     what = "PostgreSQL"
+    start_timeout = 30.0
 
     def __init__(self, base_dir: Path) -> None:
         super().__init__(base_dir, "postgres.log")
         self.data_dir = base_dir / "data"
         self.socket_dir = base_dir / "socket"
+        self._postgres = "postgres"  # the binary, found on start()
+        self._identity = _Identity()
 
     def url(self, dbname: str = "postgres", driver: str = "postgresql+asyncpg") -> str:
         """SQLAlchemy URL for `dbname`, as the password-less superuser over TCP."""
@@ -83,22 +83,23 @@ class PostgresServer(ServerProcess):
         """Run initdb if the cluster does not exist yet, start the server, wait until it serves."""
         if self._process is not None:
             raise RuntimeError(f"PostgreSQL in {self.data_dir} is already running")
-        postgres, initdb = _server_binaries()
-        identity = _server_identity()
+        self._postgres, initdb = _server_binaries()
+        self._identity = _server_identity()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         for directory in (self.data_dir, self.socket_dir):
-            if identity.name is None:
+            if self._identity.name is None:
                 directory.mkdir(mode=0o700, exist_ok=True)
             else:
-                prepare_dir_for_user(directory, identity.name)
+                prepare_dir_for_user(directory, self._identity.name)
         if not (self.data_dir / "PG_VERSION").exists():
-            self._initdb(initdb, identity)
-        if self._port is None:
-            self._port = free_port()
-        command = [
-            postgres,
+            self._initdb(initdb, self._identity)
+        super().start()
+
+    def command(self) -> list[str]:
+        return [
+            self._postgres,
             "-D", str(self.data_dir),
-            "-p", str(self._port),
+            "-p", str(self.port),
             "-k", str(self.socket_dir),
             "-c", f"listen_addresses={self.host}",
             # Durability is worthless for a throwaway cluster and costs most of its I/O.
@@ -106,44 +107,26 @@ class PostgresServer(ServerProcess):
             "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off",
         ]  # fmt: skip
-        self._launch(
-            command,
-            user=identity.user,
-            group=identity.group,
-            extra_groups=identity.extra_groups,
-        )
-        try:
-            wait_for(
-                self.accepts_connections,
-                timeout=_START_TIMEOUT,
-                what=f"PostgreSQL on {self.host}:{self._port}",
-                process=self._process,
-                log_path=self.log_path,
-            )
-        except BaseException:
-            self.stop("immediate")
-            raise
+
+    def launch_options(self) -> dict[str, Any]:
+        identity = self._identity
+        return {
+            "user": identity.user,
+            "group": identity.group,
+            "extra_groups": identity.extra_groups,
+        }
+
+    def ready(self) -> bool:
+        return self.accepts_connections()
 
     def stop(self, mode: StopMode = "fast") -> None:
         """Shut the server down and reap it; does nothing if it is not running.
 
         "fast" rolls back open transactions and disconnects clients cleanly; "immediate"
-        is the crash-like exit that needs recovery on the next start.
+        is the crash-like exit that needs recovery on the next start. A hung shutdown must
+        not hang the caller: the backends exit by themselves once the postmaster is gone.
         """
-        stop_signal = _STOP_SIGNALS[mode]
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(stop_signal)
-            try:
-                process.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                # A hung shutdown must not hang the test run; the backends exit by
-                # themselves once they notice the postmaster is gone.
-                process.kill()
-                process.wait()
-        self._process = None
+        self._signal_and_reap(_STOP_SIGNALS[mode], _STOP_TIMEOUT)
 
     def accepts_connections(self) -> bool:
         """Whether a client can connect and run a query right now."""

@@ -214,13 +214,17 @@ class ProgramServer(ServerProcess):
         """The child's environment; None inherits ours."""
         return None
 
+    def launch_options(self) -> dict[str, Any]:
+        """More keyword arguments for Popen (the user and groups to run as, …)."""
+        return {}
+
     def start(self) -> None:
         if self._process is not None:
             raise RuntimeError(f"{self.what} in {self.base_dir} is already running")
         self.base_dir.mkdir(parents=True, exist_ok=True)
         if self._port is None:
             self._port = free_port()
-        self._launch(self.command(), env=self.environment())
+        self._launch(self.command(), env=self.environment(), **self.launch_options())
         try:
             wait_for(
                 self.ready,

@@ -22,22 +22,22 @@ import socket
 import subprocess
 from pathlib import Path
 
-from deploy.stack.process import ServerProcess, free_port, require_binary, wait_for
+from deploy.stack.process import ProgramServer, require_binary
 
 _WHY = "tests that need a real Redis run redis-server (Debian: apt-get install redis-server)"
-_START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 30.0
 _PING_TIMEOUT = 1.0
 _DUMP_FILE = "dump.rdb"
 
 
-class RedisServer(ServerProcess):
+class RedisServer(ProgramServer):
     """A Redis server keeping its data in `base_dir`, started and stopped on demand.
 
     Layout: `base_dir/dump.rdb` (the snapshot `stop()` writes), `base_dir/redis.log`.
     """
 
     what = "Redis"
+    start_timeout = 30.0
 
     def __init__(self, base_dir: Path) -> None:
         super().__init__(base_dir, "redis.log")
@@ -47,17 +47,12 @@ class RedisServer(ServerProcess):
         """redis:// URL of logical database `db`."""
         return f"redis://{self.host}:{self.port}/{db}"
 
-    def start(self) -> None:
-        """Start the server, loading the last snapshot if there is one; wait until it serves."""
-        if self._process is not None:
-            raise RuntimeError(f"Redis in {self.base_dir} is already running")
-        redis_server = require_binary("redis-server", why=_WHY)
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        if self._port is None:
-            self._port = free_port()
-        command = [
-            redis_server,
-            "--port", str(self._port),
+    def command(self) -> list[str]:
+        # Errors in the command line are printed before Redis opens its log file, into
+        # the same file (the launcher appends our child's output there).
+        return [
+            require_binary("redis-server", why=_WHY),
+            "--port", str(self.port),
             "--bind", self.host,
             "--daemonize", "no",
             # Absolute: Redis chdirs into --dir and reopens the log file for every line.
@@ -69,19 +64,10 @@ class RedisServer(ServerProcess):
             "--shutdown-on-sigterm", "save",
             "--shutdown-on-sigint", "nosave",
         ]  # fmt: skip
-        # Errors in the command line are printed before Redis opens its log file.
-        self._launch(command)
-        try:
-            wait_for(
-                self.accepts_connections,
-                timeout=_START_TIMEOUT,
-                what=f"Redis on {self.host}:{self._port}",
-                process=self._process,
-                log_path=self.log_path,
-            )
-        except BaseException:
-            self.kill()
-            raise
+
+    def ready(self) -> bool:
+        """Loaded (the snapshot, if any) and answering."""
+        return self.accepts_connections()
 
     def stop(self, save: bool = True) -> None:
         """Shut the server down and reap it; does nothing if it is not running.
