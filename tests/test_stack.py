@@ -50,6 +50,17 @@ class RunningStack:
     def app_lines(self) -> list[dict[str, Any]]:
         return _json_lines(self.directory / "api" / "api.log")
 
+    def logged(self, log: str, request_id: str) -> list[dict[str, Any]]:
+        """The lines of `log` ("nginx" or "app") for `request_id`, once there is one: both
+        write their line after the response has left."""
+        lines = self.nginx_lines if log == "nginx" else self.app_lines
+
+        def found() -> list[dict[str, Any]]:
+            return [r for r in lines() if r.get("request_id") == request_id]
+
+        wait_for(lambda: bool(found()), timeout=10, what=f"{log}'s log line for {request_id}")
+        return found()
+
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children(recursive=True)
 
@@ -187,7 +198,7 @@ def test_an_upload_at_the_cap_passes_and_one_over_it_is_refused_by_nginx(
     body = assert_problem(refused, 413)
     # nginx's own answer: the request never reached the app.
     request_id = refused.headers["x-request-id"]
-    (line,) = [r for r in stack.nginx_lines() if r["request_id"] == request_id]
+    (line,) = stack.logged("nginx", request_id)
     assert (line["status"], line["upstream_addr"]) == (413, "")
     assert "larger than this endpoint accepts" in body["detail"]
     assert not [r for r in stack.app_lines() if r.get("request_id") == request_id]
@@ -204,12 +215,8 @@ def test_the_request_id_is_the_same_at_the_edge_in_the_app_and_in_both_logs(
     minted = generated.headers["x-request-id"]
     assert len(minted) == 32  # nginx's $request_id
     for request_id in ("e2e-given-id", minted):
-        wait_for(
-            lambda rid=request_id: any(r.get("request_id") == rid for r in stack.app_lines()),
-            timeout=10,
-            what=f"the app's access line for {request_id}",
-        )
-        assert any(r["request_id"] == request_id for r in stack.nginx_lines())
+        assert stack.logged("app", request_id)
+        assert stack.logged("nginx", request_id)
 
 
 def test_the_app_sees_the_real_client_ip_not_a_forged_forwarded_for(
@@ -219,12 +226,7 @@ def test_the_app_sees_the_real_client_ip_not_a_forged_forwarded_for(
         "/api/v1/items",
         headers={"X-Request-ID": "e2e-forged", "X-Forwarded-For": "203.0.113.9"},
     )
-    wait_for(
-        lambda: any(r.get("request_id") == "e2e-forged" for r in stack.app_lines()),
-        timeout=10,
-        what="the app's access line",
-    )
-    (line,) = [r for r in stack.app_lines() if r.get("request_id") == "e2e-forged"]
+    (line,) = stack.logged("app", "e2e-forged")
     assert line["client_ip"] == "127.0.0.1"
 
 
@@ -248,9 +250,7 @@ def test_prometheus_reports_every_target_up(stack: RunningStack) -> None:
 
     # The first scrape of each target happens within one scrape interval (15 s).
     wait_for(
-        lambda: (
-            targets() == dict.fromkeys(("api", "nginx", "postgres", "redis", "prometheus"), "up")
-        ),
+        lambda: targets() == dict.fromkeys(JOBS, "up"),
         timeout=90,
         what="every Prometheus target to be up",
     )
