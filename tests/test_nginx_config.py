@@ -4,11 +4,13 @@ image's entrypoint does for compose), are accepted by the real `nginx -t`."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from deploy.stack.nginx import TEMPLATES, NginxServer, template_values
+from deploy.stack.nginx import TEMPLATES, NginxServer, render, template_values
+from deploy.stack.process import require_binary
 
 COMPOSE_VALUES = {  # what docker-compose.yml gives the nginx service
     "NGINX_LISTEN_PORT": "80",
@@ -58,6 +60,26 @@ def test_upload_body_limits_follow_the_apps_cap(tmp_path: Path, cap: int) -> Non
     limits = re.findall(r"client_max_body_size (\d+);", site)
     # One file plus multipart framing; a batch of APP_MAX_BATCH_FILES (10) of those.
     assert limits == [str(cap + 65536), str((cap + 65536) * 10)]
+
+
+def test_nginx_accepts_the_compose_rendering(tmp_path: Path) -> None:
+    # nginx -t resolves upstream names, and there is no `api` host outside compose: only
+    # that one value is replaced. Listening on 80 is not tried by -t.
+    values = template_values(
+        {"PATH": "/usr/bin:/bin"} | COMPOSE_VALUES | {"NGINX_UPSTREAM": "127.0.0.1:8000"}
+    )
+    conf = render(values | {"NGINX_RUN_DIR": str(tmp_path / "run")}, tmp_path / "conf")
+    (tmp_path / "run").mkdir()
+    nginx = require_binary("nginx", why="nginx -t", extra_dirs=["/usr/sbin"])
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", "/dev/stderr"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "conf" / "nginx.conf").read_text()
+    assert "access_log /dev/stdout edge_json;" in text
 
 
 def test_the_compose_values_render_every_variable() -> None:
