@@ -1,6 +1,7 @@
 """The shipped Prometheus configuration, read by the real promtool and run by the real
 prometheus: one prometheus.yml whose targets come only from targets/<job>.yml (file_sd),
-so compose and the native stack differ by their target files alone."""
+so compose and the native stack differ by their target files alone. The Grafana
+dashboard's queries are parsed by promtool as well (Grafana itself cannot run here)."""
 
 import http.server
 import json
@@ -17,12 +18,17 @@ from typing import Any
 import pytest
 import yaml
 
+from app.observability import metrics
 from tests.services import free_port, require_binary, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "monitoring" / "prometheus"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+DASHBOARDS = ROOT / "monitoring" / "grafana" / "dashboards"
 JOBS = ["api", "nginx", "postgres", "redis", "prometheus"]
+DATASOURCE_UID = "prometheus"
+# Grafana's built-in interval variables, replaced by a concrete range before parsing.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 
 
 def promtool() -> str:
@@ -210,3 +216,101 @@ def test_prometheus_discovers_the_targets_from_file_sd(tmp_path: Path, metrics_s
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# --- the Grafana dashboards' queries --------------------------------------------------------
+
+
+def dashboard_files() -> list[Path]:
+    files = sorted(DASHBOARDS.glob("*.json"))
+    assert files, "no dashboard"
+    return files
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # inside collapsed rows
+
+
+def expressions() -> list[tuple[str, str]]:
+    """(dashboard file: panel title, expr) of every query, Grafana variables replaced."""
+    found = []
+    for path in dashboard_files():
+        for panel in panels(json.loads(path.read_text(encoding="utf-8"))):
+            for target in panel.get("targets", []):
+                expr = target["expr"]
+                for variable, value in GRAFANA_VARIABLES.items():
+                    expr = expr.replace(variable, value)
+                assert "$" not in expr, f"unknown variable in {panel['title']!r}: {expr}"
+                found.append((f"{path.name}: {panel['title']}", expr))
+    return found
+
+
+def test_dashboards_are_provisionable() -> None:
+    uids = set()
+    for path in dashboard_files():
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
+        assert dashboard["uid"] not in uids
+        uids.add(dashboard["uid"])
+        assert dashboard["title"]
+        assert "id" not in dashboard or dashboard["id"] is None  # provisioning assigns it
+        ids = [panel["id"] for panel in panels(dashboard)]
+        assert len(ids) == len(set(ids)), path.name
+        for panel in panels(dashboard):
+            if panel["type"] == "row":
+                continue
+            assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}
+            assert panel["targets"], panel["title"]
+            for target in panel["targets"]:
+                assert target.get("datasource", panel["datasource"])["uid"] == DATASOURCE_UID
+
+
+def test_dashboard_overview_covers_the_golden_signals() -> None:
+    exprs = " ".join(expr for _, expr in expressions())
+    for needle in (
+        "rate(http_requests_total",
+        'status=~"5.."',
+        "histogram_quantile(0.95",
+        "http_request_duration_seconds_bucket",
+        "http_requests_in_progress",
+        "by (method, route)",
+    ):
+        assert needle in exprs, needle
+
+
+def test_dashboard_queries_use_metrics_the_service_exports() -> None:
+    known = {"up"}
+    for collector in vars(metrics).values():
+        name = getattr(collector, "_name", None)
+        kind = getattr(collector, "_type", None)
+        if name is None:
+            continue
+        if kind == "counter":
+            known.add(f"{name}_total")
+        elif kind == "histogram":
+            known |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+        else:
+            known |= {name, f"{name}_count", f"{name}_sum"}
+    for where, expr in expressions():
+        for selector in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr):
+            assert selector in known, f"{where}: {selector} is not exported by the service"
+
+
+def rules_file_for(exprs: list[tuple[str, str]], path: Path) -> Path:
+    rules = [{"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(exprs)]
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    return path
+
+
+def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
+    exprs = expressions()
+    result = run_promtool("check", "rules", str(rules_file_for(exprs, tmp_path / "q.yml")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in result.stdout
+
+
+def test_a_broken_query_fails_the_parse_check(tmp_path: Path) -> None:
+    exprs = [*expressions(), ("broken", "sum by (le (rate(http_requests_total[1m]))")]
+    result = run_promtool("check", "rules", str(rules_file_for(exprs, tmp_path / "q.yml")))
+    assert result.returncode != 0
