@@ -32,12 +32,12 @@ RUN groupadd --system --gid 10001 app \
     && mkdir -p /data \
     && chown 10001:10001 /data
 COPY --from=builder /opt/venv /opt/venv
-COPY deploy/gunicorn.conf.py deploy/entrypoint.sh /opt/app/
+COPY deploy/gunicorn.conf.py deploy/entrypoint.sh deploy/healthcheck.py /opt/app/
 WORKDIR /opt/app
 USER 10001:10001
 VOLUME ["/data", "/tmp"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2).status != 200)"]
+    CMD ["python", "/opt/app/healthcheck.py"]
 ENTRYPOINT ["/opt/app/entrypoint.sh"]
 CMD ["serve"]
