@@ -9,6 +9,8 @@ FROM ${BASE_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# A package index other than the default (a mirror or proxy), for this stage's pip only.
+ARG PIP_INDEX_URL
 WORKDIR /build
 RUN python3 -m venv /opt/venv
 COPY pyproject.toml README.md alembic.ini ./
