@@ -9,6 +9,8 @@ FROM ${BASE_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# A package index other than the default (a mirror or proxy), for this stage's pip only.
+ARG PIP_INDEX_URL
 WORKDIR /build
 RUN python3 -m venv /opt/venv
 COPY pyproject.toml README.md alembic.ini ./
@@ -32,12 +34,12 @@ RUN groupadd --system --gid 10001 app \
     && mkdir -p /data \
     && chown 10001:10001 /data
 COPY --from=builder /opt/venv /opt/venv
-COPY deploy/gunicorn.conf.py deploy/entrypoint.sh /opt/app/
+COPY deploy/gunicorn.conf.py deploy/entrypoint.sh deploy/healthcheck.py /opt/app/
 WORKDIR /opt/app
 USER 10001:10001
 VOLUME ["/data", "/tmp"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2).status != 200)"]
+    CMD ["python", "/opt/app/healthcheck.py"]
 ENTRYPOINT ["/opt/app/entrypoint.sh"]
 CMD ["serve"]

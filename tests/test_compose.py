@@ -429,9 +429,16 @@ def test_nginx_gets_the_agreed_environment(services: dict[str, dict[str, Any]]) 
         "NGINX_ERROR_LOG": "/dev/stderr",
         "APP_MAX_UPLOAD_BYTES": api["APP_MAX_UPLOAD_BYTES"],
         "APP_MAX_BATCH_FILES": api["APP_MAX_BATCH_FILES"],
+        "NGINX_EDGE_RATE": "${NGINX_EDGE_RATE:-50r/s}",
+        "NGINX_EDGE_BURST": "${NGINX_EDGE_BURST:-100}",
+        "NGINX_EDGE_CONNECTIONS": "${NGINX_EDGE_CONNECTIONS:-100}",
     }
     assert default_of(nginx["APP_MAX_UPLOAD_BYTES"]) == "10485760"
     assert default_of(nginx["APP_MAX_BATCH_FILES"]) == "10"
+    # The same defaults as the limits script's, which the native stack uses.
+    script_defaults = template_values({"PATH": os.defpath})
+    for name in ("NGINX_EDGE_RATE", "NGINX_EDGE_BURST", "NGINX_EDGE_CONNECTIONS"):
+        assert default_of(nginx[name]) == script_defaults[name], name
     # The exporter reads the status port that is published nowhere.
     exporter = services["nginx-exporter"]["command"]
     assert exporter == ["--nginx.scrape-uri=http://nginx:8081/stub_status"]

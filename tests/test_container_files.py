@@ -1,16 +1,18 @@
 """The container files are read by their real linters, and the entrypoint behaves as the
 image relies on: it empties the metrics directory before gunicorn, and passes other
-commands through."""
+commands through. The HEALTHCHECK script probes the address gunicorn binds."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from deploy.stack.process import require_binary
+from deploy.stack.process import free_port, require_binary
+from tests.app_server import app_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
+HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -66,3 +68,17 @@ def test_other_commands_pass_through(tmp_path: Path) -> None:
     result = run(str(ENTRYPOINT), "python", "-m", "app", "--help", env=entrypoint_env(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "create-superuser" in result.stdout
+
+
+def test_healthcheck_probes_the_port_gunicorn_binds(tmp_path: Path) -> None:
+    env = entrypoint_env(tmp_path) | {"APP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/app.db"}
+    with app_server(tmp_path, env, tmp_path / "server.log") as (base, _):
+        port = base.rsplit(":", 1)[1]
+        serving = run(
+            sys.executable, str(HEALTHCHECK), env=env | {"GUNICORN_BIND": f"0.0.0.0:{port}"}
+        )
+        assert serving.returncode == 0, serving.stderr
+        elsewhere = env | {"GUNICORN_BIND": f"0.0.0.0:{free_port()}"}
+        refused = run(sys.executable, str(HEALTHCHECK), env=elsewhere)
+        assert refused.returncode == 1
+        assert "/health/live" in refused.stderr
