@@ -235,11 +235,23 @@ def test_metrics_are_scraped_directly_but_not_served_on_the_public_port(
 ) -> None:
     for path in ("/metrics", "/metrics?format=openmetrics", "//metrics", "/%6detrics"):
         response = edge.get(path)
-        assert response.status_code == 404, path
+        assert_problem(response, 404)  # nginx's own answer, in the app's error format
+        assert response.headers["x-content-type-options"] == "nosniff"
         assert "http_requests_total" not in response.text
     direct = httpx2.get(f"{stack.urls['api']}/metrics", trust_env=False)
     assert direct.status_code == 200
     assert "http_requests_total" in direct.text
+
+
+def test_json_is_compressed_at_the_edge(edge: httpx2.Client) -> None:
+    owner = sign_up(edge, "e2e-gzip")
+    for n in range(20):  # a list long enough to be worth compressing
+        edge.post("/api/v1/items", json={"title": f"Item {n}", "price": 1}, headers=owner)
+    plain = edge.get("/api/v1/items", headers={"Accept-Encoding": "identity"})
+    packed = edge.get("/api/v1/items", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in plain.headers
+    assert packed.headers["content-encoding"] == "gzip"
+    assert packed.json() == plain.json()  # httpx decodes it
 
 
 def test_prometheus_reports_every_target_up(stack: RunningStack) -> None:
