@@ -18,7 +18,6 @@ What the host needs, found out the hard way:
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import os
 import re
@@ -34,7 +33,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from deploy.stack.process import require_binary
+from deploy.stack.process import require_binary, run_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +59,6 @@ _SBIN = ("/usr/sbin", "/sbin")
 _DEBOOTSTRAP_TIMEOUT = 1200
 _BUILD_TIMEOUT = 1200
 _COMMAND_TIMEOUT = 120
-_LOG_TAIL_LINES = 40
 _NPROC_LIMIT = 4096
 
 
@@ -156,20 +154,14 @@ def build_image(podman: Podman, base: str, log_path: Path) -> str:
         "--build-arg", f"BASE_IMAGE={base}",
         *(["--build-arg", f"PIP_INDEX_URL={index}"] if (index := host_pip_index()) else []),
     ]  # fmt: skip
-    with log_path.open("w") as log:
-        for target, tag in ((["--target", "builder"], BUILDER_TAG), ([], IMAGE_TAG)):
-            result = subprocess.run(
-                podman.command("build", *options, *target, "--tag", tag, str(ROOT)),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=_BUILD_TIMEOUT,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise PodmanError(
-                    f"podman build of {tag} exited with {result.returncode}{_tail(log_path)}"
-                )
+    log_path.unlink(missing_ok=True)
+    for target, tag in ((["--target", "builder"], BUILDER_TAG), ([], IMAGE_TAG)):
+        run_logged(
+            podman.command("build", *options, *target, "--tag", tag, str(ROOT)),
+            log_path,
+            what=f"podman build of {tag}",
+            timeout=_BUILD_TIMEOUT,
+        )
     image = podman.image_id(IMAGE_TAG)
     assert image is not None, f"podman build did not tag {IMAGE_TAG}"
     for tag, old in previous.items():
@@ -281,24 +273,20 @@ def _make_base_image(podman: Podman, tag: str, ca_bundle: Path, work_dir: Path) 
     rootfs = Path(tempfile.mkdtemp(prefix="rootfs-", dir=work_dir))
     log_path = work_dir / "debootstrap.log"
     try:
-        with log_path.open("w") as log:
-            result = subprocess.run(
-                [
-                    debootstrap,
-                    "--variant=minbase",
-                    f"--include={','.join(BASE_PACKAGES)}",
-                    BASE_SUITE,
-                    str(rootfs),
-                    mirror,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=_DEBOOTSTRAP_TIMEOUT,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise PodmanError(f"debootstrap exited with {result.returncode}{_tail(log_path)}")
+        log_path.unlink(missing_ok=True)
+        run_logged(
+            [
+                debootstrap,
+                "--variant=minbase",
+                f"--include={','.join(BASE_PACKAGES)}",
+                BASE_SUITE,
+                str(rootfs),
+                mirror,
+            ],
+            log_path,
+            what="debootstrap",
+            timeout=_DEBOOTSTRAP_TIMEOUT,
+        )
         shutil.copyfile(ca_bundle, rootfs / _IMAGE_CA_BUNDLE.lstrip("/"))
         _import_rootfs(podman, rootfs, tag)
     finally:
@@ -331,9 +319,3 @@ def _import_rootfs(podman: Podman, rootfs: Path, tag: str) -> None:
             f"importing {rootfs} as {tag} failed (tar {tar.returncode}, podman import "
             f"{imported.returncode}):\n{tar_errors}{imported.stdout}{imported.stderr}"
         )
-
-
-def _tail(log_path: Path) -> str:
-    with log_path.open(encoding="utf-8", errors="replace") as log:
-        lines = collections.deque(log, maxlen=_LOG_TAIL_LINES)
-    return f"\n--- last {len(lines)} lines of {log_path} ---\n{''.join(lines)}"

@@ -4,12 +4,11 @@ same configuration; only the environment differs."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from deploy.stack.process import ProgramServer, answers_ok
+from deploy.stack.process import ProgramServer, answers_ok, run_logged
 
 GUNICORN_CONF = Path(__file__).resolve().parents[1] / "gunicorn.conf.py"
 
@@ -51,16 +50,10 @@ class ApiServer(ProgramServer):
     def migrate(self) -> None:
         """`python -m app migrate`, as compose's one-shot `migrate` service runs it."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.base_dir / "migrate.log"
-        with log_path.open("ab") as log:
-            result = subprocess.run(
-                [sys.executable, "-m", "app", "migrate"],
-                env=self.env,
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise RuntimeError(f"migrations failed with code {result.returncode}: see {log_path}")
+        run_logged(
+            [sys.executable, "-m", "app", "migrate"],
+            self.base_dir / "migrate.log",
+            what="python -m app migrate",
+            env=self.env,
+            cwd=self.base_dir,
+        )

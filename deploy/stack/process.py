@@ -100,6 +100,33 @@ def prepare_dir_for_user(path: Path, user: str) -> None:
             ancestor.chmod(mode | stat.S_IXOTH)
 
 
+def run_logged(
+    command: Sequence[str],
+    log_path: Path,
+    *,
+    what: str,
+    timeout: float | None = None,
+    **options: Any,
+) -> None:
+    """Run `command` to the end, its output appended to `log_path`.
+
+    Raises RuntimeError with the tail of the log if it fails: a one-shot step (initdb, a
+    migration, an image build) says why it failed there.
+    """
+    with log_path.open("ab") as log:
+        result = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+            **options,
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} exited with code {result.returncode}{_log_tail(log_path)}")
+
+
 def _log_tail(log_path: Path | None) -> str:
     if log_path is None:
         return ""
