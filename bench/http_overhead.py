@@ -26,8 +26,9 @@ Diagnostics, not part of the target:
 
 - ``full-quiet-log``: ``full`` with the log level at WARNING, so the access line is
   dropped before it is rendered or written (the middleware still runs);
-- ``metrics-only``: the service's HttpMetricsMiddleware alone — like for like with the
-  instrumentator;
+- ``metrics-only``: the service's HttpObservabilityMiddleware alone with the log level at
+  WARNING (metrics, and an access line dropped before rendering) — like for like with
+  the instrumentator;
 - ``service-routes``: ``create_app(settings)`` without any middleware, plus ``/ping``
   after the service's whole route table, so ``service-routes - bare`` is what FastAPI's
   router costs to reach the last route: a property of the route table, not of middleware;
@@ -145,7 +146,8 @@ def build_app(config: str, data_dir: Path) -> FastAPI:
         if config in ("full", QUIET):
             # As create_app does: access lines are rendered by the service's logging.
             configure_logging(settings.log_level, settings.effective_log_format)
-            install_middleware(application, settings)
+            # Tracing off, as in production unless an OTLP endpoint is configured.
+            install_middleware(application, settings, traced=False)
     if config == "instrumentator":
         from prometheus_fastapi_instrumentator import Instrumentator
 
@@ -158,9 +160,11 @@ def build_app(config: str, data_dir: Path) -> FastAPI:
         # on a name clash the instrumentator silently records nothing at all.
         Instrumentator(registry=CollectorRegistry()).instrument(application)
     elif config in ("metrics-only", "service-metrics"):
-        from app.observability.http_middleware import HttpMetricsMiddleware
+        from app.observability.http_middleware import HttpObservabilityMiddleware
 
-        application.add_middleware(HttpMetricsMiddleware)
+        # Its access line is dropped before rendering (level WARNING): metrics alone.
+        configure_logging("WARNING", settings.effective_log_format)
+        application.add_middleware(HttpObservabilityMiddleware, traced=False)
     application.add_api_route("/ping", ping, methods=["GET"])
     return application
 
@@ -359,7 +363,7 @@ def breakdown(cpu: dict[str, float], instrumentator: float) -> list[str]:
     if "metrics-only" in cpu:
         ours = cpu["metrics-only"] - cpu["bare"]
         lines.append(
-            f"- metrics alone, like for like: the service's HttpMetricsMiddleware {ours:+.1f} "
+            f"- metrics alone, like for like: the service's metrics middleware {ours:+.1f} "
             f"vs the instrumentator's {instrumentator:+.1f} "
             f"(ratio {fmt_ratio(ours, instrumentator)})"
         )
