@@ -13,20 +13,28 @@ pinned to CPU 0, logging to a file. ``wrk`` pinned to CPU 1 loads it; the server
 completed gives CPU µs per request. Configurations are interleaved and repeated; the
 report takes medians. Only ratios within one run are meaningful on a noisy machine.
 
-Configurations:
+Configurations. The three of the target are the same trivial app — ``FastAPI()`` (its 4
+docs routes) plus ``/ping`` — and differ only in their middleware:
 
-- ``bare``: ``FastAPI()`` plus the route;
-- ``full``: ``app.main.create_app(settings)`` plus the route — every production
-  middleware (request id, access log, metrics, security headers, trusted host);
-- ``instrumentator``: ``FastAPI()`` plus ``Instrumentator().instrument(app)``;
-- ``full-quiet-log`` (diagnostic): ``full`` with the ``app.access`` logger at WARNING, so
-  no access line is rendered or written (the middleware still runs);
-- ``routes-only`` (diagnostic): ``full`` without any of its middleware — the service's
-  route table and error handlers, so ``full - routes-only`` is the middleware alone;
-- ``metrics-only`` (diagnostic): ``FastAPI()`` plus the service's HttpMetricsMiddleware
-  alone — the like-for-like counterpart of the instrumentator;
-- ``routes-metrics``, ``routes-instrumentator`` (optional, not run by default to stay
-  under 3 minutes): ``routes-only`` plus the service's metrics middleware, or plus the
+- ``bare``: no middleware;
+- ``full``: every middleware the service installs (``app.main.install_middleware``, the
+  function ``create_app`` calls: request id, access log with its JSON line, metrics,
+  security headers, trusted host), logging configured as in production (JSON, INFO);
+- ``instrumentator``: ``Instrumentator().instrument(app)`` instead.
+
+Diagnostics, not part of the target:
+
+- ``full-quiet-log``: ``full`` with the log level at WARNING, so the access line is
+  dropped before it is rendered or written (the middleware still runs);
+- ``metrics-only``: the service's HttpObservabilityMiddleware alone with the log level at
+  WARNING (metrics, and an access line dropped before rendering) — like for like with
+  the instrumentator;
+- ``service-routes``: ``create_app(settings)`` without any middleware, plus ``/ping``
+  after the service's whole route table, so ``service-routes - bare`` is what FastAPI's
+  router costs to reach the last route: a property of the route table, not of middleware;
+- ``service-full``: ``create_app(settings)`` plus ``/ping`` — the production app as it is;
+- ``service-metrics``, ``service-instrumentator`` (optional, to keep the default run
+  near 3 minutes): ``service-routes`` plus the service's metrics middleware, or plus the
   instrumentator — both metrics layers on the service's real route table.
 
 Run from the repository root: ``.venv/bin/python bench/http_overhead.py``.
@@ -34,7 +42,6 @@ Run from the repository root: ``.venv/bin/python bench/http_overhead.py``.
 
 import argparse
 import http.client
-import logging
 import re
 import shutil
 import statistics
@@ -62,11 +69,14 @@ from _common import (
 )
 
 REQUIRED = ("bare", "full", "instrumentator")
-DIAGNOSTIC = ("full-quiet-log", "routes-only", "metrics-only")
-OPTIONAL = ("routes-metrics", "routes-instrumentator")
+DIAGNOSTIC = ("full-quiet-log", "metrics-only", "service-routes", "service-full")
+OPTIONAL = ("service-metrics", "service-instrumentator")
 CONFIGS = REQUIRED + DIAGNOSTIC + OPTIONAL
 DEFAULT_CONFIGS = REQUIRED + DIAGNOSTIC
-WITH_REQUEST_ID = ("full", "full-quiet-log")
+WITH_REQUEST_ID = ("full", "full-quiet-log", "service-full")
+# Configurations whose log must hold one access line per request, and one that must hold none.
+LOGGING_EVERY_REQUEST = ("full", "service-full")
+QUIET = "full-quiet-log"
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 TARGET_RATIO = 0.5
@@ -116,35 +126,45 @@ async def ping() -> dict[str, bool]:
 
 
 def build_app(config: str, data_dir: Path) -> FastAPI:
-    if config.startswith(("full", "routes")):
-        from app.main import create_app
-        from app.settings import Settings
+    from app.main import create_app, install_middleware
+    from app.observability.logging import configure_logging
+    from app.settings import Settings
 
-        settings = Settings(
-            _env_file=None, env="test", data_dir=data_dir, log_format="json", log_level="INFO"
-        )
+    settings = Settings(
+        _env_file=None,
+        env="test",
+        data_dir=data_dir,
+        log_format="json",
+        log_level="WARNING" if config == QUIET else "INFO",
+    )
+    if config.startswith("service"):
         application = create_app(settings)
-        if config == "full-quiet-log":
-            logging.getLogger("app.access").setLevel(logging.WARNING)
-        elif config.startswith("routes"):
+        if config != "service-full":
             application.user_middleware.clear()  # the stack is built on the first request
     else:
         application = FastAPI()
+        if config in ("full", QUIET):
+            # As create_app does: access lines are rendered by the service's logging.
+            configure_logging(settings.log_level, settings.effective_log_format)
+            # Tracing off, as in production unless an OTLP endpoint is configured.
+            install_middleware(application, settings, traced=False)
     if config == "instrumentator":
         from prometheus_fastapi_instrumentator import Instrumentator
 
         Instrumentator().instrument(application)
-    elif config == "routes-instrumentator":
+    elif config == "service-instrumentator":
         from prometheus_client import CollectorRegistry
         from prometheus_fastapi_instrumentator import Instrumentator
 
         # Its own registry: the service already registered http_requests_total & co., and
         # on a name clash the instrumentator silently records nothing at all.
         Instrumentator(registry=CollectorRegistry()).instrument(application)
-    elif config in ("metrics-only", "routes-metrics"):
-        from app.observability.http_middleware import HttpMetricsMiddleware
+    elif config in ("metrics-only", "service-metrics"):
+        from app.observability.http_middleware import HttpObservabilityMiddleware
 
-        application.add_middleware(HttpMetricsMiddleware)
+        # Its access line is dropped before rendering (level WARNING): metrics alone.
+        configure_logging("WARNING", settings.effective_log_format)
+        application.add_middleware(HttpObservabilityMiddleware, traced=False)
     application.add_api_route("/ping", ping, methods=["GET"])
     return application
 
@@ -308,12 +328,13 @@ def report(
             "ratios within this run mean anything; absolute numbers move between runs. A "
             "load average above ~0.5 at the start means other work shared the CPUs.",
             "",
-            "`full` appends `/ping` to the real service's routes, so FastAPI's router and "
-            "the route-template lookup of the metrics and access-log middleware walk the "
-            "whole route table before matching it (the worst case for a route); `bare`, "
-            "`instrumentator` and `metrics-only` have only FastAPI's 4 docs routes before it. "
-            "The other configurations are diagnostics that split the cost (see the script's "
-            "docstring); they are not part of the target.",
+            "`bare`, `full` and `instrumentator` are the same app (`FastAPI()`, its 4 docs "
+            "routes and `/ping`) and differ only in their middleware: `full` gets every "
+            "middleware `create_app` installs (`app.main.install_middleware`) with the "
+            "shipped defaults (`APP_ALLOWED_HOSTS=*`, CORS off) and JSON access lines at "
+            "INFO. The `service-*` configurations put `/ping` after the service's real "
+            "route table; what FastAPI's router spends to get there is a property of the "
+            "route table, not of the middleware, so they are diagnostics, not the target.",
             "",
             "Each run:",
             "",
@@ -330,58 +351,49 @@ def fmt_ratio(numerator: float | None, denominator: float = 1.0) -> str:
 
 
 def breakdown(cpu: dict[str, float], instrumentator: float) -> list[str]:
-    """Where ``full``'s overhead goes, from the diagnostic configurations that ran."""
-    lines = []
-    if "routes-only" in cpu:
-        middleware = cpu["full"] - cpu["routes-only"]
+    """Where ``full``'s overhead goes, and the diagnostics that ran (differences of medians)."""
+    lines = ["", "Diagnostics (differences of medians, µs/req):", ""]
+    if QUIET in cpu:
         lines += [
-            "",
-            "Where `full - bare` goes (differences of medians, µs/req):",
-            "",
-            f"- the service's route table, no middleware (routes-only - bare): "
-            f"{cpu['routes-only'] - cpu['bare']:+.1f}",
-            f"- all production middleware (full - routes-only): {middleware:+.1f}, "
-            f"i.e. {fmt_ratio(middleware, instrumentator)} x the instrumentator's overhead",
+            f"- rendering and writing the JSON access line (full - {QUIET}): "
+            f"{cpu['full'] - cpu[QUIET]:+.1f}",
+            f"- the rest of the stack, line dropped before rendering ({QUIET} - bare): "
+            f"{cpu[QUIET] - cpu['bare']:+.1f}",
         ]
-        if "full-quiet-log" in cpu:
-            lines += [
-                f"  - of which rendering and writing the JSON access line "
-                f"(full - full-quiet-log): {cpu['full'] - cpu['full-quiet-log']:+.1f}",
-                f"  - and everything else — request id, access-log middleware minus the line, "
-                f"metrics, security headers, trusted host (full-quiet-log - routes-only): "
-                f"{cpu['full-quiet-log'] - cpu['routes-only']:+.1f}",
-            ]
-    elif "full-quiet-log" in cpu:
-        lines.append(
-            f"Rendering and writing the JSON access line (full - full-quiet-log): "
-            f"{cpu['full'] - cpu['full-quiet-log']:+.1f} µs/req."
-        )
     if "metrics-only" in cpu:
-        lines += [
-            "",
-            f"Metrics alone, like for like (same 5-route app): the service's "
-            f"HttpMetricsMiddleware {cpu['metrics-only'] - cpu['bare']:+.1f} µs/req vs the "
-            f"instrumentator's {instrumentator:+.1f} µs/req "
-            f"(ratio {fmt_ratio(cpu['metrics-only'] - cpu['bare'], instrumentator)}).",
-        ]
-    if "routes-only" in cpu and "routes-instrumentator" in cpu:
-        theirs = cpu["routes-instrumentator"] - cpu["routes-only"]
-        lines += [
-            "",
-            "On the service's route table (differences from routes-only, µs/req): "
-            f"instrumentator {theirs:+.1f}",
-        ]
-        if "routes-metrics" in cpu:
-            ours = cpu["routes-metrics"] - cpu["routes-only"]
-            lines[-1] += (
-                f", service's metrics middleware {ours:+.1f} (ratio {fmt_ratio(ours, theirs)})"
-            )
-        middleware = cpu["full"] - cpu["routes-only"]
-        lines[-1] += (
-            f", all production middleware {middleware:+.1f} "
-            f"(ratio {fmt_ratio(middleware, theirs)})."
+        ours = cpu["metrics-only"] - cpu["bare"]
+        lines.append(
+            f"- metrics alone, like for like: the service's metrics middleware {ours:+.1f} "
+            f"vs the instrumentator's {instrumentator:+.1f} "
+            f"(ratio {fmt_ratio(ours, instrumentator)})"
         )
-    return lines
+    if "service-routes" in cpu:
+        routes = cpu["service-routes"]
+        lines.append(
+            f"- FastAPI's router reaching `/ping` after the service's route table, no "
+            f"middleware (service-routes - bare): {routes - cpu['bare']:+.1f}"
+        )
+        if "service-full" in cpu:
+            lines.append(
+                f"- the production app as it is: service-full - bare "
+                f"{cpu['service-full'] - cpu['bare']:+.1f}, of which the middleware on that "
+                f"route table (service-full - service-routes) {cpu['service-full'] - routes:+.1f}"
+            )
+        for config, what in (
+            ("service-metrics", "the service's metrics middleware"),
+            ("service-instrumentator", "the instrumentator"),
+        ):
+            if config in cpu:
+                lines.append(
+                    f"- {what} on the service's route table ({config} - service-routes): "
+                    f"{cpu[config] - routes:+.1f}"
+                )
+    return lines if len(lines) > 3 else []
+
+
+def _access_lines(log: Path) -> int:
+    with log.open("rb") as lines:
+        return sum(1 for line in lines if b'"logger":"app.access"' in line)
 
 
 def _wrk_version() -> str:
@@ -426,19 +438,22 @@ def main() -> None:
                 run = measure(servers[config], args.duration, args.warmup, args.connections)
                 runs.append(run)
                 print(
-                    f"round {round_number} {config:15} {run.rps:9,.0f} req/s "
+                    f"round {round_number} {config:22} {run.rps:9,.0f} req/s "
                     f"{run.cpu_us:7.1f} µs/req  busy {run.utilisation:.0%}",
                     flush=True,
                 )
-        with servers["full"].log.open("rb") as log:
-            full_log_lines = sum(1 for _ in log)
+        access_lines = {config: _access_lines(servers[config].log) for config in configs}
     finally:
         for server in servers.values():
             stop(server)
         shutil.rmtree(workdir, ignore_errors=True)
-    full_requests = sum(run.requests for run in runs if run.config == "full")
-    if full_log_lines < full_requests:
-        sys.exit(f"full wrote {full_log_lines} log lines for {full_requests} requests")
+    # Guards the set-up: the line is written where it should be, and only there.
+    for config in configs:
+        requests = sum(run.requests for run in runs if run.config == config)
+        if config in LOGGING_EVERY_REQUEST and access_lines[config] < requests:
+            sys.exit(f"{config} wrote {access_lines[config]} access lines for {requests} requests")
+        if config not in LOGGING_EVERY_REQUEST and access_lines[config]:
+            sys.exit(f"{config} wrote {access_lines[config]} access lines; expected none")
     text = report(runs, configs, args, started, load)
     text += f"\n\nTotal time: {time.monotonic() - begin:.0f} s.\n"
     print()

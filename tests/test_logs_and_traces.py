@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from app.main import create_app
-from app.observability.logging import configure_logging
+from app.observability.logging import configure_logging, get_logger, write_line
 from tests.api import PASSWORD, Api
 from tests.conftest import make_settings
 
@@ -96,3 +97,30 @@ def test_secrets_never_reach_the_logs(
     assert "[REDACTED]" in text
     # The reuse warning is there, attributed, but without the token.
     assert any(r["event"].startswith("refresh token reuse") for r in records(log_lines))
+
+
+def test_access_line_renders_like_the_processor_chain(log_lines: io.StringIO) -> None:
+    """The access line skips structlog in JSON; it must come out as the chain makes it."""
+    attach(log_lines)
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+    fields = {
+        "event": "request",
+        "method": "GET",
+        "route": "/api/v1/items/{item_id}",
+        "path": f"/api/v1/items/{token}",
+        "status": 404,
+        "duration_ms": 1.25,
+        "client_ip": "10.0.0.7",
+        "user_id": 7,
+        "request_id": "req-42",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "span_id": "00f067aa0ba902b7",
+    }
+    get_logger("app.access").info(**fields)
+    write_line("app.access", "info", dict(fields), untrusted=fields["path"])
+    chain, fast = records(log_lines)
+    assert token not in log_lines.getvalue()
+    timestamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")
+    assert timestamp.fullmatch(chain.pop("timestamp"))
+    assert timestamp.fullmatch(fast.pop("timestamp"))
+    assert fast == chain

@@ -10,12 +10,15 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry, Histogram, Summary, generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from app.main import create_app
+from app.observability import metrics
+from app.observability.http_middleware import _RouteSeries
 from app.settings import Settings
 from deploy.stack.process import wait_for
 from tests.api import Api, assert_problem
@@ -236,3 +239,33 @@ def test_system_metrics_in_a_single_process(client: TestClient) -> None:
     assert value(samples, "app_host_memory_bytes", state="total") > 0
     assert value(samples, "app_host_disk_bytes", volume="data", state="total") > 0
     assert len(series(samples, "app_host_load_average")) == 3
+
+
+def test_request_series_update_like_the_public_methods() -> None:
+    """The middleware writes to prometheus_client's value objects directly; the outcome
+    must equal what observe()/inc() produce, bucket boundaries included."""
+    route = "/pinned/{n}"
+    durations = [0.0, 0.005, 0.0051, 0.25, 7.5, 11.0]
+    series = _RouteSeries("PATCH", route)
+    reference = CollectorRegistry()
+    histogram = Histogram("d", "d", buckets=metrics.LATENCY_BUCKETS, registry=reference)
+    sizes = Summary("s", "s", registry=reference)
+    for seconds in durations:
+        series.in_progress(1)
+        series.finish(201, seconds, 3, 5, None)
+        histogram.observe(seconds)
+        sizes.observe(3)
+    samples = parse(generate_latest().decode())
+    expected = parse(generate_latest(reference).decode())
+    labels = {"method": "PATCH", "route": route}
+    for bound in [*metrics.LATENCY_BUCKETS, "+Inf"]:
+        le = "+Inf" if bound == "+Inf" else str(bound)
+        assert value(samples, "http_request_duration_seconds_bucket", **labels, le=le) == value(
+            expected, "d_bucket", le=le
+        ), le
+    assert value(samples, "http_request_duration_seconds_sum", **labels) == sum(durations)
+    assert value(samples, "http_request_size_bytes_count", **labels) == value(expected, "s_count")
+    assert value(samples, "http_request_size_bytes_sum", **labels) == value(expected, "s_sum")
+    assert value(samples, "http_response_size_bytes_sum", **labels) == 5 * len(durations)
+    assert value(samples, "http_requests_total", **labels, status="201") == len(durations)
+    assert value(samples, "http_requests_in_progress", **labels) == 0

@@ -60,11 +60,6 @@ def uninstrument_engines() -> None:
     SQLAlchemyInstrumentor().uninstrument()
 
 
-def current_trace_id() -> str | None:
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else None
-
-
 def current_span_ids() -> dict[str, str]:
     context = trace.get_current_span().get_span_context()
     if not context.is_valid:
