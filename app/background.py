@@ -47,7 +47,7 @@ class BackgroundJobs:
             logger.warning("background jobs cancelled at shutdown", count=len(pending))
 
 
-def get_jobs(request: Request) -> BackgroundJobs:
+async def get_jobs(request: Request) -> BackgroundJobs:
     return request.app.state.jobs
 
 

@@ -22,7 +22,7 @@ class PageParams(BaseModel):
     q: str | None
 
 
-def page_params(
+async def page_params(
     skip: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
     q: Annotated[str | None, Query(min_length=1, max_length=100)] = None,

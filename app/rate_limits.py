@@ -19,11 +19,10 @@ from fastapi import Depends
 from limits import RateLimitItem
 from starlette.requests import HTTPConnection
 
-from app.auth.deps import get_token_codec
+from app.auth.deps import access_claims
 from app.backends.ratelimit import Decision, RateLimiter
 from app.errors import AppError, Unauthorized
 from app.observability.metrics import RATE_LIMIT_REJECTIONS
-from app.security import TokenType
 from app.settings import Settings
 
 
@@ -92,7 +91,7 @@ class RatePolicy:
         await self.limiter.hit(self.limits.login_failures, "login-failures", login)
 
 
-def get_rate_policy(request: HTTPConnection) -> RatePolicy:
+async def get_rate_policy(request: HTTPConnection) -> RatePolicy:
     return request.app.state.rate_policy
 
 
@@ -108,7 +107,7 @@ def caller_identity(request: HTTPConnection) -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token:
         try:
-            claims = get_token_codec(request).decode(token, TokenType.ACCESS)
+            claims = access_claims(request, token)
         except Unauthorized:
             pass
         else:

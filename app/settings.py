@@ -176,7 +176,7 @@ def _persistent_dev_secret(data_dir: Path) -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 

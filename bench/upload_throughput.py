@@ -2,8 +2,8 @@
 
 Why: uploads are streamed (app/files/multipart.py, app/files/service.py) so that a large
 file never sits in memory and a size cap applies while it arrives. Streaming adds work
-per network chunk — the multipart push parser, SHA-256, the UTF-8 probe, a thread hop to
-write and flush the staged file — on top of what any server must do to land the bytes on
+per network chunk — the multipart push parser, SHA-256, the UTF-8 probe, and a thread hop
+per MiB to write the staged file — on top of what any server must do to land the bytes on
 disk. This measures that price in throughput and checks that memory stays flat with the
 file size. Target: the API's throughput is at least 0.8 x the bare copy's.
 
@@ -404,7 +404,8 @@ def report(
             f"**api / bare throughput: {ratio_list}** — target ≥ {TARGET_RATIO}: **{verdict}**.",
             "",
             "`bare-threaded` (diagnostic, not part of the target) is the bare route writing "
-            "each chunk from a worker thread, as the service's local storage does, so "
+            "each chunk from a worker thread (the service's local storage gathers chunks to "
+            "1 MiB per hop), so "
             "`bare` vs `bare-threaded` is the price of that thread hop alone and "
             "`api / bare-threaded` is what the rest of the API's work costs. Blocking writes "
             "also stop `bare` reading the socket whenever the kernel throttles dirty pages, "
@@ -414,9 +415,10 @@ def report(
             "MB/s = file bytes (1, 10, 100 MiB of ASCII text) / wall time from the first byte "
             "sent to the response read, MB = 10^6 bytes; the multipart framing (~200 bytes) is "
             "not counted. Both servers land the bytes on disk and fsync them; the API also "
-            "parses the multipart body, hashes (SHA-256) and UTF-8-checks every chunk, hands "
-            "each chunk to a worker thread to write and flush, renames the staged file, "
-            "fsyncs the directory and commits a row (SQLite), and runs the whole production "
+            "parses the multipart body, hashes (SHA-256) and UTF-8-checks every chunk, writes "
+            "the chunks from a worker thread 1 MiB at a time and, in one last hop, the rest, "
+            "an fsync of the staged file, its rename and an fsync of the directory; commits "
+            "a row (SQLite, one more fsync), and runs the whole production "
             "middleware stack and authentication once per request. "
             f"{memory} Noisy machine: compare the rows of this run with each other, not with "
             "other runs.",

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import jwt
 import pytest
@@ -12,6 +13,7 @@ from sqlalchemy import select
 
 from app.db import create_engine, create_sessionmaker
 from app.main import create_app
+from app.security import TokenCodec, TokenType
 from app.users.models import User
 from tests.api import PASSWORD, Account, Api, assert_problem
 from tests.conftest import make_settings
@@ -268,3 +270,20 @@ def test_logout_revokes_the_access_token_too(api: Api) -> None:
     # Only that login: another session of the same user goes on.
     other = {"Authorization": f"Bearer {other_session['access_token']}"}
     assert api.client.get("/api/v1/users/me", headers=other).status_code == 200
+
+
+def test_an_access_token_is_verified_once_per_request(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rate limit and get_current_user both need the token's claims: one decode."""
+    alice = api.account("alice")
+    decoded: list[TokenType] = []
+    decode = TokenCodec.decode
+
+    def counting(self: TokenCodec, token: str, expected: TokenType) -> dict[str, Any]:
+        decoded.append(expected)
+        return decode(self, token, expected)
+
+    monkeypatch.setattr(TokenCodec, "decode", counting)
+    assert api.client.get("/api/v1/users/me", headers=alice.headers).status_code == 200
+    assert decoded == [TokenType.ACCESS]

@@ -9,12 +9,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
 from PIL import ExifTags, Image
 
-from app.files.rules import content_disposition, sanitize_filename
+from app.backends import storage as storage_module
+from app.files.rules import TextProbe, content_disposition, sanitize_filename
 from app.main import create_app
 from tests.api import Account, Api, assert_problem
 from tests.conftest import make_settings
@@ -316,6 +318,25 @@ def test_sanitize_filename(raw: str | None, clean: str) -> None:
     assert len(sanitize_filename(raw).encode()) <= 255
 
 
+@pytest.mark.parametrize(
+    ("chunks", "is_text"),
+    [
+        ([b"plain ", b"ascii"], True),
+        (["caf\u00e9".encode()[:4], "caf\u00e9".encode()[4:]], True),  # é split in two
+        # A started character cannot skip an ASCII chunk to end in the next one.
+        ([b"abc\xc3", b"def", b"\xa9"], False),
+        ([b"abc", b"\xff"], False),
+        ([b"abc\xc3"], False),  # the upload ends inside a character
+        ([b"nul\x00byte"], False),
+    ],
+)
+def test_text_probe_checks_utf8_across_chunks(chunks: list[bytes], is_text: bool) -> None:
+    probe = TextProbe()
+    for chunk in chunks:
+        probe.feed(chunk)
+    assert probe.is_text() is is_text
+
+
 def test_content_disposition_has_an_ascii_fallback_and_the_utf8_name() -> None:
     assert content_disposition('résumé "1".txt') == (
         "attachment; filename=\"r_sum_ _1_.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%221%22.txt"
@@ -518,3 +539,22 @@ def test_upload_outcomes_are_counted(api: Api) -> None:
         "bad_type": 1,
         "bomb": 1,
     }
+
+
+def test_a_commit_that_fails_after_the_rename_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_fsync(path: Path) -> None:
+        raise OSError("fsync failed")
+
+    monkeypatch.setattr(storage_module, "_fsync_directory", failing_fsync)
+    storage = storage_module.LocalStorage(tmp_path / "blobs")
+
+    async def stage_and_commit() -> None:
+        async with storage.stage() as blob:
+            await blob.write(b"bytes")
+            await blob.commit("key")
+
+    with pytest.raises(OSError, match="fsync failed"):
+        anyio.run(stage_and_commit)
+    assert list((tmp_path / "blobs").iterdir()) == []

@@ -8,6 +8,7 @@ family (every token descended from the same login) is revoked.
 
 import time
 import uuid
+from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -206,10 +207,10 @@ async def revoke_all_for_user(session: AsyncSession, user_id: int) -> None:
     )
 
 
-async def user_from_access_token(
-    session: AsyncSession, codec: TokenCodec, revocations: Revocations, token: str
+async def user_from_access_claims(
+    session: AsyncSession, revocations: Revocations, claims: dict[str, Any]
 ) -> User:
-    claims = codec.decode(token, TokenType.ACCESS)
+    """The active user of a verified access token (``TokenCodec.decode``), unless revoked."""
     if await revocations.is_revoked(claims["jti"]):
         raise Unauthorized(INVALID_TOKEN)
     try:

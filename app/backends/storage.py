@@ -67,38 +67,46 @@ class _LocalStagedBlob:
         self._root = root
         self._path = path
         self._file = file
-        self._pending = bytearray()
+        # Kept as the chunks themselves, not copied into one buffer: the worker thread
+        # writes each (BufferedWriter passes large ones straight to the kernel).
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self.committed = False
 
     async def local_file(self) -> Path:
-        await self._flush()
+        await anyio.to_thread.run_sync(self._write, self._take_pending())
         return self._path
 
     async def write(self, chunk: bytes) -> None:
-        self._pending += chunk
-        if len(self._pending) >= WRITE_BUFFER_BYTES:
-            await self._flush()
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        if self._pending_bytes >= WRITE_BUFFER_BYTES:
+            await anyio.to_thread.run_sync(self._write, self._take_pending())
 
-    async def _flush(self) -> None:
-        if self._pending:
-            data, self._pending = bytes(self._pending), bytearray()
-            await anyio.to_thread.run_sync(self._write, data)
+    def _take_pending(self) -> list[bytes]:
+        chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        return chunks
 
-    def _write(self, data: bytes) -> None:
-        self._file.write(data)
+    def _write(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._file.write(chunk)
         self._file.flush()
 
     async def commit(self, key: str) -> None:
-        await self._flush()
         target = self._root / _checked(key)
-        await anyio.to_thread.run_sync(os.fsync, self._file.fileno())
+        # One hop for the rest of the bytes, both fsyncs and the rename.
+        await anyio.to_thread.run_sync(self._commit, self._take_pending(), target)
+        self.committed = True
+
+    def _commit(self, chunks: list[bytes], target: Path) -> None:
+        self._write(chunks)
+        os.fsync(self._file.fileno())
         self._file.close()
         # Same directory, so rename is atomic; the directory fsync makes the new name
-        # survive a crash too.
-        await anyio.to_thread.run_sync(os.replace, self._path, target)
-        await anyio.to_thread.run_sync(_fsync_directory, self._root)
+        # survive a crash too. Should that fsync fail, discard() removes the new name.
+        os.replace(self._path, target)
         self._path = target
-        self.committed = True
+        _fsync_directory(self._root)
 
     async def discard(self) -> None:
         self._file.close()

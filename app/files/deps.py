@@ -7,7 +7,7 @@ from app.backends.storage import Storage
 from app.rate_limits import RatePolicyDep
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 

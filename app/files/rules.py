@@ -37,10 +37,13 @@ class TextProbe:
     def feed(self, chunk: bytes) -> None:
         if not self._valid:
             return
-        try:
-            self._decoder.decode(chunk)
-        except UnicodeDecodeError:
-            self._valid = False
+        # ASCII is UTF-8 as it is: decoding it (into a str the size of the chunk) is
+        # needed only when a multi-byte character is pending from the previous chunk.
+        if not chunk.isascii() or self._decoder.getstate()[0]:
+            try:
+                self._decoder.decode(chunk)
+            except UnicodeDecodeError:
+                self._valid = False
         if b"\0" in chunk:
             self._valid = False
 

@@ -47,7 +47,8 @@ class _IncomingFile:
     size: int = 0
     head: bytearray = field(default_factory=bytearray)
     sha256: "hashlib._Hash" = field(default_factory=hashlib.sha256)
-    text: rules.TextProbe = field(default_factory=rules.TextProbe)
+    # None once the head shows a binary signature: the type is settled, text or not.
+    text: rules.TextProbe | None = field(default_factory=rules.TextProbe)
     error: AppError | None = None  # in a batch: this file failed, the others go on
 
     async def feed(self, chunk: bytes) -> None:
@@ -56,9 +57,15 @@ class _IncomingFile:
             raise PayloadTooLarge(f"The file is larger than {self.max_bytes} bytes.")
         if len(self.head) < rules.SNIFF_BYTES:
             self.head += chunk[: rules.SNIFF_BYTES - len(self.head)]
+            if len(self.head) == rules.SNIFF_BYTES and rules.detect(bytes(self.head), False):
+                self.text = None
         self.sha256.update(chunk)
-        self.text.feed(chunk)
+        if self.text is not None:
+            self.text.feed(chunk)
         await self.blob.write(chunk)
+
+    def is_text(self) -> bool:
+        return self.text is not None and self.text.is_text()
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ async def _store(
 ) -> StoredFile:
     """Check a received file and commit its blobs; on any failure none of them remain."""
     detected = rules.check_type(
-        rules.detect(bytes(incoming.head), incoming.text.is_text()),
+        rules.detect(bytes(incoming.head), incoming.is_text()),
         incoming.filename,
         incoming.declared_type,
     )

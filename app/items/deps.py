@@ -5,7 +5,7 @@ from fastapi import Depends, Request
 from app.items.cache import ItemCache
 
 
-def get_item_cache(request: Request) -> ItemCache:
+async def get_item_cache(request: Request) -> ItemCache:
     return request.app.state.item_cache
 
 

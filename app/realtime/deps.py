@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
-from app.auth.service import user_from_access_token
+from app.auth.service import user_from_access_claims
 from app.errors import Unauthorized
 from app.observability.logging import user_id_var
 from app.realtime.connection import DISCONNECTED
@@ -34,7 +34,7 @@ _CREDENTIAL_PARAMS = frozenset({"token", "access_token", "jwt", "auth", "authori
 _JWT_SHAPED = re.compile(r"eyJ[\w-]*\.[\w-]*\.")
 
 
-def get_realtime(connection: HTTPConnection) -> Realtime:
+async def get_realtime(connection: HTTPConnection) -> Realtime:
     return realtime_of(connection.app)
 
 
@@ -106,13 +106,11 @@ async def _user_for(websocket: WebSocket, token: str | None) -> SocketUser | Non
     state = websocket.app.state
     async with state.sessionmaker() as session:
         try:
-            user = await user_from_access_token(
-                session, state.tokens, state.backends.revocations, token
-            )
+            claims = state.tokens.decode(token, TokenType.ACCESS)
+            user = await user_from_access_claims(session, state.backends.revocations, claims)
         except Unauthorized:
             return None
-    expires_at = state.tokens.decode(token, TokenType.ACCESS)["exp"]
-    return SocketUser(user, float(expires_at))
+    return SocketUser(user, float(claims["exp"]))
 
 
 async def _refuse(websocket: WebSocket, reason: str) -> None:
