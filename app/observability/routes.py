@@ -1,8 +1,9 @@
 """The route template of a request, known before the request is handled.
 
 Metrics need it before dispatch (``http_requests_in_progress`` is labelled by route), and
-both the metrics and the access-log middleware need it on every request, so it must be
-cheap: the application's routes are compiled once into a flat table of
+the metrics and the access line need it on every request, so it must be cheap (the
+middleware also remembers it per path): the application's routes are compiled once into
+a flat table of
 (regex, template, methods) — FastAPI (0.16x) keeps included routers as objects whose
 ``effective_route_contexts()`` yield the routes with their prefixes applied; older
 versions and Starlette list them directly — and the request is matched against that
