@@ -71,10 +71,12 @@ def create_engine(url: str, settings: Settings | None = None) -> AsyncEngine:
 
 def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     # SQLite ignores foreign keys unless asked, and WAL lets readers run beside a writer.
+    # The busy timeout comes first: switching to WAL takes a lock, and without the timeout
+    # a connection opened while another holds it fails at once with "database is locked".
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
