@@ -28,7 +28,6 @@ SECURITY_HEADERS = (
     (b"referrer-policy", b"no-referrer"),
     (b"cross-origin-resource-policy", b"same-origin"),
 )
-_SECURITY_NAMES = frozenset(name for name, _ in SECURITY_HEADERS)
 NO_STORE = (b"cache-control", b"no-store")
 NO_STORE_PREFIXES = ("/api/v1/auth", "/api/v1/users")
 
@@ -51,7 +50,7 @@ class HttpHeadersMiddleware:
         # Every log line of this request carries the id.
         token = request_id_var.set(request_id)
         try:
-            allowed = self.hosts.allow_any or self.hosts.allows(scope)
+            allowed = self.hosts.allows(scope)
             if kind == "websocket":
                 if allowed:
                     await self.app(scope, receive, send)
@@ -98,10 +97,7 @@ def response_headers(
     # Raw header lists, not MutableHeaders: this runs on every response.
     result = list(headers)
     present = {name.lower() for name, _ in result}
-    if present.isdisjoint(_SECURITY_NAMES):
-        result += SECURITY_HEADERS
-    else:
-        result += [header for header in SECURITY_HEADERS if header[0] not in present]
+    result += [header for header in SECURITY_HEADERS if header[0] not in present]
     if no_store:
         result = [header for header in result if header[0].lower() != b"cache-control"]
         result.append(NO_STORE)

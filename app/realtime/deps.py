@@ -17,13 +17,13 @@ from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
+from app.auth.deps import access_claims
 from app.auth.service import user_from_access_claims
 from app.errors import Unauthorized
 from app.observability.logging import user_id_var
 from app.realtime.connection import DISCONNECTED
 from app.realtime.schemas import MAX_FRAME_BYTES, AuthFrame
 from app.realtime.service import Realtime, SocketUser, realtime_of
-from app.security import TokenType
 
 ROOM_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 AUTH_TIMEOUT_SECONDS = 5.0
@@ -106,7 +106,7 @@ async def _user_for(websocket: WebSocket, token: str | None) -> SocketUser | Non
     state = websocket.app.state
     async with state.sessionmaker() as session:
         try:
-            claims = state.tokens.decode(token, TokenType.ACCESS)
+            claims = access_claims(websocket, token)
             user = await user_from_access_claims(session, state.backends.revocations, claims)
         except Unauthorized:
             return None

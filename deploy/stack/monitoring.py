@@ -42,8 +42,8 @@ class PrometheusServer(ProgramServer):
         (self.config_dir / "targets").mkdir()
         targets = {**self.targets, "prometheus": [f"{self.host}:{self.port}"]}
         for job, addresses in targets.items():
-            lines = [f"- targets: [{', '.join(repr(a) for a in addresses)}]\n"]
-            (self.config_dir / "targets" / f"{job}.yml").write_text("".join(lines))
+            listed = ", ".join(repr(address) for address in addresses)
+            (self.config_dir / "targets" / f"{job}.yml").write_text(f"- targets: [{listed}]\n")
         return self.config_dir / "prometheus.yml"
 
     def command(self) -> list[str]:
