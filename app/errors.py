@@ -61,7 +61,7 @@ class UnprocessableContent(AppError):
 
 
 def request_id_of(scope: Scope) -> str | None:
-    """The id HttpHeadersMiddleware put in the request state, if it ran."""
+    """The id HttpMiddleware (app/middleware.py) put in the request state, if it ran."""
     return scope.get("state", {}).get("request_id")
 
 

@@ -23,9 +23,9 @@ from app.errors import install_error_handlers
 from app.files.router import router as files_router
 from app.items.cache import ItemCache
 from app.items.router import router as items_router
-from app.middleware import HttpHeadersMiddleware
+from app.middleware import HttpMiddleware
 from app.observability import exposition, tracing
-from app.observability.http_middleware import HttpObservabilityMiddleware
+from app.observability.log_output import flush_all
 from app.observability.logging import configure_logging
 from app.observability.system import SystemSampler
 from app.rate_limits import RatePolicy, default_limit
@@ -78,6 +78,8 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         if provider is not None:
             tracing.uninstrument_engines()
             provider.shutdown()
+        # Access lines held back for a moment are written before the process stops.
+        flush_all()
 
 
 def create_app(
@@ -85,7 +87,7 @@ def create_app(
 ) -> FastAPI:
     """Build the service. ``tracer_provider`` overrides the one made from ``OTEL_*``."""
     settings = settings or Settings()
-    configure_logging(settings.log_level, settings.effective_log_format)
+    install_logging(settings)
     docs = settings.docs_enabled
     application = FastAPI(
         title="FastAPI ops service",
@@ -112,14 +114,23 @@ def create_app(
     return application
 
 
+def install_logging(settings: Settings) -> None:
+    """Logging as the service configures it (also used by bench/http_overhead.py)."""
+    configure_logging(
+        settings.log_level,
+        settings.effective_log_format,
+        flush_seconds=settings.log_flush_seconds,
+    )
+
+
 def install_middleware(application: FastAPI, settings: Settings, *, traced: bool) -> None:
     """Every middleware of the service (tracing aside; ``traced``: whether it is on). A
     function of its own so that bench/http_overhead.py measures exactly this stack on a
     trivial app."""
     # add_middleware wraps: the last added runs first. Order, outermost first:
-    # metrics + access line → trusted host + request id + security headers → CORS → routes
-    # (OpenTelemetry, when on, wraps all of them so every layer sees the span). Rejected
-    # hosts are thus counted and logged, with their request id.
+    # HttpMiddleware (trusted host, request id, security headers, metrics, access line)
+    # → CORS → routes (OpenTelemetry, when on, wraps both so every layer sees the span).
+    # Rejected hosts are thus counted and logged, with their request id.
     if settings.cors_origins:
         application.add_middleware(
             CORSMiddleware,
@@ -128,5 +139,4 @@ def install_middleware(application: FastAPI, settings: Settings, *, traced: bool
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
-    application.add_middleware(HttpHeadersMiddleware, allowed_hosts=settings.allowed_hosts)
-    application.add_middleware(HttpObservabilityMiddleware, traced=traced)
+    application.add_middleware(HttpMiddleware, allowed_hosts=settings.allowed_hosts, traced=traced)

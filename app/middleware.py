@@ -1,20 +1,30 @@
-"""Trusted hosts, request ids and security headers, as one pure ASGI middleware.
+"""The service's HTTP middleware: one pure ASGI layer around every request and websocket.
 
-Pure ASGI rather than ``BaseHTTPMiddleware``: measured here the latter costs ~180 µs per
-request, breaks contextvars and buffers streaming responses. One class for the three
-rather than a layer each: every layer costs a coroutine and a wrapped ``send`` per
-message on every request, and these three read the same request headers and amend the
-same response headers (bench/RESULTS.md). Each concern keeps its own helper below.
+It refuses untrusted hosts, gives every request an id (the client's when sane), adds the
+id and the security headers to every response, feeds the HTTP metrics and writes the
+access line. Pure ASGI rather than ``BaseHTTPMiddleware``: measured here the latter costs
+~180 µs per request, breaks contextvars and buffers streaming responses. One layer rather
+than one per concern: every layer costs a coroutine and a wrapped ``send`` per message on
+every request, and these concerns read the same request, amend the same response start
+and need the same status and timing (bench/RESULTS.md). Each concern keeps its own
+helper: the edge policy below, the metrics in observability/http_metrics.py, the access
+line in observability/access_log.py. Exceptions are counted as 500 and re-raised for the
+server to log.
 """
 
-import os
+import random
 import re
+import time
 from collections.abc import Awaitable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import problem_response
+from app.observability.access_log import log_request
+from app.observability.http_metrics import SeriesLookup, observe_websocket
 from app.observability.logging import request_id_var
+from app.observability.metrics import multiprocess_enabled
+from app.observability.tracing import current_span_ids
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_NAME = b"x-request-id"
@@ -28,52 +38,93 @@ SECURITY_HEADERS = (
     (b"referrer-policy", b"no-referrer"),
     (b"cross-origin-resource-policy", b"same-origin"),
 )
-NO_STORE = (b"cache-control", b"no-store")
+_CACHE_CONTROL = b"cache-control"
+NO_STORE = (_CACHE_CONTROL, b"no-store")
 NO_STORE_PREFIXES = ("/api/v1/auth", "/api/v1/users")
+# Response headers that, when the app set them, the merge must look at one by one.
+_MERGED = frozenset({name for name, _ in SECURITY_HEADERS} | {_REQUEST_ID_NAME, _CACHE_CONTROL})
+_NO_SPAN: dict[str, str] = {}
 
 
-class HttpHeadersMiddleware:
-    """Refuses untrusted hosts, gives every request an id (the client's when sane), and
-    adds the id and the security headers to every response."""
+class HttpMiddleware:
+    """The edge policy, metrics and access line of every request (see the module).
 
-    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str]) -> None:
+    ``traced``: whether OpenTelemetry is on; only then are trace ids looked up (for
+    exemplars and the access line), as there can be no current span otherwise.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str], traced: bool) -> None:
         self.app = app
         self.hosts = HostPolicy(allowed_hosts)
+        self.series = SeriesLookup()
+        self.traced = traced
+        self.exemplars = traced and not multiprocess_enabled()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind not in ("http", "websocket"):
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = choose_request_id(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
         # Every log line of this request carries the id.
         token = request_id_var.set(request_id)
+        id_header = (_REQUEST_ID_NAME, request_id.encode())
+        no_store = scope["path"].startswith(NO_STORE_PREFIXES)
+        series = self.series(scope)
+        series.start()
+        start = time.perf_counter()
+        status = 500
+        request_bytes = response_bytes = 0
+
+        async def counting_receive() -> Message:
+            nonlocal request_bytes
+            message = await receive()
+            if message["type"] == "http.request":
+                request_bytes += len(message.get("body", b""))
+            return message
+
+        # A plain function handing back send's awaitable, not a coroutine of its own:
+        # one coroutine less per message.
+        def observed_send(message: Message) -> Awaitable[None]:
+            nonlocal status, response_bytes
+            if message["type"] == "http.response.body":
+                response_bytes += len(message.get("body", b""))
+            elif message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = response_headers(
+                    message.get("headers", ()), id_header, no_store
+                )
+            return send(message)
+
         try:
-            allowed = self.hosts.allows(scope)
-            if kind == "websocket":
-                if allowed:
-                    await self.app(scope, receive, send)
-                else:
-                    await send({"type": "websocket.close", "code": 1008})
-                return
-            id_header = (_REQUEST_ID_NAME, request_id.encode())
-            no_store = scope["path"].startswith(NO_STORE_PREFIXES)
-
-            # A plain function handing back send's awaitable, not a coroutine of its own:
-            # one coroutine less per message.
-            def send_with_headers(message: Message) -> Awaitable[None]:
-                if message["type"] == "http.response.start":
-                    message["headers"] = response_headers(
-                        message.get("headers", ()), id_header, no_store
-                    )
-                return send(message)
-
-            if allowed:
-                await self.app(scope, receive, send_with_headers)
+            if self.hosts.allows(scope):
+                await self.app(scope, counting_receive, observed_send)
             else:
                 response = problem_response(scope, 400, "Invalid host header.")
-                await response(scope, receive, send_with_headers)
+                await response(scope, receive, observed_send)
+        finally:
+            elapsed = time.perf_counter() - start
+            span_ids = current_span_ids() if self.traced else _NO_SPAN
+            trace_id = span_ids.get("trace_id") if self.exemplars else None
+            series.finish(status, elapsed, request_bytes, response_bytes, trace_id)
+            log_request(scope, series.route, status, elapsed, span_ids)
+            request_id_var.reset(token)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = choose_request_id(scope["headers"])
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        try:
+            if self.hosts.allows(scope):
+                await observe_websocket(self.app, scope, receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 1008})
         finally:
             request_id_var.reset(token)
 
@@ -85,7 +136,9 @@ def choose_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
             if _SANE_REQUEST_ID.fullmatch(value):
                 return value.decode("ascii")
             break
-    return os.urandom(16).hex()
+    # Not os.urandom: a syscall per request for an id that only has to be unique (the
+    # random module reseeds in forked workers, so they do not repeat each other).
+    return f"{random.getrandbits(128):032x}"
 
 
 def response_headers(
@@ -94,12 +147,19 @@ def response_headers(
     """The response's headers plus the security headers it lacks, ``no-store`` instead of
     its own Cache-Control where asked, and the request id unless it has one already
     (problem responses do: 500s are rendered outside this middleware)."""
-    # Raw header lists, not MutableHeaders: this runs on every response.
+    # Raw header lists, not MutableHeaders: this runs on every response. Names are
+    # lowercase, as ASGI requires of applications.
     result = list(headers)
-    present = {name.lower() for name, _ in result}
+    present = _MERGED.intersection([name for name, _ in result])
+    if not present:  # the usual case: nothing of ours to keep or replace
+        result += SECURITY_HEADERS
+        if no_store:
+            result.append(NO_STORE)
+        result.append(id_header)
+        return result
     result += [header for header in SECURITY_HEADERS if header[0] not in present]
     if no_store:
-        result = [header for header in result if header[0].lower() != b"cache-control"]
+        result = [header for header in result if header[0] != _CACHE_CONTROL]
         result.append(NO_STORE)
     if _REQUEST_ID_NAME not in present:
         result.append(id_header)

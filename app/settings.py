@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # How long access lines may wait to be written together (app/observability/log_output.py).
+    log_flush_seconds: float = Field(default=1.0, ge=0, le=60)
     metrics_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = []
     system_metrics_interval_seconds: float = Field(default=5.0, gt=0)
 

@@ -1,7 +1,7 @@
 """Per-request server CPU cost of the production middleware stack, against baselines.
 
 Why: the service writes its own HTTP metrics and access log middleware instead of using
-prometheus-fastapi-instrumentator (see app/observability/http_middleware.py). This
+prometheus-fastapi-instrumentator (see app/observability/http_metrics.py). This
 measures what that stack costs per request compared with a bare FastAPI app and with the
 instrumentator, so the choice rests on numbers from this machine. Target: the full
 stack's overhead over bare is at most half the instrumentator's.
@@ -26,16 +26,13 @@ Diagnostics, not part of the target:
 
 - ``full-quiet-log``: ``full`` with the log level at WARNING, so the access line is
   dropped before it is rendered or written (the middleware still runs);
-- ``metrics-only``: the service's HttpObservabilityMiddleware alone with the log level at
-  WARNING (metrics, and an access line dropped before rendering) — like for like with
-  the instrumentator;
 - ``service-routes``: ``create_app(settings)`` without any middleware, plus ``/ping``
   after the service's whole route table, so ``service-routes - bare`` is what FastAPI's
   router costs to reach the last route: a property of the route table, not of middleware;
 - ``service-full``: ``create_app(settings)`` plus ``/ping`` — the production app as it is;
-- ``service-metrics``, ``service-instrumentator`` (optional, to keep the default run
-  near 3 minutes): ``service-routes`` plus the service's metrics middleware, or plus the
-  instrumentator — both metrics layers on the service's real route table.
+- ``service-instrumentator`` (optional, to keep the default run near 3 minutes):
+  ``service-routes`` plus the instrumentator, to compare with ``service-full`` on the
+  service's real route table.
 
 Run from the repository root: ``.venv/bin/python bench/http_overhead.py``.
 """
@@ -69,8 +66,8 @@ from _common import (
 )
 
 REQUIRED = ("bare", "full", "instrumentator")
-DIAGNOSTIC = ("full-quiet-log", "metrics-only", "service-routes", "service-full")
-OPTIONAL = ("service-metrics", "service-instrumentator")
+DIAGNOSTIC = ("full-quiet-log", "service-routes", "service-full")
+OPTIONAL = ("service-instrumentator",)
 CONFIGS = REQUIRED + DIAGNOSTIC + OPTIONAL
 DEFAULT_CONFIGS = REQUIRED + DIAGNOSTIC
 WITH_REQUEST_ID = ("full", "full-quiet-log", "service-full")
@@ -126,8 +123,7 @@ async def ping() -> dict[str, bool]:
 
 
 def build_app(config: str, data_dir: Path) -> FastAPI:
-    from app.main import create_app, install_middleware
-    from app.observability.logging import configure_logging
+    from app.main import create_app, install_logging, install_middleware
     from app.settings import Settings
 
     settings = Settings(
@@ -145,7 +141,7 @@ def build_app(config: str, data_dir: Path) -> FastAPI:
         application = FastAPI()
         if config in ("full", QUIET):
             # As create_app does: access lines are rendered by the service's logging.
-            configure_logging(settings.log_level, settings.effective_log_format)
+            install_logging(settings)
             # Tracing off, as in production unless an OTLP endpoint is configured.
             install_middleware(application, settings, traced=False)
     if config == "instrumentator":
@@ -159,12 +155,6 @@ def build_app(config: str, data_dir: Path) -> FastAPI:
         # Its own registry: the service already registered http_requests_total & co., and
         # on a name clash the instrumentator silently records nothing at all.
         Instrumentator(registry=CollectorRegistry()).instrument(application)
-    elif config in ("metrics-only", "service-metrics"):
-        from app.observability.http_middleware import HttpObservabilityMiddleware
-
-        # Its access line is dropped before rendering (level WARNING): metrics alone.
-        configure_logging("WARNING", settings.effective_log_format)
-        application.add_middleware(HttpObservabilityMiddleware, traced=False)
     application.add_api_route("/ping", ping, methods=["GET"])
     return application
 
@@ -298,7 +288,7 @@ def report(
         )
     ]
     notes.append(f"The same ratio within each round: {', '.join(per_round)}.")
-    notes += breakdown(median_cpu, overhead["instrumentator"])
+    notes += breakdown(median_cpu)
     return "\n".join(
         [
             f"## 1. Per-request cost of the middleware stack — {started}",
@@ -350,7 +340,7 @@ def fmt_ratio(numerator: float | None, denominator: float = 1.0) -> str:
     return f"{numerator / denominator:.2f}"
 
 
-def breakdown(cpu: dict[str, float], instrumentator: float) -> list[str]:
+def breakdown(cpu: dict[str, float]) -> list[str]:
     """Where ``full``'s overhead goes, and the diagnostics that ran (differences of medians)."""
     lines = ["", "Diagnostics (differences of medians, µs/req):", ""]
     if QUIET in cpu:
@@ -360,13 +350,6 @@ def breakdown(cpu: dict[str, float], instrumentator: float) -> list[str]:
             f"- the rest of the stack, line dropped before rendering ({QUIET} - bare): "
             f"{cpu[QUIET] - cpu['bare']:+.1f}",
         ]
-    if "metrics-only" in cpu:
-        ours = cpu["metrics-only"] - cpu["bare"]
-        lines.append(
-            f"- metrics alone, like for like: the service's metrics middleware {ours:+.1f} "
-            f"vs the instrumentator's {instrumentator:+.1f} "
-            f"(ratio {fmt_ratio(ours, instrumentator)})"
-        )
     if "service-routes" in cpu:
         routes = cpu["service-routes"]
         lines.append(
@@ -379,15 +362,11 @@ def breakdown(cpu: dict[str, float], instrumentator: float) -> list[str]:
                 f"{cpu['service-full'] - cpu['bare']:+.1f}, of which the middleware on that "
                 f"route table (service-full - service-routes) {cpu['service-full'] - routes:+.1f}"
             )
-        for config, what in (
-            ("service-metrics", "the service's metrics middleware"),
-            ("service-instrumentator", "the instrumentator"),
-        ):
-            if config in cpu:
-                lines.append(
-                    f"- {what} on the service's route table ({config} - service-routes): "
-                    f"{cpu[config] - routes:+.1f}"
-                )
+        if "service-instrumentator" in cpu:
+            lines.append(
+                f"- the instrumentator on the service's route table (service-instrumentator"
+                f" - service-routes): {cpu['service-instrumentator'] - routes:+.1f}"
+            )
     return lines if len(lines) > 3 else []
 
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from fastapi import Response
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -69,6 +70,25 @@ def test_security_headers_and_no_store(api: Api) -> None:
     )
     assert api.login("alice").headers["cache-control"] == "no-store"
     assert "cache-control" not in api.client.get("/api/v1/items").headers
+
+
+def test_headers_the_app_set_are_kept_or_replaced_never_duplicated(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/api/v1/auth/own-headers")
+    async def own_headers() -> Response:
+        headers = {"Cache-Control": "max-age=60", "X-Frame-Options": "SAMEORIGIN"}
+        return Response("x", headers=headers)
+
+    with TestClient(app) as client:
+        response = client.get("/api/v1/auth/own-headers", headers={"X-Request-ID": "mine-1"})
+    raw = [name.lower() for name, _ in response.headers.raw]
+    for name in (b"cache-control", b"x-frame-options", b"x-request-id", b"referrer-policy"):
+        assert raw.count(name) == 1, name
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-frame-options"] == "SAMEORIGIN"
+    assert response.headers["x-request-id"] == "mine-1"
+    assert response.headers["x-content-type-options"] == "nosniff"
 
 
 def test_untrusted_host_is_a_400_problem(database_url: str, tmp_path: Path) -> None:

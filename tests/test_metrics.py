@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from app.main import create_app
 from app.observability import metrics
-from app.observability.http_middleware import _RouteSeries
+from app.observability.http_metrics import RouteSeries
 from app.settings import Settings
 from deploy.stack.process import wait_for
 from tests.api import Api, assert_problem
@@ -246,12 +246,12 @@ def test_request_series_update_like_the_public_methods() -> None:
     must equal what observe()/inc() produce, bucket boundaries included."""
     route = "/pinned/{n}"
     durations = [0.0, 0.005, 0.0051, 0.25, 7.5, 11.0]
-    series = _RouteSeries("PATCH", route)
+    series = RouteSeries("PATCH", route)
     reference = CollectorRegistry()
     histogram = Histogram("d", "d", buckets=metrics.LATENCY_BUCKETS, registry=reference)
     sizes = Summary("s", "s", registry=reference)
     for seconds in durations:
-        series.in_progress(1)
+        series.start()
         series.finish(201, seconds, 3, 5, None)
         histogram.observe(seconds)
         sizes.observe(3)

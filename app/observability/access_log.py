@@ -4,7 +4,7 @@ It replaces uvicorn's and gunicorn's access logs (disabled in logging.py) becaus
 knows what they do not: the route template, the request id, the user and the trace.
 Probe and scrape requests are logged at DEBUG so they do not drown the rest.
 
-A function, not a middleware of its own: HttpObservabilityMiddleware (http_middleware.py)
+A function, not a middleware of its own: HttpMiddleware (app/middleware.py)
 times each request once for the metrics and this line, so the line costs no ASGI layer.
 """
 

@@ -9,6 +9,9 @@ middleware (request id, user id), the current trace and span ids, and passes a r
 step: values under sensitive keys and anything shaped like a JWT or a bearer credential
 are replaced before rendering.
 
+Every line ends up in one LineOutput (log_output.py), which writes the access lines in
+batches and any other line at once, keeping their order.
+
 Loggers are cached on first use, so where lines go, at which level and in which format
 is read at call time from ``_output``: reconfiguring (a new app in the same process, a
 test capturing the output) takes effect for every logger.
@@ -21,7 +24,6 @@ same object rendered directly a few µs (bench/RESULTS.md); a test keeps the two
 import logging
 import logging.config
 import re
-import sys
 from collections.abc import MutableMapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -31,6 +33,7 @@ import orjson
 import structlog
 from structlog.types import EventDict, Processor, WrappedLogger
 
+from app.observability.log_output import LineOutput, open_output
 from app.observability.tracing import current_span_ids
 
 LogFormat = Literal["json", "console"]
@@ -78,7 +81,7 @@ def _renderer(log_format: LogFormat) -> Processor:
 
 
 class _Output:
-    stream: TextIO = sys.stdout
+    lines: LineOutput = open_output(None, 0)
     level: int = logging.INFO
     render: Processor = _renderer("console")
     json: bool = False
@@ -100,9 +103,18 @@ class _StreamLogger:
 
 
 def _write(line: str) -> None:
-    stream = _output.stream
-    stream.write(line + "\n")
-    stream.flush()
+    _output.lines.write(line.encode() + b"\n")
+
+
+class OutputHandler(logging.Handler):
+    """The stdlib handler: lines of servers and libraries join the same output, in order
+    with the service's own (gunicorn's ``logconfig_dict`` names it too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write(self.format(record))
+        except Exception:
+            self.handleError(record)
 
 
 def get_logger(name: str) -> Any:
@@ -228,9 +240,7 @@ def formatter(log_format: LogFormat) -> structlog.stdlib.ProcessorFormatter:
     )
 
 
-def dict_config(
-    level: str, log_format: LogFormat, stream: TextIO | str = "ext://sys.stdout"
-) -> dict[str, Any]:
+def dict_config(level: str, log_format: LogFormat) -> dict[str, Any]:
     """stdlib logging config: one handler; also gunicorn's ``logconfig_dict``."""
     quiet = {"handlers": [], "propagate": False, "level": "CRITICAL"}
     through_root = {"handlers": [], "propagate": True}
@@ -241,13 +251,9 @@ def dict_config(
             "structlog": {"()": f"{__name__}.formatter", "log_format": log_format},
         },
         "handlers": {
-            "stream": {
-                "class": "logging.StreamHandler",
-                "stream": stream,
-                "formatter": "structlog",
-            },
+            "output": {"class": f"{__name__}.OutputHandler", "formatter": "structlog"},
         },
-        "root": {"level": level, "handlers": ["stream"]},
+        "root": {"level": level, "handlers": ["output"]},
         "loggers": {
             "gunicorn.error": through_root,
             "uvicorn": through_root,
@@ -260,8 +266,12 @@ def dict_config(
     }
 
 
-def configure_logging(level: str, log_format: LogFormat, stream: TextIO | None = None) -> None:
-    _output.stream = stream or sys.stdout
+def configure_logging(
+    level: str, log_format: LogFormat, stream: TextIO | None = None, flush_seconds: float = 0
+) -> None:
+    """Where (stdout unless ``stream``), from which level and in which format lines go;
+    ``flush_seconds``: how long access lines may wait to be written (log_output.py)."""
+    _output.lines = open_output(stream, flush_seconds)
     _output.level = logging.getLevelNamesMapping()[level]
     _output.render = _renderer(log_format)
     _output.json = log_format == "json"
@@ -280,7 +290,7 @@ def configure_logging(level: str, log_format: LogFormat, stream: TextIO | None =
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         cache_logger_on_first_use=True,
     )
-    logging.config.dictConfig(dict_config(level, log_format, _output.stream))
+    logging.config.dictConfig(dict_config(level, log_format))
 
 
 def is_enabled(method_name: str) -> bool:
@@ -300,6 +310,7 @@ def write_line(
     values that do not come from this code (paths, ids…), NUL-separated: the only places a
     credential can hide, searched at once, because the chain's generic check costs more
     than the whole line. The console format (development) goes through the chain.
+    The line may be held back for up to ``flush_seconds`` (log_output.py).
     """
     if not _output.json:
         getattr(get_logger(logger_name), method_name)(**event_dict)
@@ -310,4 +321,10 @@ def write_line(
     event_dict["logger"] = logger_name
     # orjson writes it as the chain's TimeStamper does (ISO 8601, "Z"), in C.
     event_dict["timestamp"] = datetime.now(UTC)
-    _write(orjson.dumps(event_dict, default=str, option=orjson.OPT_UTC_Z).decode())
+    # Held back (log_output.py): the one line of every request, written many at a time.
+    _output.lines.write(
+        orjson.dumps(event_dict, default=str, option=_ACCESS_LINE_OPTIONS), flush=False
+    )
+
+
+_ACCESS_LINE_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE

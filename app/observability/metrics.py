@@ -28,7 +28,7 @@ def multiprocess_enabled() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-# HTTP, from app.observability.http_middleware.
+# HTTP, from app.observability.http_metrics.
 HTTP_REQUESTS = Counter(
     "http_requests_total", "HTTP requests handled.", ["method", "route", "status"]
 )

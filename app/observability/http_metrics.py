@@ -1,0 +1,165 @@
+"""HTTP and WebSocket metrics, fed by the service's one HTTP middleware (app/middleware.py).
+
+Written here rather than taken from prometheus-fastapi-instrumentator: that package costs
+more per request (bench/RESULTS.md), has no exemplars, and reads route paths in a way
+that FastAPI's routing changes have broken. Requests are labelled with the route
+template (``/api/v1/items/{item_id}``), never the raw path, so a scanner cannot create
+series; paths that match no route share the label ``UNMATCHED`` (see routes.py).
+"""
+
+import threading
+from bisect import bisect_left
+from collections.abc import Awaitable, Iterable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.observability import metrics
+from app.observability.routes import route_template
+
+# Distinct (method, path) pairs remembered per process; beyond that, lookups walk the
+# route table as the first request of each pair does.
+SERIES_CACHE_SIZE = 4096
+
+# (value object, amount) pairs: one request's updates, applied together.
+Updates = Iterable[tuple[Any, float]]
+
+# Serialises the in-process updates below; one acquisition per request instead of one
+# per value.
+_LOCK = threading.Lock()
+
+
+def _add_in_process(updates: Updates) -> None:
+    # The values' own locks are bypassed: these series are written only here, under
+    # _LOCK, and a scrape reading a float mid-request is what a lock would give too.
+    with _LOCK:
+        for value, amount in updates:
+            value._value += amount
+
+
+def _add_to_files(updates: Updates) -> None:
+    # In multiprocess mode each value writes its mmapped file; only inc() knows how.
+    for value, amount in updates:
+        value.inc(amount)
+
+
+class RouteSeries:
+    """The HTTP series of one (method, route): ``start`` and ``finish`` each request.
+
+    ``labels()`` is paid once per series, not per request. And the updates go straight to
+    the children's value objects — the objects, files and float values that
+    ``inc()``/``observe()`` update — because those public methods re-check on every call
+    what is settled here once (that the metric is a labelled child) and take a lock per
+    value, which made up most of the metrics' cost per request. tests/test_metrics.py
+    pins the outcome against the public methods (counts, sums, bucket boundaries), in
+    case prometheus_client changes.
+    """
+
+    def __init__(self, method: str, route: str) -> None:
+        self.method, self.route = method, route
+        self._add = _add_to_files if metrics.multiprocess_enabled() else _add_in_process
+        self._in_progress = metrics.HTTP_IN_PROGRESS.labels(method, route)._value
+        self.duration = metrics.HTTP_DURATION.labels(method, route)
+        self._duration_sum = self.duration._sum
+        self._buckets = list(self.duration._buckets)
+        self._bounds = list(self.duration._upper_bounds)
+        request_size = metrics.HTTP_REQUEST_SIZE.labels(method, route)
+        response_size = metrics.HTTP_RESPONSE_SIZE.labels(method, route)
+        self._sizes = (
+            request_size._count,
+            request_size._sum,
+            response_size._count,
+            response_size._sum,
+        )
+        self._requests: dict[int, Any] = {}
+
+    def start(self) -> None:
+        self._add(((self._in_progress, 1),))
+
+    def finish(
+        self,
+        status: int,
+        seconds: float,
+        request_bytes: int,
+        response_bytes: int,
+        trace_id: str | None,
+    ) -> None:
+        requests = self._requests.get(status)
+        if requests is None:
+            counter = metrics.HTTP_REQUESTS.labels(self.method, self.route, str(status))
+            requests = self._requests[status] = counter._value
+        request_count, request_sum, response_count, response_sum = self._sizes
+        updates = [
+            (self._in_progress, -1),
+            (requests, 1),
+            (request_count, 1),
+            (request_sum, request_bytes),
+            (response_count, 1),
+            (response_sum, response_bytes),
+        ]
+        if trace_id:
+            # Exemplars are single-process only: this takes _LOCK like _add_in_process.
+            with _LOCK:
+                self.duration.observe(seconds, {"trace_id": trace_id})
+        else:
+            # The first bucket whose bound is >= the value, as Histogram.observe picks it.
+            updates += (
+                (self._duration_sum, seconds),
+                (self._buckets[bisect_left(self._bounds, seconds)], 1),
+            )
+        self._add(updates)
+
+
+class SeriesLookup:
+    """The RouteSeries of a request, by route template, remembered by path too: one dict
+    hit instead of a regex walk of the route table on every request. Bounded, since
+    clients choose paths."""
+
+    def __init__(self) -> None:
+        self.by_labels: dict[tuple[str, str], RouteSeries] = {}
+        self.by_path: dict[tuple[str, str, str], RouteSeries] = {}
+
+    def __call__(self, scope: Scope) -> RouteSeries:
+        method = scope["method"]
+        key = (method, scope["path"], scope.get("root_path", ""))
+        series = self.by_path.get(key)
+        if series is None:
+            labels = (method, route_template(scope))
+            series = self.by_labels.get(labels)
+            if series is None:
+                series = self.by_labels[labels] = RouteSeries(*labels)
+            if len(self.by_path) < SERIES_CACHE_SIZE:
+                self.by_path[key] = series
+        return series
+
+
+async def observe_websocket(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run a websocket session, counting its connections and messages by route."""
+    route = route_template(scope)
+    accepted = False
+    received = sent = 0
+
+    async def counting_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "websocket.receive":
+            received += 1
+        return message
+
+    def counting_send(message: Message) -> Awaitable[None]:
+        nonlocal accepted, sent
+        if message["type"] == "websocket.accept":
+            accepted = True
+            metrics.WEBSOCKET_CONNECTIONS.labels(route).inc()
+        elif message["type"] == "websocket.send":
+            sent += 1
+        return send(message)
+
+    try:
+        await app(scope, counting_receive, counting_send)
+    finally:
+        metrics.WEBSOCKET_CONNECTIONS_TOTAL.labels(route).inc()
+        if accepted:
+            metrics.WEBSOCKET_CONNECTIONS.labels(route).dec()
+        metrics.WEBSOCKET_MESSAGES.labels(route, "received").inc(received)
+        metrics.WEBSOCKET_MESSAGES.labels(route, "sent").inc(sent)

@@ -1,0 +1,121 @@
+"""Access lines are written in batches, yet none is lost, reordered or split."""
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import TextIO
+
+from app.observability.log_output import CHUNK_BYTES, LineOutput
+
+
+def line(n: int, pad: int = 0) -> bytes:
+    return json.dumps({"n": n, "pad": "x" * pad}).encode() + b"\n"
+
+
+def numbers(path: Path) -> list[int]:
+    return [json.loads(text)["n"] for text in path.read_text().splitlines()]
+
+
+def test_access_lines_wait_for_the_next_other_line_and_keep_their_order(tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+
+    async def scenario(stream: TextIO) -> None:
+        output = LineOutput(stream, flush_seconds=60)
+        output.write(line(1), flush=False)
+        output.write(line(2), flush=False)
+        assert path.read_text() == ""  # held back
+        output.write(line(3))  # e.g. an error: written at once, after the held ones
+        assert numbers(path) == [1, 2, 3]
+
+    with path.open("w") as stream:
+        asyncio.run(scenario(stream))
+
+
+def test_held_lines_are_written_within_flush_seconds(tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+
+    async def scenario(stream: TextIO) -> None:
+        output = LineOutput(stream, flush_seconds=0.05)
+        output.write(line(1), flush=False)
+        for _ in range(200):  # up to 10 s: waiting, not timing
+            if path.read_text():
+                break
+            await asyncio.sleep(0.05)
+        assert numbers(path) == [1]
+
+    with path.open("w") as stream:
+        asyncio.run(scenario(stream))
+
+
+def test_flush_seconds_zero_writes_every_line_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+
+    async def scenario(stream: TextIO) -> None:
+        output = LineOutput(stream, flush_seconds=0)
+        output.write(line(1), flush=False)
+        assert numbers(path) == [1]
+
+    with path.open("w") as stream:
+        asyncio.run(scenario(stream))
+
+
+class _Writes:
+    """The binary side of a stream, recording each write it is handed."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray) -> int:
+        self.writes.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.buffer = _Writes()
+
+
+def test_writes_are_whole_lines_no_larger_than_a_pipe_keeps_whole() -> None:
+    stream = _Stream()
+
+    async def scenario() -> None:
+        output = LineOutput(stream, flush_seconds=60)  # type: ignore[arg-type]
+        for n in range(200):
+            output.write(line(n, pad=n * 7 % 300), flush=False)
+        output.flush()
+
+    asyncio.run(scenario())
+    writes = stream.buffer.writes
+    assert 1 < len(writes) < 50  # batched: not one write per line, nor one for all
+    assert all(len(data) <= CHUNK_BYTES and data.endswith(b"\n") for data in writes)
+    lines = b"".join(writes).splitlines()
+    assert [json.loads(text)["n"] for text in lines] == list(range(200))
+
+
+def test_held_lines_are_written_when_the_process_exits(tmp_path: Path) -> None:
+    """A worker that stops normally (gunicorn's max_requests, a deploy) loses no line."""
+    program = textwrap.dedent(
+        """
+        import asyncio
+        from app.observability.logging import configure_logging, write_line
+
+        async def main():
+            configure_logging("INFO", "json", flush_seconds=60)
+            for n in range(500):
+                write_line("app.access", "info", {"event": "request", "n": n}, untrusted="")
+
+        asyncio.run(main())
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(text) for text in result.stdout.splitlines()]
+    assert [record["n"] for record in lines] == list(range(500))
+    assert all(record["logger"] == "app.access" for record in lines)
