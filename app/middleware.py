@@ -61,15 +61,11 @@ class HttpMiddleware:
         self.exemplars = traced and not multiprocess_enabled()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await (self._websocket if scope["type"] == "websocket" else self.app)(
+                scope, receive, send
+            )
+            return
         request_id = choose_request_id(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
         # Every log line of this request carries the id.

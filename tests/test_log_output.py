@@ -5,10 +5,11 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from app.observability.log_output import CHUNK_BYTES, LineOutput
+from app.observability.log_output import CHUNK_BYTES, HELD_LINES, LineOutput
 
 
 def line(n: int, pad: int = 0) -> bytes:
@@ -19,13 +20,17 @@ def numbers(path: Path) -> list[int]:
     return [json.loads(text)["n"] for text in path.read_text().splitlines()]
 
 
-def test_access_lines_wait_for_the_next_other_line_and_keep_their_order(tmp_path: Path) -> None:
+def held(n: int, pad: int = 0) -> Callable[[], bytes]:
+    return lambda: line(n, pad)
+
+
+def test_held_lines_wait_for_the_next_other_line_and_keep_their_order(tmp_path: Path) -> None:
     path = tmp_path / "out.log"
 
     async def scenario(stream: TextIO) -> None:
         output = LineOutput(stream, flush_seconds=60)
-        output.write(line(1), flush=False)
-        output.write(line(2), flush=False)
+        output.hold(held(1))
+        output.hold(held(2))
         assert path.read_text() == ""  # held back
         output.write(line(3))  # e.g. an error: written at once, after the held ones
         assert numbers(path) == [1, 2, 3]
@@ -39,7 +44,7 @@ def test_held_lines_are_written_within_flush_seconds(tmp_path: Path) -> None:
 
     async def scenario(stream: TextIO) -> None:
         output = LineOutput(stream, flush_seconds=0.05)
-        output.write(line(1), flush=False)
+        output.hold(held(1))
         for _ in range(200):  # up to 10 s: waiting, not timing
             if path.read_text():
                 break
@@ -55,7 +60,7 @@ def test_flush_seconds_zero_writes_every_line_at_once(tmp_path: Path) -> None:
 
     async def scenario(stream: TextIO) -> None:
         output = LineOutput(stream, flush_seconds=0)
-        output.write(line(1), flush=False)
+        output.hold(held(1))
         assert numbers(path) == [1]
 
     with path.open("w") as stream:
@@ -86,8 +91,8 @@ def test_writes_are_whole_lines_no_larger_than_a_pipe_keeps_whole() -> None:
 
     async def scenario() -> None:
         output = LineOutput(stream, flush_seconds=60)  # type: ignore[arg-type]
-        for n in range(200):
-            output.write(line(n, pad=n * 7 % 300), flush=False)
+        for n in range(100):
+            output.hold(held(n, pad=n * 7 % 300))
         output.flush()
 
     asyncio.run(scenario())
@@ -95,7 +100,20 @@ def test_writes_are_whole_lines_no_larger_than_a_pipe_keeps_whole() -> None:
     assert 1 < len(writes) < 50  # batched: not one write per line, nor one for all
     assert all(len(data) <= CHUNK_BYTES and data.endswith(b"\n") for data in writes)
     lines = b"".join(writes).splitlines()
-    assert [json.loads(text)["n"] for text in lines] == list(range(200))
+    assert [json.loads(text)["n"] for text in lines] == list(range(100))
+
+
+def test_held_lines_are_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+
+    async def scenario(stream: TextIO) -> None:
+        output = LineOutput(stream, flush_seconds=60)
+        for n in range(HELD_LINES):
+            output.hold(held(n))
+        assert numbers(path) == list(range(HELD_LINES))  # the last one wrote them all
+
+    with path.open("w") as stream:
+        asyncio.run(scenario(stream))
 
 
 def test_held_lines_are_written_when_the_process_exits(tmp_path: Path) -> None:
@@ -103,12 +121,15 @@ def test_held_lines_are_written_when_the_process_exits(tmp_path: Path) -> None:
     program = textwrap.dedent(
         """
         import asyncio
-        from app.observability.logging import configure_logging, write_line
+        import time
+        from functools import partial
+        from app.observability.logging import configure_logging, hold_line, render_line
 
         async def main():
             configure_logging("INFO", "json", flush_seconds=60)
-            for n in range(500):
-                write_line("app.access", "info", {"event": "request", "n": n}, untrusted="")
+            for n in range(50):
+                hold_line(partial(render_line, "app.access", "info", {"event": "request", "n": n},
+                                  untrusted="", timestamp=time.time()))
 
         asyncio.run(main())
         """
@@ -117,5 +138,5 @@ def test_held_lines_are_written_when_the_process_exits(tmp_path: Path) -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
     )
     lines = [json.loads(text) for text in result.stdout.splitlines()]
-    assert [record["n"] for record in lines] == list(range(500))
+    assert [record["n"] for record in lines] == list(range(50))
     assert all(record["logger"] == "app.access" for record in lines)

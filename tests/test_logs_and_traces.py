@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from app.main import create_app
-from app.observability.logging import configure_logging, get_logger, write_line
+from app.observability.logging import (
+    LogFormat,
+    configure_logging,
+    get_logger,
+    hold_line,
+    render_line,
+)
 from tests.api import PASSWORD, Api
 from tests.conftest import make_settings
 
@@ -99,9 +106,12 @@ def test_secrets_never_reach_the_logs(
     assert any(r["event"].startswith("refresh token reuse") for r in records(log_lines))
 
 
-def test_access_line_renders_like_the_processor_chain(log_lines: io.StringIO) -> None:
-    """The access line skips structlog in JSON; it must come out as the chain makes it."""
-    attach(log_lines)
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_access_line_renders_like_the_processor_chain(
+    log_lines: io.StringIO, log_format: LogFormat
+) -> None:
+    """The access line skips structlog; it must come out as the chain makes it."""
+    configure_logging("INFO", log_format, stream=log_lines)
     token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
     fields = {
         "event": "request",
@@ -117,10 +127,19 @@ def test_access_line_renders_like_the_processor_chain(log_lines: io.StringIO) ->
         "span_id": "00f067aa0ba902b7",
     }
     get_logger("app.access").info(**fields)
-    write_line("app.access", "info", dict(fields), untrusted=fields["path"])
-    chain, fast = records(log_lines)
+    line = render_line(
+        "app.access", "info", dict(fields), untrusted=fields["path"], timestamp=time.time()
+    )
+    hold_line(lambda: line)
     assert token not in log_lines.getvalue()
     timestamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")
+    if log_format == "console":
+        chain_line, fast_line = log_lines.getvalue().splitlines()
+        assert timestamp.sub("T", chain_line) == timestamp.sub("T", fast_line)
+        assert "request_id=req-42" in fast_line
+        assert "[REDACTED]" in fast_line
+        return
+    chain, fast = records(log_lines)
     assert timestamp.fullmatch(chain.pop("timestamp"))
     assert timestamp.fullmatch(fast.pop("timestamp"))
     assert fast == chain

@@ -4,13 +4,16 @@ It replaces uvicorn's and gunicorn's access logs (disabled in logging.py) becaus
 knows what they do not: the route template, the request id, the user and the trace.
 Probe and scrape requests are logged at DEBUG so they do not drown the rest.
 
-A function, not a middleware of its own: HttpMiddleware (app/middleware.py)
-times each request once for the metrics and this line, so the line costs no ASGI layer.
+A function, not a middleware of its own: HttpMiddleware (app/middleware.py) times each
+request once for the metrics and this line, so the line costs no ASGI layer.
 """
+
+import time
+from functools import partial
 
 from starlette.types import Scope
 
-from app.observability.logging import is_enabled, write_line
+from app.observability.logging import hold_line, is_enabled, render_line
 
 LOGGER = "app.access"
 QUIET_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
@@ -19,15 +22,45 @@ QUIET_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
 def log_request(
     scope: Scope, route: str, status: int, seconds: float, span_ids: dict[str, str]
 ) -> None:
+    """Queue the access line of a finished request: only what it needs is taken here; it
+    is rendered later, with others (log_output.py)."""
     path = scope["path"]
     level = "debug" if path in QUIET_PATHS else "info"
     if not is_enabled(level):
         return
-    method = scope["method"]
     client = scope.get("client")
-    client_ip = client[0] if client else None
     state = scope.get("state") or {}
-    request_id = state.get("request_id")
+    hold_line(
+        partial(
+            _line,
+            time.time(),
+            level,
+            scope["method"],
+            route,
+            path,
+            status,
+            seconds,
+            client[0] if client else None,
+            state.get("user_id"),
+            state.get("request_id"),
+            span_ids,
+        )
+    )
+
+
+def _line(
+    timestamp: float,
+    level: str,
+    method: str,
+    route: str,
+    path: str,
+    status: int,
+    seconds: float,
+    client_ip: str | None,
+    user_id: int | None,
+    request_id: str | None,
+    span_ids: dict[str, str],
+) -> bytes:
     event = {
         "event": "request",
         "method": method,
@@ -36,15 +69,16 @@ def log_request(
         "status": status,
         "duration_ms": round(seconds * 1000, 3),
         "client_ip": client_ip,
-        "user_id": state.get("user_id"),
+        "user_id": user_id,
     }
     if request_id is not None:
         event["request_id"] = request_id
     if span_ids:
         event.update(span_ids)
-    write_line(
+    return render_line(
         LOGGER,
         level,
         event,
         untrusted=f"{method}\0{route}\0{path}\0{client_ip}\0{request_id}",
+        timestamp=timestamp,
     )

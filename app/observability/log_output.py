@@ -1,13 +1,15 @@
 """Where log lines go: whole lines, written to the output stream's bytes buffer.
 
-Why buffered: writing and flushing the access line on every request was a system call
-per request, the largest single cost of the middleware stack (bench/RESULTS.md). Like
-nginx's ``access_log … buffer= flush=``, access lines are collected and written together
-at most ``flush_seconds`` after the first of them, and before any other line (so the
-output keeps its order), when the buffer fills, and at exit. Every other line — errors,
-warnings, server messages — is written at once, with what is pending. The cost: on a
-SIGKILL or a crash of the interpreter, up to ``flush_seconds`` of access lines are lost.
-``flush_seconds=0`` writes every line at once.
+Why the access line is held back: rendering it and writing it on every request was the
+largest cost of the middleware stack (bench/RESULTS.md) — a system call per request, and
+rendering code run once between two requests' worth of other code, which on these
+machines costs several times what the same code costs run back to back. So, like nginx's
+``access_log … buffer= flush=``, the request path only queues what the line needs; the
+lines are rendered and written together, at most ``flush_seconds`` after the first, when
+HELD_LINES are waiting, before any other line (so the output keeps its order), and at
+exit. Every other line — errors, warnings, server messages — is written at once. The cost:
+on a SIGKILL or a crash of the interpreter, up to ``flush_seconds`` of access lines are
+lost. ``flush_seconds=0`` writes every line at once.
 
 Writes carry whole lines and at most PIPE_BUF bytes (unless one line is longer), so the
 lines of several workers sharing one pipe or file never interleave mid-line.
@@ -20,20 +22,25 @@ import os
 import select
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import TextIO
 
 # The largest write a pipe keeps whole (POSIX: at least 512, Linux: 4096).
 CHUNK_BYTES = select.PIPE_BUF
+# Lines waiting at most; beyond this they are written by the request that adds one.
+HELD_LINES = 128
+
+Render = Callable[[], bytes]
 
 
 class LineOutput:
-    """Whole lines to one stream; ``write(..., flush=False)`` may hold them back."""
+    """Whole lines to one stream: ``write`` now, ``hold`` for later."""
 
     def __init__(self, stream: TextIO, flush_seconds: float) -> None:
-        # Threads log too (the thread pool, SQLAlchemy), so the buffer is shared under a lock.
+        # Threads log too (the thread pool, SQLAlchemy), so the queue is shared under a lock.
         self._lock = threading.Lock()
-        self._pending = bytearray()
+        self._held: list[Render] = []
         self._flush_scheduled = False
         self.flush_seconds = flush_seconds
         self.stream = stream
@@ -45,14 +52,17 @@ class LineOutput:
             self._emit = lambda data: stream.write(bytes(data).decode())
             self._flush_stream = stream.flush
 
-    def write(self, line: bytes, *, flush: bool = True) -> None:
-        """Write one line (ending in a newline); held back only when ``flush`` is false."""
+    def write(self, line: bytes) -> None:
+        """Write one line (ending in a newline) now, after the held ones."""
         with self._lock:
-            if self._pending and len(self._pending) + len(line) > CHUNK_BYTES:
-                self._drain()
-            self._pending += line
-            if flush or not self.flush_seconds:
-                self._drain()
+            self._drain((line,))
+
+    def hold(self, render: Render) -> None:
+        """Queue the line ``render()`` makes (ending in a newline), to be written later."""
+        with self._lock:
+            self._held.append(render)
+            if len(self._held) >= HELD_LINES or not self.flush_seconds:
+                self._drain(())
                 return
             if self._flush_scheduled:
                 return
@@ -66,19 +76,29 @@ class LineOutput:
 
     def flush(self) -> None:
         with self._lock:
-            self._drain()
+            self._drain(())
 
-    def _drain(self) -> None:
+    def _drain(self, lines: Iterable[bytes]) -> None:
         self._flush_scheduled = False
-        if self._pending:
-            self._emit(self._pending)
-            self._pending.clear()
-        self._flush_stream()
+        chunk = bytearray()
+        for line in chain([render() for render in self._held], lines):
+            if chunk and len(chunk) + len(line) > CHUNK_BYTES:
+                self._write_chunk(chunk)
+            chunk += line
+        self._held.clear()
+        if chunk:
+            self._write_chunk(chunk)
 
-    def forget_pending(self) -> None:
+    def _write_chunk(self, chunk: bytearray) -> None:
+        # Flushed chunk by chunk: the stream's own buffer would merge them.
+        self._emit(chunk)
+        self._flush_stream()
+        chunk.clear()
+
+    def forget_held(self) -> None:
         """In a forked child: the parent still holds these lines and writes them itself."""
         self._lock = threading.Lock()
-        self._pending.clear()
+        self._held.clear()
         self._flush_scheduled = False
 
 
@@ -102,10 +122,10 @@ def flush_all() -> None:
             output.flush()
 
 
-def _forget_pending_in_child() -> None:
+def _forget_held_in_child() -> None:
     for output in _outputs:
-        output.forget_pending()
+        output.forget_held()
 
 
 atexit.register(flush_all)
-os.register_at_fork(after_in_child=_forget_pending_in_child)
+os.register_at_fork(after_in_child=_forget_held_in_child)

@@ -16,15 +16,15 @@ Loggers are cached on first use, so where lines go, at which level and in which 
 is read at call time from ``_output``: reconfiguring (a new app in the same process, a
 test capturing the output) takes effect for every logger.
 
-The access line, written on every request, skips structlog altogether in JSON
-(``write_line``): its bound logger and processor chain cost ~40 µs per line here, the
-same object rendered directly a few µs (bench/RESULTS.md); a test keeps the two alike.
+The access line, written on every request, skips structlog altogether (``render_line``):
+its bound logger and processor chain cost ~40 µs per line here, the same object rendered
+directly a few µs (bench/RESULTS.md); a test keeps the two alike.
 """
 
 import logging
 import logging.config
 import re
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -298,33 +298,39 @@ def is_enabled(method_name: str) -> bool:
     return _LEVELS[method_name] >= _output.level
 
 
-def write_line(
-    logger_name: str, method_name: str, event_dict: EventDict, *, untrusted: str
-) -> None:
-    """Log a line at a level ``is_enabled`` whose fields are all given — plain values
-    under non-sensitive keys, the request context and span ids included, no exception —
-    such as the access line.
+def render_line(
+    logger_name: str,
+    method_name: str,
+    event_dict: EventDict,
+    *,
+    untrusted: str,
+    timestamp: float,
+) -> bytes:
+    """The line the processor chain would make of a line whose fields are all given —
+    plain values under non-sensitive keys, the request context and span ids included, no
+    exception — such as the access line; ``timestamp``: when it happened (time.time()).
 
-    In JSON it is rendered here: the same object as the processor chain makes (level,
-    logger, timestamp, redaction), without structlog's cost. ``untrusted`` joins the string
-    values that do not come from this code (paths, ids…), NUL-separated: the only places a
-    credential can hide, searched at once, because the chain's generic check costs more
-    than the whole line. The console format (development) goes through the chain.
-    The line may be held back for up to ``flush_seconds`` (log_output.py).
+    Rendered here, without structlog's cost: the same object as the chain makes (level,
+    logger, timestamp, redaction). ``untrusted`` joins the string values that do not come
+    from this code (paths, ids…), NUL-separated: the only places a credential can hide,
+    searched at once, because the chain's generic check costs more than the whole line.
     """
-    if not _output.json:
-        getattr(get_logger(logger_name), method_name)(**event_dict)
-        return
     if _marked(untrusted.lower()):
         _redact_mapping(event_dict)
     event_dict["level"] = method_name
     event_dict["logger"] = logger_name
-    # orjson writes it as the chain's TimeStamper does (ISO 8601, "Z"), in C.
-    event_dict["timestamp"] = datetime.now(UTC)
-    # Held back (log_output.py): the one line of every request, written many at a time.
-    _output.lines.write(
-        orjson.dumps(event_dict, default=str, option=_ACCESS_LINE_OPTIONS), flush=False
-    )
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    if _output.json:
+        # orjson writes it as the chain's TimeStamper does (ISO 8601, "Z"), in C.
+        event_dict["timestamp"] = moment
+        return orjson.dumps(event_dict, default=str, option=_LINE_OPTIONS)
+    event_dict["timestamp"] = moment.isoformat().replace("+00:00", "Z")
+    return (_output.render(None, method_name, event_dict) + "\n").encode()
 
 
-_ACCESS_LINE_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
+def hold_line(render: Callable[[], bytes]) -> None:
+    """Queue the line ``render()`` makes, to be written with others (log_output.py)."""
+    _output.lines.hold(render)
+
+
+_LINE_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
