@@ -265,6 +265,21 @@ def test_one_byte_over_the_cap_is_413_and_leaves_nothing(api_with: Callable[...,
     assert uploaded(upload(api, alice, "fits.txt", b"a" * 1000, "text/plain"))["size"] == 1000
 
 
+def test_a_large_upload_is_hashed_whole_and_the_cap_holds_past_the_first_writes(
+    api_with: Callable[..., Api],
+) -> None:
+    """Past 1 MiB, chunks are written and hashed in a worker thread while more arrive."""
+    api = api_with(max_upload_bytes=3 * 2**20)
+    alice = api.account("alice")
+    data = bytes(range(32, 127)) * (3 * 2**20 // 95)
+    meta = uploaded(upload(api, alice, "big.txt", data, "text/plain"))
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert meta["size"] == len(data)
+    api.client.delete(f"/api/v1/files/{meta['id']}", headers=alice.headers)
+    response = upload(api, alice, "over.txt", b"a" * (3 * 2**20 + 1), "text/plain")
+    assert_rejected_without_trace(api, alice, response, 413)
+
+
 def test_the_cap_holds_without_a_content_length(api_with: Callable[..., Api]) -> None:
     api = api_with(max_upload_bytes=1000)
     alice = api.account("alice")

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -24,47 +24,58 @@ def held(n: int, pad: int = 0) -> Callable[[], bytes]:
     return lambda: line(n, pad)
 
 
-def test_held_lines_wait_for_the_next_other_line_and_keep_their_order(tmp_path: Path) -> None:
+Scenario = Callable[[LineOutput, Path], Awaitable[None]]
+
+
+def run(tmp_path: Path, flush_seconds: float, scenario: Scenario) -> None:
+    """``scenario`` in an event loop, with a LineOutput writing to a file it can read."""
     path = tmp_path / "out.log"
 
-    async def scenario(stream: TextIO) -> None:
-        output = LineOutput(stream, flush_seconds=60)
+    async def main(stream: TextIO) -> None:
+        await scenario(LineOutput(stream, flush_seconds), path)
+
+    with path.open("w") as stream:
+        asyncio.run(main(stream))
+
+
+def test_held_lines_wait_for_the_next_other_line_and_keep_their_order(tmp_path: Path) -> None:
+    async def scenario(output: LineOutput, path: Path) -> None:
         output.hold(held(1))
         output.hold(held(2))
-        assert path.read_text() == ""  # held back
+        assert numbers(path) == []  # held back
         output.write(line(3))  # e.g. an error: written at once, after the held ones
         assert numbers(path) == [1, 2, 3]
 
-    with path.open("w") as stream:
-        asyncio.run(scenario(stream))
+    run(tmp_path, 60, scenario)
 
 
 def test_held_lines_are_written_within_flush_seconds(tmp_path: Path) -> None:
-    path = tmp_path / "out.log"
-
-    async def scenario(stream: TextIO) -> None:
-        output = LineOutput(stream, flush_seconds=0.05)
+    async def scenario(output: LineOutput, path: Path) -> None:
         output.hold(held(1))
         for _ in range(200):  # up to 10 s: waiting, not timing
-            if path.read_text():
+            if numbers(path):
                 break
             await asyncio.sleep(0.05)
         assert numbers(path) == [1]
 
-    with path.open("w") as stream:
-        asyncio.run(scenario(stream))
+    run(tmp_path, 0.05, scenario)
 
 
 def test_flush_seconds_zero_writes_every_line_at_once(tmp_path: Path) -> None:
-    path = tmp_path / "out.log"
-
-    async def scenario(stream: TextIO) -> None:
-        output = LineOutput(stream, flush_seconds=0)
+    async def scenario(output: LineOutput, path: Path) -> None:
         output.hold(held(1))
         assert numbers(path) == [1]
 
-    with path.open("w") as stream:
-        asyncio.run(scenario(stream))
+    run(tmp_path, 0, scenario)
+
+
+def test_held_lines_are_bounded(tmp_path: Path) -> None:
+    async def scenario(output: LineOutput, path: Path) -> None:
+        for n in range(HELD_LINES):
+            output.hold(held(n))
+        assert numbers(path) == list(range(HELD_LINES))  # the last one wrote them all
+
+    run(tmp_path, 60, scenario)
 
 
 class _Writes:
@@ -101,19 +112,6 @@ def test_writes_are_whole_lines_no_larger_than_a_pipe_keeps_whole() -> None:
     assert all(len(data) <= CHUNK_BYTES and data.endswith(b"\n") for data in writes)
     lines = b"".join(writes).splitlines()
     assert [json.loads(text)["n"] for text in lines] == list(range(100))
-
-
-def test_held_lines_are_bounded(tmp_path: Path) -> None:
-    path = tmp_path / "out.log"
-
-    async def scenario(stream: TextIO) -> None:
-        output = LineOutput(stream, flush_seconds=60)
-        for n in range(HELD_LINES):
-            output.hold(held(n))
-        assert numbers(path) == list(range(HELD_LINES))  # the last one wrote them all
-
-    with path.open("w") as stream:
-        asyncio.run(scenario(stream))
 
 
 def test_held_lines_are_written_when_the_process_exits(tmp_path: Path) -> None:

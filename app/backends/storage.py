@@ -7,7 +7,9 @@ temporary file the same way, upload on commit, answer ``local_path`` with None a
 ``read`` from the object; the router needs no change for it.
 """
 
+import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import uuid
@@ -29,6 +31,9 @@ class StagedBlob(Protocol):
         """A local file holding every byte written so far (readable for inspection)."""
 
     async def write(self, chunk: bytes) -> None: ...
+
+    async def sha256_hex(self) -> str:
+        """The SHA-256 of every byte written so far."""
 
     async def commit(self, key: str) -> None:
         """Make the bytes durable and visible under ``key``, atomically."""
@@ -63,6 +68,11 @@ WRITE_BUFFER_BYTES = 1024 * 1024
 
 
 class _LocalStagedBlob:
+    """Chunks are written, and hashed, in a worker thread while the next ones arrive: one
+    write in flight at a time, so the request keeps reading the socket instead of waiting
+    for the disk and SHA-256 (hashlib and file writes release the GIL), and memory stays
+    at two buffers per upload."""
+
     def __init__(self, root: Path, path: Path, file: BinaryIO) -> None:
         self._root = root
         self._path = path
@@ -71,16 +81,37 @@ class _LocalStagedBlob:
         # writes each (BufferedWriter passes large ones straight to the kernel).
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._writing: asyncio.Future[None] | None = None
+        self._sha256 = hashlib.sha256()
         self.committed = False
 
     async def local_file(self) -> Path:
-        await anyio.to_thread.run_sync(self._write, self._take_pending())
+        await self._write_all()
         return self._path
+
+    async def sha256_hex(self) -> str:
+        await self._write_all()
+        return self._sha256.hexdigest()
 
     async def write(self, chunk: bytes) -> None:
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
         if self._pending_bytes >= WRITE_BUFFER_BYTES:
+            await self._settle()
+            chunks = self._take_pending()
+            self._writing = asyncio.get_running_loop().run_in_executor(None, self._write, chunks)
+
+    async def _settle(self) -> None:
+        """Wait for the write in flight, if any (and raise its error)."""
+        if self._writing is not None:
+            # Shielded: a cancelled request must not forget a write still running in its
+            # thread; discard() waits for it before closing the file.
+            await asyncio.shield(self._writing)
+            self._writing = None
+
+    async def _write_all(self) -> None:
+        await self._settle()
+        if self._pending:
             await anyio.to_thread.run_sync(self._write, self._take_pending())
 
     def _take_pending(self) -> list[bytes]:
@@ -89,11 +120,13 @@ class _LocalStagedBlob:
 
     def _write(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
+            self._sha256.update(chunk)
             self._file.write(chunk)
         self._file.flush()
 
     async def commit(self, key: str) -> None:
         target = self._root / _checked(key)
+        await self._settle()
         # One hop for the rest of the bytes, both fsyncs and the rename.
         await anyio.to_thread.run_sync(self._commit, self._take_pending(), target)
         self.committed = True
@@ -109,6 +142,10 @@ class _LocalStagedBlob:
         _fsync_directory(self._root)
 
     async def discard(self) -> None:
+        if self._writing is not None:
+            # Its outcome no longer matters, only that it is over before the file closes.
+            with contextlib.suppress(Exception):
+                await self._writing
         self._file.close()
         await anyio.to_thread.run_sync(lambda: self._path.unlink(missing_ok=True))
 

@@ -38,7 +38,7 @@ def thumbnail_key(storage_key: str) -> str:
 
 @dataclass
 class _IncomingFile:
-    """A file part as it streams into its staged blob: counted, hashed, probed."""
+    """A file part as it streams into its staged blob (which hashes it): counted, probed."""
 
     blob: StagedBlob
     max_bytes: int
@@ -46,7 +46,6 @@ class _IncomingFile:
     declared_type: str | None
     size: int = 0
     head: bytearray = field(default_factory=bytearray)
-    sha256: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     # None once the head shows a binary signature: the type is settled, text or not.
     text: rules.TextProbe | None = field(default_factory=rules.TextProbe)
     error: AppError | None = None  # in a batch: this file failed, the others go on
@@ -59,7 +58,6 @@ class _IncomingFile:
             self.head += chunk[: rules.SNIFF_BYTES - len(self.head)]
             if len(self.head) == rules.SNIFF_BYTES and rules.detect(bytes(self.head), False):
                 self.text = None
-        self.sha256.update(chunk)
         if self.text is not None:
             self.text.feed(chunk)
         await self.blob.write(chunk)
@@ -173,7 +171,7 @@ async def _store(
         original_name=incoming.filename,
         content_type=detected,
         size=incoming.size,
-        sha256=incoming.sha256.hexdigest(),
+        sha256=await incoming.blob.sha256_hex(),
         has_thumbnail=False,
         description=description,
         storage_key=key,
