@@ -4,8 +4,9 @@ Why: uploads are streamed (app/files/multipart.py, app/files/service.py) so that
 file never sits in memory and a size cap applies while it arrives. Streaming adds work
 per network chunk — the multipart push parser, the UTF-8 probe, and per MiB a thread hop
 that hashes (SHA-256) and writes it while the next MiB arrives — on top of what any
-server must do to land the bytes on disk. This measures that price in throughput and checks that memory stays flat with the
-file size. Target: the API's throughput is at least 0.8 x the bare copy's.
+server must do to land the bytes on disk. This measures that price in throughput and
+checks that memory stays flat with the file size. Target: the API's throughput is at
+least 0.8 x the bare copy's.
 
 What: two uvicorn servers (one worker, uvloop + httptools, uvicorn's access log off, as
 ``python -m app serve`` runs them), each pinned to CPU 0 if the machine has 2+ CPUs:
