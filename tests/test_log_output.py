@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
@@ -59,6 +60,22 @@ def test_held_lines_are_written_within_flush_seconds(tmp_path: Path) -> None:
         assert numbers(path) == [1]
 
     run(tmp_path, 0.05, scenario)
+
+
+def test_lines_held_past_due_are_written_by_the_next_one(tmp_path: Path) -> None:
+    """The loop that was to flush them is gone (or busy): the next held line writes them."""
+    path = tmp_path / "out.log"
+    with path.open("w") as stream:
+        output = LineOutput(stream, flush_seconds=0.05)
+
+        async def hold(n: int) -> None:
+            output.hold(held(n))
+
+        asyncio.run(hold(1))  # its timer dies with this loop
+        time.sleep(0.1)  # past due
+        assert numbers(path) == []
+        asyncio.run(hold(2))
+        assert numbers(path) == [1, 2]
 
 
 def test_flush_seconds_zero_writes_every_line_at_once(tmp_path: Path) -> None:

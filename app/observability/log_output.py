@@ -5,11 +5,12 @@ largest cost of the middleware stack (bench/RESULTS.md) — a system call per re
 rendering code run once between two requests' worth of other code, which on these
 machines costs several times what the same code costs run back to back. So, like nginx's
 ``access_log … buffer= flush=``, the request path only queues what the line needs; the
-lines are rendered and written together, at most ``flush_seconds`` after the first, when
-HELD_LINES are waiting, before any other line (so the output keeps its order), and at
-exit. Every other line — errors, warnings, server messages — is written at once. The cost:
-on a SIGKILL or a crash of the interpreter, up to ``flush_seconds`` of access lines are
-lost. ``flush_seconds=0`` writes every line at once.
+lines are rendered and written together: ``flush_seconds`` after the first (by a timer;
+should its loop be busy or gone, by the next line held after that), when HELD_LINES are
+waiting, before any other line (so the output keeps its order), and at exit. Every other
+line — errors, warnings, server messages — is written at once. The cost: on a SIGKILL or
+a crash of the interpreter, up to ``flush_seconds`` of access lines are lost.
+``flush_seconds=0`` writes every line at once.
 
 Writes carry whole lines and at most PIPE_BUF bytes (unless one line is longer), so the
 lines of several workers sharing one pipe or file never interleave mid-line.
@@ -22,6 +23,7 @@ import os
 import select
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import TextIO
@@ -32,6 +34,7 @@ CHUNK_BYTES = select.PIPE_BUF
 HELD_LINES = 128
 
 Render = Callable[[], bytes]
+_NOT_DUE = float("inf")
 
 
 class LineOutput:
@@ -41,7 +44,7 @@ class LineOutput:
         # Threads log too (the thread pool, SQLAlchemy), so the queue is shared under a lock.
         self._lock = threading.Lock()
         self._held: list[Render] = []
-        self._flush_scheduled = False
+        self._due = _NOT_DUE  # when the held lines must be out (monotonic clock)
         self.flush_seconds = flush_seconds
         self.stream = stream
         binary = getattr(stream, "buffer", None)
@@ -61,12 +64,15 @@ class LineOutput:
         """Queue the line ``render()`` makes (ending in a newline), to be written later."""
         with self._lock:
             self._held.append(render)
-            if len(self._held) >= HELD_LINES or not self.flush_seconds:
+            now = time.monotonic()
+            # Past due: the timer's loop is busy or gone (a test's short-lived loop); the
+            # line that finds it so writes them.
+            if len(self._held) >= HELD_LINES or not self.flush_seconds or now > self._due:
                 self._drain(())
                 return
-            if self._flush_scheduled:
+            if self._due != _NOT_DUE:
                 return
-            self._flush_scheduled = True
+            self._due = now + self.flush_seconds
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop to flush later from: now, then
@@ -79,7 +85,7 @@ class LineOutput:
             self._drain(())
 
     def _drain(self, lines: Iterable[bytes]) -> None:
-        self._flush_scheduled = False
+        self._due = _NOT_DUE
         chunk = bytearray()
         for line in chain([render() for render in self._held], lines):
             if chunk and len(chunk) + len(line) > CHUNK_BYTES:
@@ -99,7 +105,7 @@ class LineOutput:
         """In a forked child: the parent still holds these lines and writes them itself."""
         self._lock = threading.Lock()
         self._held.clear()
-        self._flush_scheduled = False
+        self._due = _NOT_DUE
 
 
 _outputs: list[LineOutput] = []
