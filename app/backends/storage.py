@@ -97,9 +97,13 @@ class _LocalStagedBlob:
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
         if self._pending_bytes >= WRITE_BUFFER_BYTES:
-            await self._settle()
-            chunks = self._take_pending()
-            self._writing = asyncio.get_running_loop().run_in_executor(None, self._write, chunks)
+            await self._start_write()
+
+    async def _start_write(self) -> None:
+        """Hand the pending chunks to a worker thread, once the previous write is over."""
+        await self._settle()
+        chunks = self._take_pending()
+        self._writing = asyncio.get_running_loop().run_in_executor(None, self._write, chunks)
 
     async def _settle(self) -> None:
         """Wait for the write in flight, if any (and raise its error)."""
@@ -110,9 +114,9 @@ class _LocalStagedBlob:
             self._writing = None
 
     async def _write_all(self) -> None:
-        await self._settle()
         if self._pending:
-            await anyio.to_thread.run_sync(self._write, self._take_pending())
+            await self._start_write()
+        await self._settle()
 
     def _take_pending(self) -> list[bytes]:
         chunks, self._pending, self._pending_bytes = self._pending, [], 0

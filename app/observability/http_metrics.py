@@ -59,6 +59,7 @@ class RouteSeries:
         self.method, self.route = method, route
         self._add = _add_to_files if metrics.multiprocess_enabled() else _add_in_process
         self._in_progress = metrics.HTTP_IN_PROGRESS.labels(method, route)._value
+        self._started = ((self._in_progress, 1),)
         self.duration = metrics.HTTP_DURATION.labels(method, route)
         self._duration_sum = self.duration._sum
         self._buckets = list(self.duration._buckets)
@@ -74,7 +75,7 @@ class RouteSeries:
         self._requests: dict[int, Any] = {}
 
     def start(self) -> None:
-        self._add(((self._in_progress, 1),))
+        self._add(self._started)
 
     def finish(
         self,

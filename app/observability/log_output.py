@@ -108,29 +108,28 @@ class LineOutput:
         self._due = _NOT_DUE
 
 
-_outputs: list[LineOutput] = []
+_current: LineOutput | None = None
 
 
 def open_output(stream: TextIO | None, flush_seconds: float) -> LineOutput:
-    """A LineOutput for ``stream`` (stdout when None), flushed at exit. Replacing one
-    writes out what the replaced one held."""
-    while _outputs:
-        _outputs.pop().flush()
-    output = LineOutput(stream or sys.stdout, flush_seconds)
-    _outputs.append(output)
-    return output
+    """The LineOutput for ``stream`` (stdout when None), flushed at exit. Replacing the
+    current one writes out what it held."""
+    global _current
+    flush_all()
+    _current = LineOutput(stream or sys.stdout, flush_seconds)
+    return _current
 
 
 def flush_all() -> None:
-    for output in _outputs:
+    if _current is not None:
         # At exit a test's stream may be closed already; nothing is left to write to.
         with contextlib.suppress(ValueError, OSError):
-            output.flush()
+            _current.flush()
 
 
 def _forget_held_in_child() -> None:
-    for output in _outputs:
-        output.forget_held()
+    if _current is not None:
+        _current.forget_held()
 
 
 atexit.register(flush_all)
