@@ -62,6 +62,8 @@ def _checked(key: str) -> str:
     return key
 
 
+_start_writeback = getattr(os, "posix_fadvise", None)  # not on macOS
+
 # Chunks are gathered up to this size before a write: one hop to a worker thread per
 # request chunk (often 64 KiB) cost ~15 % of upload throughput (bench/RESULTS.md).
 WRITE_BUFFER_BYTES = 1024 * 1024
@@ -83,6 +85,7 @@ class _LocalStagedBlob:
         self._pending_bytes = 0
         self._writing: asyncio.Future[None] | None = None
         self._sha256 = hashlib.sha256()
+        self._size = 0
         self.committed = False
 
     async def local_file(self) -> Path:
@@ -123,10 +126,19 @@ class _LocalStagedBlob:
         return chunks
 
     def _write(self, chunks: list[bytes]) -> None:
+        start = self._size
         for chunk in chunks:
             self._sha256.update(chunk)
             self._file.write(chunk)
+            self._size += len(chunk)
         self._file.flush()
+        if _start_writeback is not None:
+            # The disk starts on these bytes now, while the next ones arrive, instead of
+            # all of them in the commit's fsync (as PostgreSQL's *_flush_after settings
+            # do): the commit then waits for the last MiB or so, not for the whole file,
+            # and an upload never piles up dirty pages. Just-written pages are dirty or
+            # under writeback, so DONTNEED starts their writeback without evicting them.
+            _start_writeback(self._file.fileno(), start, self._size - start, os.POSIX_FADV_DONTNEED)
 
     async def commit(self, key: str) -> None:
         target = self._root / _checked(key)
