@@ -2,8 +2,11 @@
 private downloads (Range included) and deletion; after every rejection nothing is left."""
 
 import contextlib
+import errno
 import hashlib
 import io
+import itertools
+import os
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -554,6 +557,35 @@ def test_upload_outcomes_are_counted(api: Api) -> None:
         "bad_type": 1,
         "bomb": 1,
     }
+
+
+def test_writeback_is_asked_for_each_written_range_and_a_refusal_costs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk's writeback starts per MiB written; a file system that refuses the advice
+    (ext4 here never does, hence the fault injected) must not fail the upload."""
+    ranges: list[tuple[int, int]] = []
+
+    def refusing(fd: int, offset: int, length: int, advice: int) -> None:
+        ranges.append((offset, length))
+        raise OSError(errno.EINVAL, "advice refused")
+
+    monkeypatch.setattr(storage_module, "_start_writeback", refusing)
+    storage = storage_module.LocalStorage(tmp_path / "blobs")
+    data = os.urandom(storage_module.WRITE_BUFFER_BYTES * 5 // 2)
+
+    async def stage_and_commit() -> None:
+        async with storage.stage() as blob:
+            for start in range(0, len(data), 64 * 1024):
+                await blob.write(data[start : start + 64 * 1024])
+            await blob.commit("key")
+
+    anyio.run(stage_and_commit)
+    assert (tmp_path / "blobs" / "key").read_bytes() == data
+    # Consecutive ranges covering every byte once: two full buffers, then the rest.
+    assert [offset for offset, _ in ranges] == [0, *itertools.accumulate(n for _, n in ranges)][:-1]
+    assert sum(length for _, length in ranges) == len(data)
+    assert len(ranges) == 3
 
 
 def test_a_commit_that_fails_after_the_rename_leaves_nothing(

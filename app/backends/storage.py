@@ -138,7 +138,11 @@ class _LocalStagedBlob:
             # do): the commit then waits for the last MiB or so, not for the whole file,
             # and an upload never piles up dirty pages. Just-written pages are dirty or
             # under writeback, so DONTNEED starts their writeback without evicting them.
-            _start_writeback(self._file.fileno(), start, self._size - start, os.POSIX_FADV_DONTNEED)
+            # Advice only: a file system that refuses it costs the upload nothing.
+            with contextlib.suppress(OSError):
+                _start_writeback(
+                    self._file.fileno(), start, self._size - start, os.POSIX_FADV_DONTNEED
+                )
 
     async def commit(self, key: str) -> None:
         target = self._root / _checked(key)
