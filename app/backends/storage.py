@@ -136,8 +136,9 @@ class _LocalStagedBlob:
             # The disk starts on these bytes now, while the next ones arrive, instead of
             # all of them in the commit's fsync (as PostgreSQL's *_flush_after settings
             # do): the commit then waits for the last MiB or so, not for the whole file,
-            # and an upload never piles up dirty pages. Just-written pages are dirty or
-            # under writeback, so DONTNEED starts their writeback without evicting them.
+            # and an upload never piles up dirty pages. DONTNEED leaves pages that are
+            # still dirty or under writeback in the cache, which is nearly all of these;
+            # any it drops cost a re-read only if the file is inspected (an image).
             # Advice only: a file system that refuses it costs the upload nothing.
             with contextlib.suppress(OSError):
                 _start_writeback(
