@@ -16,6 +16,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Iterable
+from contextvars import Token
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -66,10 +67,7 @@ class HttpMiddleware:
                 scope, receive, send
             )
             return
-        request_id = choose_request_id(scope["headers"])
-        scope.setdefault("state", {})["request_id"] = request_id
-        # Every log line of this request carries the id.
-        token = request_id_var.set(request_id)
+        request_id, token = _bind_request_id(scope)
         id_header = (_REQUEST_ID_NAME, request_id.encode())
         no_store = scope["path"].startswith(NO_STORE_PREFIXES)
         series = self.series(scope)
@@ -113,9 +111,7 @@ class HttpMiddleware:
             request_id_var.reset(token)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = choose_request_id(scope["headers"])
-        scope.setdefault("state", {})["request_id"] = request_id
-        token = request_id_var.set(request_id)
+        _, token = _bind_request_id(scope)
         try:
             if self.hosts.allows(scope):
                 await observe_websocket(self.app, scope, receive, send)
@@ -123,6 +119,14 @@ class HttpMiddleware:
                 await send({"type": "websocket.close", "code": 1008})
         finally:
             request_id_var.reset(token)
+
+
+def _bind_request_id(scope: Scope) -> tuple[str, Token[str]]:
+    """Give the request (or websocket) its id: in its state, and in the logging context so
+    that every log line of it carries the id (reset with the token when it ends)."""
+    request_id = choose_request_id(scope["headers"])
+    scope.setdefault("state", {})["request_id"] = request_id
+    return request_id, request_id_var.set(request_id)
 
 
 def choose_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:

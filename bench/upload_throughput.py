@@ -27,9 +27,9 @@ The client (this script, pinned to CPU 1 with ``taskset -p`` while it uploads) s
 and 100 MiB of ASCII text as a ``multipart/form-data`` body with one ``file`` part
 (``x.txt``, ``text/plain``), streamed from a generator in 1 MiB chunks with an exact
 ``Content-Length``, over a kept-alive httpx2 connection. Each size is repeated (api, bare,
-bare-threaded, bare-hashed, api, …) after an untimed warm-up upload; the report takes medians. The
-target compares ``api`` with ``bare``. Throughput is file bytes / wall time from the first
-byte sent to the response read (MB = 10^6 bytes).
+bare-threaded, bare-hashed, api, …) after an untimed warm-up upload; the report takes
+medians. The target compares ``api`` with ``bare``. Throughput is file bytes / wall time
+from the first byte sent to the response read (MB = 10^6 bytes).
 
 Memory: before each upload the server's peak RSS (``VmHWM``) is reset to its current RSS
 (``5`` into ``/proc/<pid>/clear_refs``, Linux ≥ 4.0); after it ``VmHWM`` minus that value
@@ -424,8 +424,7 @@ def report(
                     f"storage, JSON logs to a file; `bare` = one Starlette route copying "
                     f"`request.stream()` to a temporary file + fsync; interleaved uploads "
                     f"(api, bare, bare-threaded, bare-hashed, …), {repeats} of 1, 10 and "
-                    f"100 MiB, "
-                    f"after one untimed 1 MiB warm-up each; medians",
+                    f"100 MiB, after one untimed 1 MiB warm-up each; medians",
                     "server memory": "; ".join(server_memory.values()),
                 }
             ),
@@ -518,8 +517,8 @@ def main() -> None:
     try:
         for name in SERVERS:
             servers[name] = start(name, workdir, SERVER_CPU if pin else None)
-        server_of = {"api": servers["api"], "bare": servers["bare"]}
-        server_of |= {config: servers["bare"] for config in CONFIGS if config not in servers}
+        # Every configuration but api is a route of the bare server.
+        server_of = {c: servers["api" if c == "api" else "bare"] for c in CONFIGS}
         if pin:  # the client is this process; its original CPUs come back in `finally`
             taskset_pid(CLIENT_CPU)
         with httpx2.Client(timeout=120) as client:
