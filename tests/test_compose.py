@@ -180,8 +180,6 @@ def test_mounted_repository_files_exist(services: dict[str, dict[str, Any]]) -> 
 def test_nginx_mounts_exist_and_the_limits_script_runs_before_the_templates(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    if not (ROOT / "nginx").is_dir():
-        pytest.skip("nginx/ (templates and entrypoint script) is written on its own branch")
     mounts = dict(bind_mounts(services["nginx"]))
     assert set(mounts) == {"nginx/templates", "nginx/entrypoint.d/19-app-limits.envsh"}
     for source in mounts:
