@@ -4,6 +4,7 @@ RESULTS.md holds one section per benchmark; a run replaces its own section (date
 keeps the others, so running one script never loses the others' latest results.
 """
 
+import http.client
 import os
 import platform
 import re
@@ -153,6 +154,38 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> N
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)
+
+
+def await_server(
+    name: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    port: int,
+    path: str,
+    check: Callable[[http.client.HTTPResponse], None] | None = None,
+) -> None:
+    """Wait until the server answers ``GET path`` with 200 (``check`` may refuse the
+    answer by raising). A server that exits or never answers is stopped and reported
+    with its log."""
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"the {name} server exited; see {log}:\n{log.read_text()}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("GET", path)
+            response = connection.getresponse()
+        except OSError:
+            return False
+        if check is not None:
+            check(response)
+        return response.status == 200
+
+    try:
+        wait_until(f"the {name} server", answers)
+    except BaseException:
+        terminate(process)
+        raise
 
 
 def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

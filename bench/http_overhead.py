@@ -53,6 +53,7 @@ import psutil
 from fastapi import FastAPI
 
 from _common import (
+    await_server,
     clean_env,
     command_line,
     free_port,
@@ -61,7 +62,6 @@ from _common import (
     now,
     require_tools,
     terminate,
-    wait_until,
     write_section,
 )
 
@@ -197,28 +197,14 @@ def start(config: str, workdir: Path) -> Server:
             cwd=workdir,
             env=clean_env(),
         )
-    server = Server(config, port, process, log)
 
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"{config} server exited; see {log}:\n{log.read_text()}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            connection.request("GET", "/ping")
-            response = connection.getresponse()
-        except OSError:
-            return False
+    def has_the_middleware(response: http.client.HTTPResponse) -> None:
         # Guards the set-up: the production middleware runs exactly where it should.
         if (response.getheader("X-Request-ID") is not None) != (config in WITH_REQUEST_ID):
             raise RuntimeError(f"{config}: unexpected headers {response.getheaders()}")
-        return response.status == 200
 
-    try:
-        wait_until(f"the {config} server", answers)
-    except BaseException:
-        stop(server)
-        raise
-    return server
+    await_server(config, process, log, port, "/ping", has_the_middleware)
+    return Server(config, port, process, log)
 
 
 def stop(server: Server) -> None:

@@ -42,7 +42,6 @@ Run from the repository root: ``.venv/bin/python bench/upload_throughput.py``.
 import argparse
 import functools
 import hashlib
-import http.client
 import os
 import shutil
 import statistics
@@ -63,6 +62,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from _common import (
+    await_server,
     clean_env,
     command_line,
     free_port,
@@ -72,7 +72,6 @@ from _common import (
     require_tools,
     run_cli,
     terminate,
-    wait_until,
     write_section,
 )
 
@@ -215,24 +214,8 @@ def start(config: str, workdir: Path, server_cpu: str | None) -> Server:
         process = subprocess.Popen(
             pinned(command, server_cpu), stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env
         )
-    server = Server(config, port, process, log)
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"{config} server exited; see {log}:\n{log.read_text()}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            connection.request("GET", probe)
-            return connection.getresponse().status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_until(f"the {config} server", answers)
-    except BaseException:
-        stop(server)
-        raise
-    return server
+    await_server(config, process, log, port, probe)
+    return Server(config, port, process, log)
 
 
 def stop(server: Server) -> None:
