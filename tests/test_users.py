@@ -151,6 +151,8 @@ def test_admin_changes_role_and_deactivates(api: Api) -> None:
         "/api/v1/auth/refresh", json={"refresh_token": alice.tokens["refresh_token"]}
     )
     assert_problem(refreshed, 401)
+    # Her access token, still unexpired, no longer authenticates her either.
+    assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
 
 
 def test_admin_deletes_a_user_and_their_items(api: Api) -> None:

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -207,6 +207,11 @@ async def revoke_all_for_user(session: AsyncSession, user_id: int) -> None:
     )
 
 
+# Built once: Session.get builds its SELECT, and computes that statement's cache key,
+# anew on each call (~0.1 ms here), and this lookup runs on every authenticated request.
+_USER_BY_ID = select(User).where(User.id == bindparam("user_id"))
+
+
 async def user_from_access_claims(
     session: AsyncSession, revocations: Revocations, claims: dict[str, Any]
 ) -> User:
@@ -217,7 +222,7 @@ async def user_from_access_claims(
         user_id = int(claims["sub"])
     except ValueError as exc:
         raise Unauthorized(INVALID_TOKEN) from exc
-    user = await session.get(User, user_id)
+    user = await session.scalar(_USER_BY_ID, {"user_id": user_id})
     if user is None or not user.is_active:
         raise Unauthorized(INVALID_TOKEN)
     return user
