@@ -60,6 +60,10 @@ class UnprocessableContent(AppError):
     status_code = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
+class UnsatisfiableRange(AppError):
+    status_code = HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
+
+
 def request_id_of(scope: Scope) -> str | None:
     """The id HttpMiddleware (app/middleware.py) put in the request state, if it ran."""
     return scope.get("state", {}).get("request_id")

@@ -394,6 +394,30 @@ def test_range_requests_are_answered_with_206(api: Api) -> None:
     assert partial.headers["content-range"] == f"bytes 0-9/{len(PDF)}"
 
 
+def test_a_bad_range_is_a_problem_and_an_unknown_range_unit_is_ignored(api: Api) -> None:
+    alice = api.account("alice")
+    meta = uploaded(upload(api, alice, "report.pdf", PDF, "application/pdf"))
+
+    def download(range_header: str) -> Response:
+        return api.client.get(
+            f"/api/v1/files/{meta['id']}/content", headers=alice.headers | {"Range": range_header}
+        )
+
+    for malformed in ("bytes=abc", "bytes=5-2", "bytes"):
+        body = assert_problem(download(malformed), 400)
+        assert body["detail"] == "The Range header is not a valid bytes range.", malformed
+    unsatisfiable = download(f"bytes={len(PDF)}-")
+    assert_problem(unsatisfiable, 416)
+    assert unsatisfiable.headers["content-range"] == f"bytes */{len(PDF)}"
+    # RFC 9110 §14.2: a range unit the server does not know is ignored, not refused.
+    whole = download("items=0-9")
+    assert (whole.status_code, whole.content) == (200, PDF)
+    several = download("bytes=0-1,5-6")
+    assert several.status_code == 206
+    assert several.headers["content-type"].startswith("multipart/byteranges; boundary=")
+    assert f"Content-Range: bytes 5-6/{len(PDF)}\r\n\r\n".encode() + PDF[5:7] in several.content
+
+
 def test_someone_elses_file_is_404_on_every_route_and_stays(api: Api) -> None:
     alice, mallory = api.account("alice"), api.account("mallory")
     meta = uploaded(upload(api, alice, "pic.png", image_bytes("PNG"), "image/png"))

@@ -1,7 +1,7 @@
 from pathlib import PurePosixPath
 
 from fastapi import APIRouter, Depends, Request, Response, status
-from starlette.responses import FileResponse, StreamingResponse
+from starlette.responses import StreamingResponse
 
 from app.auth.deps import CurrentUser
 from app.backends.storage import Storage
@@ -9,6 +9,7 @@ from app.db import IdPath, SessionDep
 from app.errors import NotFound
 from app.files import images, rules, service
 from app.files.deps import StorageDep, upload_limit
+from app.files.downloads import Download
 from app.files.schemas import BatchItem, BatchRead, FileRead
 from app.pagination import Page, PageParamsDep
 from app.settings import SettingsDep
@@ -35,8 +36,8 @@ def blob_response(storage: Storage, key: str, media_type: str, filename: str) ->
     }
     path = storage.local_path(key)
     if path is not None:
-        # FileResponse answers Range requests (206) and sends the file in chunks.
-        return FileResponse(path, media_type=media_type, headers=headers)
+        # Answers Range requests (206) and sends the file in chunks.
+        return Download(path, media_type=media_type, headers=headers)
     return StreamingResponse(storage.read(key), media_type=media_type, headers=headers)
 
 
