@@ -143,6 +143,23 @@ def test_websockets_are_counted_separately(extended_app: TestClient) -> None:
     assert not any(labels["route"] == route for labels in series(after, "http_requests_total"))
 
 
+def test_the_service_websockets_are_labelled_with_their_route(api: Api) -> None:
+    """The chat and notification sockets live in included routers, which FastAPI keeps
+    apart from its API routes; each must keep its own template, not UNMATCHED."""
+    alice = api.account("alice")
+    before = scrape(api.client)
+    for path in ("/api/v1/ws/chat/lobby", "/api/v1/ws/notifications"):
+        with api.client.websocket_connect(path, headers=alice.headers):
+            pass
+    after = scrape(api.client)
+    for route in ("/api/v1/ws/chat/{room}", "/api/v1/ws/notifications"):
+        connections = "websocket_connections_total"
+        assert value(after, connections, route=route) - value(before, connections, route=route) == 1
+    assert not any(
+        labels["route"] == "UNMATCHED" for labels in series(after, "websocket_connections_total")
+    )
+
+
 def test_histogram_and_sizes_follow_requests(api: Api) -> None:
     alice = api.account("alice")
     before = scrape(api.client)

@@ -102,6 +102,10 @@ def _flatten(routes: Iterable[Any]) -> Iterator[BaseRoute]:
     for route in routes:
         effective = getattr(route, "effective_route_contexts", None)
         if callable(effective):
-            yield from effective()
+            for context in effective():
+                # An included router's WebSocket routes and mounts come as a context
+                # around a prefixed Starlette route, which holds the regex; API routes
+                # are the context itself.
+                yield getattr(context, "starlette_route", None) or context
         else:
             yield route
