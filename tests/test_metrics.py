@@ -71,6 +71,19 @@ def test_unmatched_paths_share_one_label(client: TestClient) -> None:
     assert not any("probe" in labels["route"] for labels in series(after, "http_requests_total"))
 
 
+def test_methods_outside_the_standard_set_share_one_label(client: TestClient) -> None:
+    odd = ("PROPFIND", "TRACE", "BREW", "X-SCAN")
+    before = scrape(client)
+    for method in odd:
+        client.request(method, "/api/v1/items")
+    after = scrape(client)
+    assert requests_total(after, "OTHER", "/api/v1/items", "405") - requests_total(
+        before, "OTHER", "/api/v1/items", "405"
+    ) == len(odd)
+    methods = {labels["method"] for labels in series(after, "http_requests_total")}
+    assert not methods.intersection(odd)
+
+
 @pytest.fixture
 def extended_app(settings: Settings) -> Iterator[TestClient]:
     """The service with a mounted sub-app, a failing route and a websocket route."""

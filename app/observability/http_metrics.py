@@ -20,6 +20,10 @@ from app.observability.routes import route_template
 # Distinct (method, path) pairs remembered per process; beyond that, lookups walk the
 # route table as the first request of each pair does.
 SERIES_CACHE_SIZE = 4096
+# The methods that get a label of their own; clients choose the method, so any other
+# (TRACE, PROPFIND, made-up ones…) shares OTHER, or each would add series on every route.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "OTHER"
 
 # (value object, amount) pairs: one request's updates, applied together.
 Updates = Iterable[tuple[Any, float]]
@@ -112,9 +116,9 @@ class RouteSeries:
 
 
 class SeriesLookup:
-    """The RouteSeries of a request, by route template, remembered by path too: one dict
-    hit instead of a regex walk of the route table on every request. Bounded, since
-    clients choose paths."""
+    """The RouteSeries of a request, by method and route template, remembered by path too:
+    one dict hit instead of a regex walk of the route table on every request. Bounded,
+    since clients choose paths and methods."""
 
     def __init__(self) -> None:
         self.by_labels: dict[tuple[str, str], RouteSeries] = {}
@@ -125,7 +129,7 @@ class SeriesLookup:
         key = (method, scope["path"], scope.get("root_path", ""))
         series = self.by_path.get(key)
         if series is None:
-            labels = (method, route_template(scope))
+            labels = (method if method in METHODS else OTHER_METHOD, route_template(scope))
             series = self.by_labels.get(labels)
             if series is None:
                 series = self.by_labels[labels] = RouteSeries(*labels)
