@@ -25,6 +25,7 @@ from app.observability.access_log import log_request
 from app.observability.http_metrics import SeriesLookup, observe_websocket
 from app.observability.logging import request_id_var
 from app.observability.metrics import multiprocess_enabled
+from app.observability.routes import route_template
 from app.observability.tracing import current_span_ids
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -111,13 +112,40 @@ class HttpMiddleware:
             request_id_var.reset(token)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        _, token = _bind_request_id(scope)
+        """A socket gets the access line of its handshake too, written when it closes:
+        101 accepted, 403 refused (the server answers a close before accept so), 500 if
+        the app failed first, 499 if the client left first. The server's own lines for
+        sockets are dropped (logging.py): they carry the query string."""
+        request_id, token = _bind_request_id(scope)
+        id_header = (_REQUEST_ID_NAME, request_id.encode())
+        start = time.perf_counter()
+        status: int | None = None
+
+        def observed_send(message: Message) -> Awaitable[None]:
+            nonlocal status
+            if status is None:
+                kind = message["type"]
+                if kind == "websocket.accept":
+                    status = 101
+                    message["headers"] = [*message.get("headers", ()), id_header]
+                elif kind == "websocket.close":
+                    status = 403
+                elif kind == "websocket.http.response.start":
+                    status = message["status"]
+            return send(message)
+
         try:
             if self.hosts.allows(scope):
-                await observe_websocket(self.app, scope, receive, send)
+                await observe_websocket(self.app, scope, receive, observed_send)
             else:
-                await send({"type": "websocket.close", "code": 1008})
+                await observed_send({"type": "websocket.close", "code": 1008})
+        except BaseException:
+            status = status or 500
+            raise
         finally:
+            span_ids = current_span_ids() if self.traced else _NO_SPAN
+            seconds = time.perf_counter() - start
+            log_request(scope, route_template(scope), status or 499, seconds, span_ids)
             request_id_var.reset(token)
 
 

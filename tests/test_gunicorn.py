@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx2
 import psutil
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from app import migrate
 from deploy.stack.process import free_port, wait_for
@@ -221,6 +223,14 @@ def test_logs_are_json_with_request_ids_and_no_secrets(gunicorn: Gunicorn) -> No
     assert me.status_code == 200
     httpx2.post(f"{base}/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
     httpx2.post(f"{base}/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    # Sockets: the server's own handshake lines would print these query strings.
+    chat = base.replace("http://", "ws://") + "/api/v1/ws/chat/lobby"
+    bearer = {"Authorization": f"Bearer {tokens['access_token']}", "X-Request-ID": "socket-7"}
+    with connect(f"{chat}?password=hunter2hunter2", additional_headers=bearer, proxy=None) as ws:
+        assert ws.response.headers["X-Request-ID"] == "socket-7"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{chat}?token=opaque-secret-123", proxy=None)
+    assert refused.value.response.status_code == 403
 
     # Through a trusted proxy (loopback) the client is the forwarded address: not allowed.
     spoofed = httpx2.get(f"{base}/metrics", headers={"X-Forwarded-For": "10.1.2.3"})
@@ -229,7 +239,12 @@ def test_logs_are_json_with_request_ids_and_no_secrets(gunicorn: Gunicorn) -> No
     wait_for(
         lambda: all(
             mark in gunicorn.log.read_text()
-            for mark in ("probe-42", '"path":"/api/v1/auth/register"')
+            for mark in (
+                "probe-42",
+                '"path":"/api/v1/auth/register"',
+                '"status":101',
+                '"status":403',
+            )
         ),
         timeout=10,
         what="the access lines of both workers",
@@ -243,9 +258,13 @@ def test_logs_are_json_with_request_ids_and_no_secrets(gunicorn: Gunicorn) -> No
     assert len([r for r in access if r["path"] == "/api/v1/auth/register"]) == 1
     assert not any(r.get("logger") in ("uvicorn.access", "gunicorn.access") for r in records)
     assert any(r.get("logger") == "gunicorn.error" for r in records)
+    sockets = [r for r in access if r["route"] == "/api/v1/ws/chat/{room}"]
+    assert sorted((r["status"], r["user_id"]) for r in sockets) == [(101, 1), (403, None)]
+    assert next(r for r in sockets if r["status"] == 101)["request_id"] == "socket-7"
 
     text = gunicorn.log.read_text()
-    assert PASSWORD not in text
+    for secret in (PASSWORD, "hunter2hunter2", "opaque-secret-123"):
+        assert secret not in text
     for token in (tokens["access_token"], tokens["refresh_token"]):
         assert token.split(".")[2] not in text
 

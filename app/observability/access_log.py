@@ -1,4 +1,4 @@
-"""One structured access line per request.
+"""One structured access line per request, and per websocket (its handshake's status).
 
 It replaces uvicorn's and gunicorn's access logs (disabled in logging.py) because it
 knows what they do not: the route template, the request id, the user and the trace.
@@ -35,7 +35,7 @@ def log_request(
             _line,
             time.time(),
             level,
-            scope["method"],
+            scope.get("method", "GET"),  # a websocket's handshake is a GET
             route,
             path,
             status,

@@ -240,6 +240,18 @@ def formatter(log_format: LogFormat) -> structlog.stdlib.ProcessorFormatter:
     )
 
 
+class WithoutServerSocketLines(logging.Filter):
+    """Drops uvicorn's lines for WebSocket handshakes (``"WebSocket /path?query" 403``):
+    they print the query string, which may hold a token or a password, and HttpMiddleware
+    writes an access line for every socket instead (app/middleware.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(_SERVER_SOCKET_LINE))
+
+
+_SERVER_SOCKET_LINE = '%s - "WebSocket %s"'
+
+
 def dict_config(level: str, log_format: LogFormat) -> dict[str, Any]:
     """stdlib logging config: one handler; also gunicorn's ``logconfig_dict``."""
     quiet = {"handlers": [], "propagate": False, "level": "CRITICAL"}
@@ -250,6 +262,7 @@ def dict_config(level: str, log_format: LogFormat) -> dict[str, Any]:
         "formatters": {
             "structlog": {"()": f"{__name__}.formatter", "log_format": log_format},
         },
+        "filters": {"no_socket_lines": {"()": f"{__name__}.WithoutServerSocketLines"}},
         "handlers": {
             "output": {"class": f"{__name__}.OutputHandler", "formatter": "structlog"},
         },
@@ -257,7 +270,7 @@ def dict_config(level: str, log_format: LogFormat) -> dict[str, Any]:
         "loggers": {
             "gunicorn.error": through_root,
             "uvicorn": through_root,
-            "uvicorn.error": through_root,
+            "uvicorn.error": through_root | {"filters": ["no_socket_lines"]},
             # The access line comes from access_log.py with the request context;
             # the servers' own access lines would duplicate it without that context.
             "gunicorn.access": quiet,

@@ -70,8 +70,10 @@ async def authenticate(websocket: WebSocket) -> SocketUser | None:
     if found is None:
         await _refuse(websocket, "Authentication failed.")
         return None
-    # Every later log line of this connection names the user, as for HTTP requests.
+    # Every later log line of this connection names the user, and so does its access
+    # line (app/middleware.py), as for HTTP requests.
     user_id_var.set(found.user.id)
+    websocket.state.user_id = found.user.id
     return found
 
 
