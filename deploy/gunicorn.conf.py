@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, ClassVar
 
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-multiproc-")
@@ -29,15 +30,27 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.base import Worker
 from prometheus_client import multiprocess
+from uvicorn_worker import UvicornWorker
 
 from app.observability import WORKER_ID_ENV
 from app.observability.logging import dict_config
+from app.realtime.schemas import SERVER_MAX_FRAME_BYTES
 from app.settings import Settings
 
 _settings = Settings()
 
+
+class ServiceWorker(UvicornWorker):
+    """uvicorn's gunicorn worker, with the server options ``python -m app serve`` sets too."""
+
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
+        **UvicornWorker.CONFIG_KWARGS,
+        "ws_max_size": SERVER_MAX_FRAME_BYTES,
+    }
+
+
 wsgi_app = "app.main:create_app()"
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = ServiceWorker
 bind = [os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")]
 workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))

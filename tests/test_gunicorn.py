@@ -15,10 +15,11 @@ from pathlib import Path
 import httpx2
 import psutil
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from app import migrate
+from app.realtime.schemas import SERVER_MAX_FRAME_BYTES
 from deploy.stack.process import free_port, wait_for
 from tests.api import PASSWORD
 from tests.prom import Samples, parse, series, value
@@ -207,6 +208,17 @@ def test_system_series_are_not_multiplied_by_workers(gunicorn: Gunicorn) -> None
     assert len(series(samples, "app_host_disk_bytes")) == 3
     keyed_by_pid = [name for name, labels in samples if any(key == "pid" for key, _ in labels)]
     assert keyed_by_pid == []
+
+
+def test_workers_cap_websocket_frames(gunicorn: Gunicorn) -> None:
+    """The workers get the server options `python -m app serve` sets (gunicorn.conf.py)."""
+    chat = gunicorn.base_url.replace("http://", "ws://") + "/api/v1/ws/chat/lobby"
+    with connect(chat, proxy=None) as anonymous:
+        anonymous.send("x" * SERVER_MAX_FRAME_BYTES * 4)
+        with pytest.raises(ConnectionClosed) as closed:
+            anonymous.recv(timeout=10)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1009
 
 
 def test_logs_are_json_with_request_ids_and_no_secrets(gunicorn: Gunicorn) -> None:

@@ -27,6 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from app import migrate
 from app.cli import create_superuser
+from app.realtime.schemas import SERVER_MAX_FRAME_BYTES
 from app.settings import Settings
 from deploy.stack.process import free_port, wait_for
 from deploy.stack.redis import RedisServer
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 10.0
 SERVICE_RESTART = 1012
 POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
 
 
 @dataclass
@@ -237,6 +239,16 @@ def test_a_notification_posted_to_b_reaches_a_user_on_a(cluster: Cluster) -> Non
             )
             assert response.status_code == 202, response.text
             assert recv(on_a) == response.json()
+
+
+def test_an_oversized_frame_is_refused_by_the_server_before_it_is_buffered(
+    cluster: Cluster,
+) -> None:
+    """uvicorn would buffer up to 16 MiB of one frame before the app could refuse it, on a
+    socket that has not authenticated yet too; the service caps it at 16 KiB (1009)."""
+    with cluster.b.ws("/api/v1/ws/chat/lobby") as anonymous:
+        anonymous.send("x" * SERVER_MAX_FRAME_BYTES * 4)
+        assert close_code(anonymous) == MESSAGE_TOO_BIG
 
 
 def test_handshake_refusals_are_http_403_and_tokens_stay_out_of_logs(cluster: Cluster) -> None:

@@ -16,6 +16,11 @@ from app.db import MAX_ID
 from app.users.schemas import StrictModel, Username
 
 MAX_FRAME_BYTES = 8 * 1024
+# What the server buffers of one frame at most before it closes the socket with 1009
+# (uvicorn's ws_max_size; its default, 16 MiB, is buffered whole before the app can
+# refuse it, on sockets not yet authenticated too). Frames between the two limits get
+# the app's own error frame.
+SERVER_MAX_FRAME_BYTES = 2 * MAX_FRAME_BYTES
 MAX_CONTENT_CHARS = 2000
 
 
