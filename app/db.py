@@ -4,11 +4,13 @@ One code path serves SQLite (the embedded default) and PostgreSQL (production); 
 differences that matter — foreign keys, WAL, pool sizing — are settled here once.
 """
 
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
 from fastapi import Depends, Path, Request
+from pydantic import AfterValidator, BeforeValidator
 from sqlalchemy import DateTime, Dialect, MetaData, TypeDecorator, event
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import (
@@ -94,4 +96,26 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 # Ids are 32-bit INTEGER columns on PostgreSQL: a larger path id is a 422, not a driver error.
 MAX_ID = 2**31 - 1
-IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+def _canonical_id(value: object) -> object:
+    # Pydantic would read "1_0" as 10 and "1.0", "+1", " 1" or "01" as 1: one resource
+    # under many URLs, which rules keyed on the path (a proxy's, a cache's) would miss.
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise ValueError("Input should be an id: decimal digits without a leading zero")
+    return value
+
+
+_DIGITS = re.compile(r"[1-9][0-9]*")
+IdPath = Annotated[int, BeforeValidator(_canonical_id), Path(ge=1, le=MAX_ID)]
+
+
+def _without_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("Input should not contain NUL characters")
+    return value
+
+
+# PostgreSQL's text cannot hold U+0000 (the driver fails: a 500) and SQLite stores it, so a
+# client's string that reaches SQL is refused with a 422 when it holds one, on both.
+WithoutNul = AfterValidator(_without_nul)

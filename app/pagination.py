@@ -10,6 +10,8 @@ from sqlalchemy import ColumnElement, Select, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
+from app.db import WithoutNul
+
 MAX_PAGE_SIZE = 100
 
 T = TypeVar("T")
@@ -25,7 +27,7 @@ class PageParams(BaseModel):
 async def page_params(
     skip: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
-    q: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
+    q: Annotated[str | None, Query(min_length=1, max_length=100), WithoutNul] = None,
 ) -> PageParams:
     return PageParams(skip=skip, limit=limit, q=q)
 

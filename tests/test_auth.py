@@ -83,6 +83,16 @@ def test_wrong_password_and_unknown_user_look_the_same(api: Api) -> None:
     assert wrong["detail"] == unknown["detail"]
 
 
+def test_a_login_name_no_account_can_have_is_a_422(api: Api) -> None:
+    """Refused before it is looked up, counted or audited: a NUL (PostgreSQL cannot even
+    compare one) or more characters than an e-mail address may have."""
+    api.register("alice")
+    for login in ("ali\x00ce", "alice@example.com\x00", "a" * 321):
+        problem = assert_problem(api.login(login), 422)
+        assert problem["errors"][0]["loc"] == ["body", "username"]
+    assert api.login("alice").status_code == 200
+
+
 def test_inactive_user_cannot_log_in(api: Api) -> None:
     alice = api.account("alice")
     response = api.client.patch(

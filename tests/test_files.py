@@ -380,6 +380,17 @@ def test_form_problems_are_4xx_and_leave_nothing(api: Api) -> None:
         headers=alice.headers | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
     )
     assert_rejected_without_trace(api, alice, truncated, 400)
+    nul = upload(api, alice, "a.txt", TEXT, "text/plain", description="a\x00b")
+    assert_rejected_without_trace(api, alice, nul, 422)  # PostgreSQL text cannot hold it
+    for length in (71, 257):  # RFC 2046 allows 70; the parser itself refuses over 256
+        boundary = "b" * length
+        long_boundary = api.client.post(
+            "/api/v1/files",
+            content=f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="a.txt"\r\n\r\ntext\r\n--{boundary}--\r\n',
+            headers=alice.headers | {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        assert_rejected_without_trace(api, alice, long_boundary, 400)
     assert_problem(api.client.post("/api/v1/files", files={"file": ("a.txt", TEXT)}), 401)
 
 

@@ -54,6 +54,16 @@ def test_creating_needs_a_user(api: Api) -> None:
         {"title": "x", "price": 1, "owner_id": 1},
         {"title": "x", "price": 1, "id": 5},
         {"title": "x", "price": 1, "created_at": "2020-01-01T00:00:00Z"},
+        # PostgreSQL cannot store NUL; SQLite could, so both refuse it.
+        {"title": "a\u0000b", "price": 1},
+        {"title": "x", "description": "a\u0000b", "price": 1},
+        # Only numbers and plain decimal strings are prices.
+        {"title": "x", "price": "1_000"},
+        {"title": "x", "price": " 5 "},
+        {"title": "x", "price": "\u0661"},  # ARABIC-INDIC DIGIT ONE
+        {"title": "x", "price": True},
+        {"title": "x", "price": 1, "is_available": "yes"},
+        {"title": "x", "price": 1, "is_available": 1},
     ],
 )
 def test_invalid_or_mass_assigning_bodies_are_422_and_create_nothing(api: Api, body: dict) -> None:
@@ -86,6 +96,7 @@ def test_list_envelope_paging_and_limits(api: Api) -> None:
     assert api.client.get("/api/v1/items?limit=100").status_code == 200
     for query in ("limit=0", "limit=101", "skip=-1", "limit=abc"):
         assert_problem(api.client.get(f"/api/v1/items?{query}"), 422)
+    assert_problem(api.client.get("/api/v1/items", params={"q": "a\x00b"}), 422)
 
 
 def test_search_matches_title_and_description_literally(api: Api) -> None:
@@ -152,6 +163,17 @@ def test_admin_can_change_and_delete_any_item(api: Api) -> None:
     assert patched.status_code == 200
     assert patched.json()["owner_id"] == alice.id
     assert api.client.delete(url, headers=admin.headers).status_code == 204
+
+
+def test_an_item_has_one_url(api: Api) -> None:
+    """Ids in paths are plain decimal digits: no other spelling reaches (or deletes) one."""
+    alice = api.account("alice")
+    ids = [api.create_item(alice)["id"] for _ in range(10)]
+    assert ids[-1] == 10
+    for spelling in ("1_0", "1.0", "+1", "01", "%201", "1%20", "1e1", "0x1"):
+        assert_problem(api.client.get(f"/api/v1/items/{spelling}"), 422)
+        assert_problem(api.client.delete(f"/api/v1/items/{spelling}", headers=alice.headers), 422)
+    assert api.client.get("/api/v1/items").json()["total"] == 10
 
 
 def test_unknown_items(api: Api) -> None:

@@ -438,6 +438,8 @@ def test_only_admins_send_notifications(api: Api, role: str | None) -> None:
         {"title": "Hi", "body": "x" * 2001},
         {"title": "Hi", "user_id": 0},
         {"title": "Hi", "user_id": "alice"},
+        {"title": "Hi", "user_id": True},  # not user 1
+        {"title": "Hi", "user_id": "1"},
         {"title": "Hi", "type": "private"},
         {"title": "Hi", "id": "mine"},
         {"title": None},

@@ -164,6 +164,18 @@ def test_admin_deletes_a_user_and_their_items(api: Api) -> None:
     assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
 
 
+def test_flags_are_json_booleans_and_ids_plain_digits(api: Api) -> None:
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    for flag in ("no", "off", 0, "false"):
+        response = api.client.patch(
+            f"/api/v1/users/{alice.id}", json={"is_active": flag}, headers=admin.headers
+        )
+        assert_problem(response, 422)
+    for spelling in (f"{alice.id}.0", f"0{alice.id}", f"+{alice.id}"):
+        assert_problem(api.client.get(f"/api/v1/users/{spelling}", headers=admin.headers), 422)
+    assert api.client.get("/api/v1/users/me", headers=alice.headers).json()["is_active"] is True
+
+
 def test_admin_cannot_lock_themselves_out(api: Api) -> None:
     admin = api.account("boss", role="admin")
     for body in ({"role": "user"}, {"is_active": False}):

@@ -1,16 +1,16 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Form, Request, status
 from fastapi.security import OAuth2PasswordRequestForm
 
 from app.audit.deps import AuditDep
 from app.auth import service
 from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep, oauth2_scheme
 from app.auth.schemas import LogoutRequest, RefreshRequest, TokenPair
-from app.db import SessionDep
+from app.db import SessionDep, WithoutNul
 from app.errors import Unauthorized
 from app.rate_limits import RatePolicyDep, login_limit, register_limit
-from app.users.schemas import UserCreate, UserRead
+from app.users.schemas import MAX_EMAIL_CHARS, UserCreate, UserRead
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -29,7 +29,19 @@ async def register(
     return user
 
 
-@router.post("/token", response_model=TokenPair, dependencies=[Depends(login_limit)])
+async def checked_login_name(
+    username: Annotated[str, Form(max_length=MAX_EMAIL_CHARS), WithoutNul],
+) -> None:
+    """The login name is looked up, counted against its account's failure budget and
+    audited: no longer than an e-mail address can be, and without NUL (PostgreSQL cannot
+    even compare one). Validated beside the OAuth2 form, which reads the same field."""
+
+
+@router.post(
+    "/token",
+    response_model=TokenPair,
+    dependencies=[Depends(login_limit), Depends(checked_login_name)],
+)
 async def login(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
     session: SessionDep,

@@ -40,7 +40,13 @@ def boundary_of(content_type: str) -> bytes:
     boundary = options.get(b"boundary")
     if not boundary:
         raise MalformedBody("The multipart body has no boundary.")
+    if len(boundary) > MAX_BOUNDARY_BYTES:
+        # The parser itself refuses those over 256 bytes, with an error of another kind.
+        raise MalformedBody(f"The multipart boundary is longer than {MAX_BOUNDARY_BYTES} bytes.")
     return boundary
+
+
+MAX_BOUNDARY_BYTES = 70  # RFC 2046 section 5.1.1
 
 
 class _Collector:

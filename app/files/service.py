@@ -272,6 +272,8 @@ def _description(raw: bytearray | None) -> str | None:
         raise UnprocessableContent("The description is not valid UTF-8.") from None
     if len(text) > MAX_DESCRIPTION_CHARS:
         raise _description_too_long()
+    if "\x00" in text:  # as app.db.WithoutNul refuses it in JSON bodies
+        raise UnprocessableContent("The description contains a NUL character.")
     return text or None
 
 

@@ -1,16 +1,42 @@
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StringConstraints,
+)
 
+from app.db import WithoutNul
 from app.users.schemas import StrictModel
 
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Description = Annotated[str, Field(max_length=5000)]
+Title = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), WithoutNul
+]
+Description = Annotated[str, Field(max_length=5000), WithoutNul]
+
+
+def _price_input(value: object) -> object:
+    # A JSON number, or a plain decimal string ("19.99", as money is often sent): pydantic
+    # would also read "1_000", " 5 " or other scripts' digits, and True, as numbers.
+    if isinstance(value, bool) or (isinstance(value, str) and not _DECIMAL.fullmatch(value)):
+        raise ValueError('Input should be a number or a decimal string such as "19.99"')
+    return value
+
+
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
 # Stored exactly as a decimal; served as a JSON number, which is what clients compare.
 Price = Annotated[
     Decimal,
+    BeforeValidator(_price_input),
     Field(gt=0, max_digits=12, decimal_places=2),
     PlainSerializer(float, return_type=float, when_used="json"),
 ]
@@ -20,7 +46,7 @@ class ItemCreate(StrictModel):
     title: Title
     description: Description | None = None
     price: Price
-    is_available: bool = True
+    is_available: StrictBool = True
 
 
 class ItemUpdate(StrictModel):
@@ -29,7 +55,7 @@ class ItemUpdate(StrictModel):
     title: Title = None  # type: ignore[assignment]
     description: Description | None = None
     price: Price = None  # type: ignore[assignment]
-    is_available: bool = None  # type: ignore[assignment]
+    is_available: StrictBool = None  # type: ignore[assignment]
 
 
 class ItemRead(BaseModel):

@@ -10,7 +10,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    TypeAdapter,
+)
 
 from app.db import MAX_ID
 from app.users.schemas import StrictModel, Username
@@ -129,7 +137,7 @@ class NotificationCreate(StrictModel):
     title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     body: str = Field(default="", max_length=MAX_CONTENT_CHARS)
     # Absent: everyone connected to /ws/notifications receives it.
-    user_id: Annotated[int, Field(ge=1, le=MAX_ID)] | None = None
+    user_id: Annotated[StrictInt, Field(ge=1, le=MAX_ID)] | None = None
 
 
 class Notification(ServerFrame):

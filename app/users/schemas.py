@@ -7,6 +7,7 @@ from pydantic import (
     ConfigDict,
     EmailStr,
     Field,
+    StrictBool,
     StringConstraints,
     model_validator,
 )
@@ -25,13 +26,18 @@ Username = Annotated[
     StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9_.-]{3,50}$"),
     AfterValidator(_lower),
 ]
-Email = Annotated[EmailStr, Field(max_length=320), AfterValidator(_lower)]
+MAX_EMAIL_CHARS = 320
+Email = Annotated[EmailStr, Field(max_length=MAX_EMAIL_CHARS), AfterValidator(_lower)]
 # The upper bound keeps a megabyte "password" from becoming a hashing DoS.
 Password = Annotated[str, Field(min_length=8, max_length=128)]
 
 
 class StrictModel(BaseModel):
-    """Request bodies reject unknown fields: nothing can be mass-assigned by accident."""
+    """Request bodies reject unknown fields: nothing can be mass-assigned by accident.
+
+    Not pydantic's strict mode: bodies are validated as parsed JSON, where it would refuse
+    every enum and decimal; instead booleans and integers are StrictBool and StrictInt,
+    which pydantic would otherwise read from "no", "off", 0 or "1_0"."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -75,5 +81,5 @@ class UserAdminUpdate(StrictModel):
     username: Username = None  # type: ignore[assignment]
     password: Password = None  # type: ignore[assignment]
     role: Role = None  # type: ignore[assignment]
-    is_superuser: bool = None  # type: ignore[assignment]
-    is_active: bool = None  # type: ignore[assignment]
+    is_superuser: StrictBool = None  # type: ignore[assignment]
+    is_active: StrictBool = None  # type: ignore[assignment]
