@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
 PROBLEM_JSON = "application/problem+json"
@@ -120,6 +121,15 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     )
 
 
+# nginx's code for a request whose client left before the answer: it is never sent, but
+# the metrics and the access line record it, instead of a 500 for the server's own error.
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request.scope, HTTPStatus.INTERNAL_SERVER_ERROR, "Internal error.")
 
@@ -128,6 +138,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    # An upload whose client goes away mid-body (request.stream() raises this).
+    app.add_exception_handler(ClientDisconnect, _client_gone)  # type: ignore[arg-type]
     # Registered for Exception, Starlette runs this in ServerErrorMiddleware, outside
     # every user middleware; hence problem_response adds the request id itself.
     app.add_exception_handler(Exception, _unhandled)

@@ -394,6 +394,57 @@ def test_form_problems_are_4xx_and_leave_nothing(api: Api) -> None:
     assert_problem(api.client.post("/api/v1/files", files={"file": ("a.txt", TEXT)}), 401)
 
 
+@pytest.mark.parametrize("route", ["/api/v1/files", "/api/v1/files/batch"])
+def test_an_upload_its_client_abandons_is_a_499_and_leaves_nothing(api: Api, route: str) -> None:
+    """Not a 500: the client left, the server did nothing wrong (and nothing is sent)."""
+    alice = api.account("alice")
+    before = parse(api.client.get("/metrics").text)
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"'
+        "\r\nContent-Type: text/plain\r\n\r\n"
+    ).encode() + TEXT * 10_000
+    messages = [{"type": "http.request", "body": head, "more_body": True}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": route,
+        "raw_path": route.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", alice.headers["Authorization"].encode()),
+            (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    assert api.client.portal is not None
+    api.client.portal.call(api.client.app, scope, receive, send)  # returns: nothing raised
+
+    assert sent[0]["status"] == 499
+    assert leftovers(api) == []
+    assert api.client.get("/api/v1/files", headers=alice.headers).json()["total"] == 0
+    after = parse(api.client.get("/metrics").text)
+    for name, labels in (
+        ("http_requests_total", {"method": "POST", "route": route, "status": "499"}),
+        ("uploads_total", {"outcome": "aborted"}),
+    ):
+        assert value(after, name, **labels) - value(before, name, **labels) == 1
+    assert value(after, "http_requests_total", method="POST", route=route, status="500") == 0
+
+
 def test_range_requests_are_answered_with_206(api: Api) -> None:
     alice = api.account("alice")
     meta = uploaded(upload(api, alice, "report.pdf", PDF, "application/pdf"))

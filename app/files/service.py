@@ -17,6 +17,7 @@ import anyio
 import anyio.to_thread
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import ClientDisconnect
 
 from app.backends.storage import StagedBlob, Storage, new_key
 from app.errors import AppError, NotFound, PayloadTooLarge, UnprocessableContent
@@ -91,7 +92,7 @@ async def upload(
             if not files:
                 raise UnprocessableContent("The form has no 'file' part.")
             record = await _store(storage, settings, owner, files[0], description)
-    except AppError as exc:
+    except (AppError, ClientDisconnect) as exc:
         UPLOADS.labels(_outcome(exc)).inc()
         raise
     await _save(session, storage, [record])
@@ -125,9 +126,11 @@ async def upload_batch(
                     results.append(BatchResult(incoming.filename, error=exc))
                 else:
                     results.append(BatchResult(incoming.filename, record=record))
-    except BaseException:
+    except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await _delete_blobs(storage, [r.record for r in results if r.record is not None])
+        if isinstance(exc, AppError | ClientDisconnect):  # the form as a whole failed
+            UPLOADS.labels(_outcome(exc)).inc()
         raise
     await _save(session, storage, [r.record for r in results if r.record is not None])
     return results
@@ -302,8 +305,10 @@ async def _put(storage: Storage, key: str, data: bytes) -> None:
         await blob.commit(key)
 
 
-def _outcome(exc: AppError) -> str:
-    """A bounded label for a refused upload."""
+def _outcome(exc: AppError | ClientDisconnect) -> str:
+    """A bounded label for a refused or abandoned upload."""
+    if isinstance(exc, ClientDisconnect):
+        return "aborted"
     if isinstance(exc, PayloadTooLarge):
         return "too_large"
     if exc.status_code == 415:

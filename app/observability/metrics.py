@@ -83,7 +83,7 @@ RATE_LIMIT_REJECTIONS = Counter(
 UPLOAD_BYTES = Counter("upload_bytes_total", "Bytes of accepted uploads.")
 UPLOADS = Counter(
     "uploads_total",
-    "Uploaded files by outcome: ok, too_large, bad_type, bomb, invalid.",
+    "Uploaded files by outcome: ok, too_large, bad_type, bomb, invalid, aborted.",
     ["outcome"],
 )
 THUMBNAIL_DURATION = Histogram(
@@ -100,5 +100,5 @@ for _outcome in ("success", "invalid_credentials"):
     LOGINS.labels(_outcome)
 for _outcome in ("success", "invalid", "reuse_detected"):
     TOKEN_REFRESHES.labels(_outcome)
-for _outcome in ("ok", "too_large", "bad_type", "bomb", "invalid"):
+for _outcome in ("ok", "too_large", "bad_type", "bomb", "invalid", "aborted"):
     UPLOADS.labels(_outcome)
