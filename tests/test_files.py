@@ -19,6 +19,7 @@ from httpx2 import Response
 from PIL import ExifTags, Image
 
 from app.backends import storage as storage_module
+from app.files.downloads import MAX_RANGES, byte_ranges
 from app.files.rules import TextProbe, content_disposition, sanitize_filename
 from app.main import create_app
 from tests.api import Account, Api, assert_problem
@@ -459,25 +460,55 @@ def test_range_requests_are_answered_with_206(api: Api) -> None:
 def test_a_bad_range_is_a_problem_and_an_unknown_range_unit_is_ignored(api: Api) -> None:
     alice = api.account("alice")
     meta = uploaded(upload(api, alice, "report.pdf", PDF, "application/pdf"))
+    size = len(PDF)
 
     def download(range_header: str) -> Response:
         return api.client.get(
             f"/api/v1/files/{meta['id']}/content", headers=alice.headers | {"Range": range_header}
         )
 
-    for malformed in ("bytes=abc", "bytes=5-2", "bytes"):
+    for malformed in ("bytes=abc", "bytes=5-2", "bytes", "bytes=", "bytes=--1", "bytes=1-2-3"):
         body = assert_problem(download(malformed), 400)
         assert body["detail"] == "The Range header is not a valid bytes range.", malformed
-    unsatisfiable = download(f"bytes={len(PDF)}-")
-    assert_problem(unsatisfiable, 416)
-    assert unsatisfiable.headers["content-range"] == f"bytes */{len(PDF)}"
-    # RFC 9110 §14.2: a range unit the server does not know is ignored, not refused.
+    for unsatisfiable in (f"bytes={size}-", "bytes=-0", f"bytes={size}-{size + 9}, {size * 2}-"):
+        response = download(unsatisfiable)
+        assert_problem(response, 416)
+        assert response.headers["content-range"] == f"bytes */{size}"
+    # RFC 9110 section 14.2: a range unit the server does not know is ignored, not refused.
     whole = download("items=0-9")
     assert (whole.status_code, whole.content) == (200, PDF)
-    several = download("bytes=0-1,5-6")
+    # Satisfiable when any of its ranges is: the others are left out.
+    mixed = download(f"bytes=0-1, {size}-{size + 10}")
+    assert (mixed.status_code, mixed.content) == (206, PDF[:2])
+    assert mixed.headers["content-range"] == f"bytes 0-1/{size}"
+    several = download("bytes=-3, 0-1, 1-2")  # in order, overlapping ones merged
     assert several.status_code == 206
     assert several.headers["content-type"].startswith("multipart/byteranges; boundary=")
-    assert f"Content-Range: bytes 5-6/{len(PDF)}\r\n\r\n".encode() + PDF[5:7] in several.content
+    parts = several.content.split(b"Content-Range: ")[1:]
+    assert [part.split(b"\r\n", 1)[0] for part in parts] == [
+        f"bytes 0-2/{size}".encode(),
+        f"bytes {size - 3}-{size - 1}/{size}".encode(),
+    ]
+    assert b"\r\n\r\n" + PDF[:3] + b"\r\n" in parts[0]
+
+
+@pytest.mark.parametrize(
+    ("header", "ranges"),
+    [
+        ("bytes=0-9", [(0, 10)]),
+        ("bytes=90-", [(90, 100)]),
+        ("bytes=90-1000", [(90, 100)]),  # clipped to the file
+        ("bytes=-10", [(90, 100)]),
+        ("bytes=-1000", [(0, 100)]),  # a suffix longer than the file is all of it
+        ("BYTES = 0-0 , , 5-5", [(0, 1), (5, 6)]),  # case, spaces, empty list elements
+        ("bytes=10-19,0-9,30-39", [(0, 20), (30, 40)]),  # sorted; touching ones merged
+        ("bytes=0-1,100-200", [(0, 2)]),  # the unsatisfiable one is left out
+        ("bytes=" + ",".join(["0-0"] * (MAX_RANGES + 1)), []),  # too many: the whole file
+        ("pages=1-2", []),
+    ],
+)
+def test_byte_ranges_follow_rfc_9110(header: str, ranges: list[tuple[int, int]]) -> None:
+    assert byte_ranges(header, 100) == ranges
 
 
 def test_someone_elses_file_is_404_on_every_route_and_stays(api: Api) -> None:

@@ -1,35 +1,75 @@
 """The response that serves a stored file, Range requests included.
 
-Starlette's FileResponse answers Range requests (206, multipart/byteranges for several
-ranges, overlapping ranges merged, more than 100 ignored) but refuses a bad one with a
-text/plain 400 or 416, unlike every other error of the service, and refuses a range
-unit it does not know where RFC 9110 §14.2 says to ignore it. This subclass changes
-those two answers only; its range parsing stays Starlette's, and tests/test_files.py
-pins the result in case Starlette changes it.
+Starlette's FileResponse serves ranges (206, ``multipart/byteranges`` for several) but
+parses the Range header in ways RFC 9110 §14 does not: it refuses a range unit it does not
+know (the RFC says ignore it), refuses a whole header when one of its ranges starts past
+the end (the RFC: satisfiable when any range is), and answers refusals in text/plain
+unlike every other error of the service. So the parsing is done here, by ``byte_ranges``,
+and FileResponse only sends what it returns.
 """
 
-from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
+import re
+
+from starlette.responses import FileResponse
 
 from app.errors import AppError, UnsatisfiableRange
+
+# As Starlette: a header with more ranges than this is ignored (the whole file is sent),
+# rather than answered with as many parts.
+MAX_RANGES = 100
+# first-last, first- or -suffix; 30 digits are more than any file needs.
+_SPEC = re.compile(r"([0-9]{1,30})-([0-9]{0,30})|-([0-9]{1,30})")
 
 
 class MalformedRange(AppError):
     """400: a bytes Range header that is not one."""
 
 
+def byte_ranges(header: str, size: int) -> list[tuple[int, int]]:
+    """The ranges a Range header asks of a ``size``-byte file, as [start, end) pairs, in
+    order and merged where they overlap or touch; [] for the whole file (another range
+    unit, or too many ranges). MalformedRange (400) for a bytes header that is not valid,
+    UnsatisfiableRange (416) when none of its ranges overlaps the file."""
+    unit, equals, range_set = header.partition("=")
+    if unit.strip().lower() != "bytes":
+        return []
+    specs = [spec.strip() for spec in range_set.split(",") if spec.strip()]
+    if not equals or not specs:
+        raise MalformedRange("The Range header is not a valid bytes range.")
+    if len(specs) > MAX_RANGES:
+        return []
+    ranges = []
+    for spec in specs:
+        found = _SPEC.fullmatch(spec)
+        if found is None:
+            raise MalformedRange("The Range header is not a valid bytes range.")
+        first, last, suffix = found.groups()
+        if suffix is not None:
+            if int(suffix) > 0 and size > 0:
+                ranges.append((max(size - int(suffix), 0), size))
+        elif last and int(last) < int(first):
+            raise MalformedRange("The Range header is not a valid bytes range.")
+        elif int(first) < size:
+            ranges.append((int(first), min(int(last) + 1, size) if last else size))
+    if not ranges:
+        raise UnsatisfiableRange(
+            "No range of the Range header overlaps the file.",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    ranges.sort()
+    merged = [ranges[0]]
+    for start, end in ranges[1:]:
+        if start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 class Download(FileResponse):
+    """FileResponse with the service's Range parsing. Its errors are raised before the
+    response starts, so the app's error handler answers them as problem+json."""
+
     @classmethod
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
-        unit = http_range.partition("=")[0].strip().lower()
-        if unit != "bytes":
-            return []  # no ranges: the whole file, 200
-        try:
-            return super()._parse_range_header(http_range, file_size)
-        except MalformedRangeHeader as exc:
-            raise MalformedRange("The Range header is not a valid bytes range.") from exc
-        except RangeNotSatisfiable as exc:
-            # Raised before the response starts, so the app's error handler renders it.
-            raise UnsatisfiableRange(
-                "The range starts beyond the end of the file.",
-                headers={"Content-Range": f"bytes */{exc.max_size}"},
-            ) from exc
+        return byte_ranges(http_range, file_size)
