@@ -8,7 +8,7 @@ import io
 import itertools
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +266,7 @@ def test_one_byte_over_the_cap_is_413_and_leaves_nothing(api_with: Callable[...,
     alice = api.account("alice")
     response = upload(api, alice, "big.txt", b"a" * 1001, "text/plain")
     assert_rejected_without_trace(api, alice, response, 413)
+    assert response.headers["connection"] == "close"  # the rest of the body stays unread
     assert uploaded(upload(api, alice, "fits.txt", b"a" * 1000, "text/plain"))["size"] == 1000
 
 
@@ -395,24 +396,26 @@ def test_form_problems_are_4xx_and_leave_nothing(api: Api) -> None:
     assert_problem(api.client.post("/api/v1/files", files={"file": ("a.txt", TEXT)}), 401)
 
 
-@pytest.mark.parametrize("route", ["/api/v1/files", "/api/v1/files/batch"])
-def test_an_upload_its_client_abandons_is_a_499_and_leaves_nothing(api: Api, route: str) -> None:
-    """Not a 500: the client left, the server did nothing wrong (and nothing is sent)."""
-    alice = api.account("alice")
-    before = parse(api.client.get("/metrics").text)
-    head = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"'
-        "\r\nContent-Type: text/plain\r\n\r\n"
-    ).encode() + TEXT * 10_000
-    messages = [{"type": "http.request", "body": head, "more_body": True}]
-    sent: list[dict[str, Any]] = []
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+def asgi_post(
+    api: Api, owner: Account, route: str, receive: Receive, content_length: int | None = None
+) -> list[dict[str, Any]]:
+    """POST a multipart body straight to the app, with ``receive`` handing out the ASGI
+    messages (a client that vanishes, a body that must not be read); what the app sent."""
+    sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
+    headers = [
+        (b"host", b"testserver"),
+        (b"authorization", owner.headers["Authorization"].encode()),
+        (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
+    ]
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -423,17 +426,30 @@ def test_an_upload_its_client_abandons_is_a_499_and_leaves_nothing(api: Api, rou
         "raw_path": route.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"authorization", alice.headers["Authorization"].encode()),
-            (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
-        ],
+        "headers": headers,
         "client": ("127.0.0.1", 50000),
         "server": ("testserver", 80),
     }
     assert api.client.portal is not None
     api.client.portal.call(api.client.app, scope, receive, send)  # returns: nothing raised
+    return sent
 
+
+@pytest.mark.parametrize("route", ["/api/v1/files", "/api/v1/files/batch"])
+def test_an_upload_its_client_abandons_is_a_499_and_leaves_nothing(api: Api, route: str) -> None:
+    """Not a 500: the client left, the server did nothing wrong (and nothing is sent)."""
+    alice = api.account("alice")
+    before = parse(api.client.get("/metrics").text)
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"'
+        "\r\nContent-Type: text/plain\r\n\r\n"
+    ).encode() + TEXT * 10_000
+    messages = [{"type": "http.request", "body": head, "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent = asgi_post(api, alice, route, receive)
     assert sent[0]["status"] == 499
     assert leftovers(api) == []
     assert api.client.get("/api/v1/files", headers=alice.headers).json()["total"] == 0
@@ -444,6 +460,24 @@ def test_an_upload_its_client_abandons_is_a_499_and_leaves_nothing(api: Api, rou
     ):
         assert value(after, name, **labels) - value(before, name, **labels) == 1
     assert value(after, "http_requests_total", method="POST", route=route, status="500") == 0
+
+
+@pytest.mark.parametrize("route", ["/api/v1/files", "/api/v1/files/batch"])
+def test_a_body_declared_over_the_cap_is_refused_unread(
+    api_with: Callable[..., Api], route: str
+) -> None:
+    """Before a byte is read, so a client sending Expect: 100-continue is never told to go
+    on; and the connection closes, rather than reading the body to its end."""
+    api = api_with(max_upload_bytes=1000, max_batch_files=2)
+    alice = api.account("alice")
+
+    async def receive() -> dict[str, Any]:
+        pytest.fail("the body was read")
+
+    sent = asgi_post(api, alice, route, receive, content_length=10 * 2**30)
+    assert sent[0]["status"] == 413
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert leftovers(api) == []
 
 
 def test_range_requests_are_answered_with_206(api: Api) -> None:

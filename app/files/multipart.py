@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from starlette.requests import Request
 
 from app.errors import AppError, PayloadTooLarge, UnsupportedMediaType
 
@@ -31,6 +32,27 @@ class PartEnd:
 
 
 Event = PartStart | bytes | PartEnd
+
+
+@dataclass(frozen=True)
+class FormBody:
+    """A request's multipart body as it arrives, and what its headers say of it."""
+
+    content_type: str
+    # Content-Length, when sane: a body declared larger than the cap is refused before a
+    # byte is read (and before the client is told to go on, for Expect: 100-continue).
+    # Never trusted otherwise; the bytes are counted as they come.
+    declared_bytes: int | None
+    chunks: AsyncIterator[bytes]
+
+    @classmethod
+    def of(cls, request: Request) -> "FormBody":
+        length = request.headers.get("content-length", "")
+        return cls(
+            request.headers.get("content-type", ""),
+            int(length) if length.isascii() and length.isdigit() else None,
+            request.stream(),
+        )
 
 
 def boundary_of(content_type: str) -> bytes:
@@ -95,18 +117,19 @@ class _Collector:
         self.finished = True
 
 
-async def events(
-    chunks: AsyncIterator[bytes], boundary: bytes, max_body_bytes: int
-) -> AsyncIterator[Event]:
+async def events(body: FormBody, max_body_bytes: int) -> AsyncIterator[Event]:
     """The body's parts as events. ``max_body_bytes`` bounds everything read, preamble and
-    unknown parts included; Content-Length is never trusted for it."""
+    unknown parts included."""
+    boundary = boundary_of(body.content_type)
+    if body.declared_bytes is not None and body.declared_bytes > max_body_bytes:
+        raise _too_large()
     collector = _Collector()
     parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
     received = 0
-    async for chunk in chunks:
+    async for chunk in body.chunks:
         received += len(chunk)
         if received > max_body_bytes:
-            raise PayloadTooLarge("The request body is too large.")
+            raise _too_large()
         try:
             parser.write(chunk)
         except MultipartParseError as exc:
@@ -117,3 +140,7 @@ async def events(
         if collector.finished:
             return
     raise MalformedBody("The multipart body ended early.")
+
+
+def _too_large() -> PayloadTooLarge:
+    return PayloadTooLarge("The request body is too large.")

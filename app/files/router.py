@@ -10,6 +10,7 @@ from app.errors import NotFound
 from app.files import images, rules, service
 from app.files.deps import StorageDep, upload_limit
 from app.files.downloads import Download
+from app.files.multipart import FormBody
 from app.files.schemas import BatchItem, BatchRead, FileRead
 from app.pagination import Page, PageParamsDep
 from app.settings import SettingsDep
@@ -65,8 +66,7 @@ async def upload_file(
     storage: StorageDep,
     settings: SettingsDep,
 ) -> object:
-    content_type = request.headers.get("content-type", "")
-    return await service.upload(session, storage, settings, user, content_type, request.stream())
+    return await service.upload(session, storage, settings, user, FormBody.of(request))
 
 
 @router.post(
@@ -83,10 +83,7 @@ async def upload_batch(
     storage: StorageDep,
     settings: SettingsDep,
 ) -> BatchRead:
-    content_type = request.headers.get("content-type", "")
-    results = await service.upload_batch(
-        session, storage, settings, user, content_type, request.stream()
-    )
+    results = await service.upload_batch(session, storage, settings, user, FormBody.of(request))
     return BatchRead(results=[batch_item(result) for result in results])
 
 

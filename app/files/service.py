@@ -10,7 +10,6 @@ own staged blob; each file is accepted or refused on its own.
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -81,14 +80,11 @@ async def upload(
     storage: Storage,
     settings: Settings,
     owner: User,
-    content_type: str,
-    body: AsyncIterator[bytes],
+    body: multipart.FormBody,
 ) -> StoredFile:
     try:
         async with contextlib.AsyncExitStack() as stages:
-            files, description = await _receive(
-                stages, storage, content_type, body, settings, max_files=1
-            )
+            files, description = await _receive(stages, storage, body, settings, max_files=1)
             if not files:
                 raise UnprocessableContent("The form has no 'file' part.")
             record = await _store(storage, settings, owner, files[0], description)
@@ -104,15 +100,14 @@ async def upload_batch(
     storage: Storage,
     settings: Settings,
     owner: User,
-    content_type: str,
-    body: AsyncIterator[bytes],
+    body: multipart.FormBody,
 ) -> list[BatchResult]:
     """Each file succeeds or fails on its own; a malformed or oversized form fails whole."""
     results: list[BatchResult] = []
     try:
         async with contextlib.AsyncExitStack() as stages:
             files, description = await _receive(
-                stages, storage, content_type, body, settings, max_files=settings.max_batch_files
+                stages, storage, body, settings, max_files=settings.max_batch_files
             )
             if not files:
                 raise UnprocessableContent("The form has no 'file' part.")
@@ -205,8 +200,7 @@ async def _store(
 async def _receive(
     stages: contextlib.AsyncExitStack,
     storage: Storage,
-    content_type: str,
-    body: AsyncIterator[bytes],
+    body: multipart.FormBody,
     settings: Settings,
     *,
     max_files: int,
@@ -216,12 +210,11 @@ async def _receive(
 
     A single upload stops at the first file error; a batch notes it on the file and reads on.
     """
-    boundary = multipart.boundary_of(content_type)
     files: list[_IncomingFile] = []
     description: bytearray | None = None
     current: _IncomingFile | bytearray | None = None
     limit = max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
-    events = multipart.events(body, boundary, limit)
+    events = multipart.events(body, limit)
     async with contextlib.aclosing(events):
         async for event in events:
             if isinstance(event, multipart.PartStart):
