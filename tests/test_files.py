@@ -331,6 +331,8 @@ def test_file_names_are_sanitised(api: Api, disposition: bytes, stored: str) -> 
         ("", "file"),
         (None, "file"),
         ("é" * 200 + ".txt", "é" * 125 + ".txt"),
+        ("invoice\u202egnp.txt", "invoicegnp.txt"),  # would display as "invoicetxt.png"
+        ("\u2067a\u2069\u200fb.txt", "ab.txt"),
     ],
 )
 def test_sanitize_filename(raw: str | None, clean: str) -> None:
@@ -361,6 +363,25 @@ def test_content_disposition_has_an_ascii_fallback_and_the_utf8_name() -> None:
     assert content_disposition('résumé "1".txt') == (
         "attachment; filename=\"r_sum_ _1_.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%221%22.txt"
     )
+    # Some clients percent-decode the fallback: no "%" in it.
+    assert content_disposition("100%41.txt").startswith('attachment; filename="100_41.txt";')
+
+
+def test_text_that_opens_like_a_binary_format_is_text_and_an_animated_png_a_png(
+    api: Api,
+) -> None:
+    alice = api.account("alice")
+    for opening in (b"ID3 tags are MP3 metadata", b"BMW parts", b"MThd", b"fLaC notes"):
+        meta = uploaded(upload(api, alice, "notes.txt", opening + b"\n" + TEXT, "text/plain"))
+        assert meta["content_type"] == "text/plain", opening
+    frames = [Image.new("RGB", (32, 24), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], duration=100)
+    meta = uploaded(upload(api, alice, "anim.png", buffer.getvalue(), "image/png"))
+    assert (meta["content_type"], meta["has_thumbnail"]) == ("image/png", True)
+    # A binary file of a refused type is still refused, whatever its name.
+    mp3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 4
+    assert_problem(upload(api, alice, "notes.txt", mp3, "text/plain"), 415)
 
 
 def test_form_problems_are_4xx_and_leave_nothing(api: Api) -> None:

@@ -55,12 +55,20 @@ class TextProbe:
         return self._valid
 
 
+# An animated PNG is a PNG (its first frame is what a PNG decoder sees, and is kept).
+_SAME_TYPE = {"image/apng": "image/png"}
+
+
 def detect(head: bytes, is_text: bool) -> str | None:
-    """The type the bytes say they are; text only when no binary signature matched."""
+    """The type the bytes say they are. Text (``is_text``: the whole upload is UTF-8
+    without NUL) when no allowed type's signature matched: text may open with the few
+    letters that some binary formats start with ("ID3", "BMW", "MThd", "fLaC"…), while a
+    file of such a format is not text."""
     kind = filetype.guess(head)
-    if kind is not None:
-        return str(kind.mime)
-    return "text/plain" if is_text else None
+    mime = None if kind is None else _SAME_TYPE.get(kind.mime, str(kind.mime))
+    if mime not in EXTENSIONS and is_text:
+        return "text/plain"
+    return mime
 
 
 def check_type(detected: str | None, filename: str, declared: str | None) -> str:
@@ -77,11 +85,21 @@ def check_type(detected: str | None, filename: str, declared: str | None) -> str
     return detected
 
 
+# Characters that reorder the text around them: "invoice\u202egnp.txt" displays as
+# "invoicetxt.png".
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
 def sanitize_filename(raw: str | None) -> str:
     """A display name only (storage uses generated keys), yet it ends up in headers and
-    on users' disks: the last path component, no control characters, at most 255 bytes."""
+    on users' disks: the last path component, no control characters (bidirectional
+    ones included), at most 255 bytes."""
     name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if unicodedata.category(ch) != "Cc").strip()
+    name = "".join(
+        ch for ch in name if unicodedata.category(ch) != "Cc" and ch not in _BIDI_CONTROLS
+    ).strip()
     if name in ("", ".", ".."):
         return FALLBACK_NAME
     if len(name.encode()) > MAX_NAME_BYTES:
@@ -94,8 +112,9 @@ def sanitize_filename(raw: str | None) -> str:
 
 
 def content_disposition(filename: str) -> str:
-    """``attachment`` with an ASCII fallback for old clients and the exact UTF-8 name."""
+    """``attachment`` with an ASCII fallback for old clients and the exact UTF-8 name.
+    The fallback has no "%" either: some clients percent-decode it (RFC 6266 appendix D)."""
     fallback = "".join(
-        ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else "_" for ch in filename
+        ch if ch.isascii() and ch.isprintable() and ch not in '"\\%' else "_" for ch in filename
     )
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
