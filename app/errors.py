@@ -17,6 +17,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
+from app.observability.routes import allowed_methods
+
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -108,7 +110,16 @@ async def _app_error(request: Request, exc: AppError) -> JSONResponse:
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else None
-    return problem_response(request.scope, exc.status_code, detail, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        # RFC 9110 section 15.5.6: every method the resource takes, HEAD with GET (served
+        # by app/middleware.py).
+        methods = allowed_methods(request.scope)
+        if "GET" in methods:
+            methods.add("HEAD")
+        if methods:
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
+    return problem_response(request.scope, exc.status_code, detail, headers=headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

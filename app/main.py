@@ -96,6 +96,8 @@ def create_app(
         docs_url="/docs" if docs else None,
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
+        # A 404 for /api/v1/items/, not a 307 to a URL built from the Host header.
+        redirect_slashes=False,
     )
     application.state.settings = settings
     application.state.tracer_provider = tracer_provider or tracing.tracer_provider_from_env()

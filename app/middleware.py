@@ -99,7 +99,10 @@ class HttpMiddleware:
 
         try:
             if self.hosts.allows(scope):
-                await self.app(scope, counting_receive, observed_send)
+                # HEAD is GET without the body (RFC 9110 section 9.3.2), which the server
+                # drops; FastAPI routes only take the methods they list.
+                app_scope = scope if scope["method"] != "HEAD" else {**scope, "method": "GET"}
+                await self.app(app_scope, counting_receive, observed_send)
             else:
                 response = problem_response(scope, 400, "Invalid host header.")
                 await response(scope, receive, observed_send)
@@ -196,21 +199,32 @@ def response_headers(
 
 class HostPolicy:
     """Which Host headers are accepted: exact names or ``*.example.com`` wildcards; ``*``
-    allows any host. Refused requests get problem+json like every other error."""
+    allows any host. Never two Host headers. Refused requests get problem+json like every
+    other error."""
 
     def __init__(self, allowed_hosts: Iterable[str]) -> None:
         self.allowed = [host.lower() for host in allowed_hosts]
         self.allow_any = "*" in self.allowed
 
     def allows(self, scope: Scope) -> bool:
+        hosts = [value for name, value in scope["headers"] if name == b"host"]
+        if len(hosts) > 1:  # RFC 9112 section 3.2: a 400, whichever host is allowed
+            return False
         if self.allow_any:
             return True
-        host_header = next((value for name, value in scope["headers"] if name == b"host"), b"")
-        host = _hostname(host_header.decode("latin-1"))
+        header = hosts[0].decode("latin-1").strip().lower() if hosts else ""
+        if not _HOST_HEADER.fullmatch(header):
+            return False
+        host = _hostname(header)
         return any(
             host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:]))
             for pattern in self.allowed
         )
+
+
+# A name or an IP literal, and a port: nothing else may reach the patterns, which compare
+# ends ("evil.com/.example.com" ends with ".example.com" too).
+_HOST_HEADER = re.compile(r"(?:\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
 
 
 def _hostname(host_header: str) -> str:

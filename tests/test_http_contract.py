@@ -99,8 +99,59 @@ def test_untrusted_host_is_a_400_problem(database_url: str, tmp_path: Path) -> N
         assert client.get("/health/live").status_code == 200
         subdomain = client.get("/health/live", headers={"Host": "a.internal.example.com"})
         assert subdomain.status_code == 200
-        for hostile in ("evil.example.com", "internal.example.com.evil"):
+        for hostile in (
+            "evil.example.com",
+            "internal.example.com.evil",
+            "evil.com/.internal.example.com",
+            "evil.com?.internal.example.com",
+            "a.internal.example.com:notaport",
+        ):
             assert_problem(client.get("/health/live", headers={"Host": hostile}), 400)
+
+
+@pytest.mark.parametrize("allowed_hosts", ["*", "api.example.com"])
+def test_two_host_headers_are_a_400_problem(
+    database_url: str, tmp_path: Path, allowed_hosts: str
+) -> None:
+    """RFC 9112 section 3.2: whichever of them is allowed."""
+    settings = make_settings(database_url, tmp_path, allowed_hosts=allowed_hosts)
+    with TestClient(create_app(settings), base_url="http://api.example.com") as client:
+        twice = [("host", "api.example.com"), ("host", "evil.com")]
+        assert_problem(client.get("/health/live", headers=twice), 400)
+        assert client.get("/health/live").status_code == 200
+
+
+def test_head_answers_like_get_without_a_body(api: Api) -> None:
+    """RFC 9110 section 9.1: every general-purpose server takes GET and HEAD."""
+    item = api.create_item(api.account("alice"))
+    for path in ("/health/live", "/api/v1/items", f"/api/v1/items/{item['id']}"):
+        get, head = api.client.get(path), api.client.head(path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert head.headers["content-length"] == get.headers["content-length"]
+    assert_problem_head = api.client.head("/api/v1/items/999999")
+    assert (assert_problem_head.status_code, assert_problem_head.content) == (404, b"")
+
+
+def test_405_lists_every_method_of_the_resource(api: Api) -> None:
+    """RFC 9110 section 15.5.6; the router alone names those of the first route it tried."""
+    for method, path, allowed in (
+        ("PUT", "/api/v1/items", "GET, HEAD, POST"),
+        ("PUT", "/api/v1/items/1", "DELETE, GET, HEAD, PATCH"),
+        ("POST", "/api/v1/users/1", "DELETE, GET, HEAD, PATCH"),
+        ("PUT", "/api/v1/files/1", "DELETE, GET, HEAD"),
+        ("GET", "/api/v1/auth/token", "POST"),
+    ):
+        response = api.client.request(method, path)
+        assert_problem(response, 405)
+        assert response.headers["allow"] == allowed, (method, path)
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect(client: TestClient) -> None:
+    """A redirect would be built from the Host header, which the client chooses."""
+    response = client.get("/api/v1/items/", headers={"Host": "evil.example"})
+    assert_problem(response, 404)
+    assert "location" not in response.headers
 
 
 def test_cors_allows_configured_origins_only(database_url: str, tmp_path: Path) -> None:

@@ -40,16 +40,29 @@ def route_template(scope: Scope) -> str:
     cached = scope.get(_SCOPE_KEY)
     if cached is not None:
         return cached
-    table = _table(scope.get("app"))
-    root_path = scope.get("root_path", "")
-    path = scope["path"]
-    if root_path and path.startswith(root_path):
-        path = path[len(root_path) :]
     method = scope.get("method") if scope["type"] == "http" else None
-    template = _match(table, path, method)
-    result = UNMATCHED if template is None else root_path + template
+    template = _match(_table(scope.get("app")), _route_path(scope), method)
+    result = UNMATCHED if template is None else scope.get("root_path", "") + template
     scope[_SCOPE_KEY] = result
     return result
+
+
+def allowed_methods(scope: Scope) -> set[str]:
+    """Every method the app's routes take at the request's path, for a 405's Allow header
+    (the router names only those of the first route that matched the path)."""
+    path = _route_path(scope)
+    return {
+        method
+        for entry in _table(scope.get("app"))
+        if entry.methods is not None and entry.regex.match(path)
+        for method in entry.methods
+    }
+
+
+def _route_path(scope: Scope) -> str:
+    root_path = scope.get("root_path", "")
+    path = scope["path"]
+    return path[len(root_path) :] if root_path and path.startswith(root_path) else path
 
 
 def _table(app: Any) -> tuple[_Entry, ...]:
