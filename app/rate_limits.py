@@ -11,6 +11,8 @@ numbers (fail open, still bounded); login and registration use the stricter
 aim at while the shared counters are gone.
 """
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -80,15 +82,26 @@ class RatePolicy:
             RATE_LIMIT_REJECTIONS.labels(name).inc()
             raise RateLimited(decision)
 
-    async def check_login_failures(self, login: str) -> None:
-        """Refuse before verifying when this account had too many recent failures."""
-        decision = await self.limiter.peek(self.limits.login_failures, "login-failures", login)
+    @contextlib.asynccontextmanager
+    async def password_guess(self, account: str, wrong: type[Exception]) -> AsyncIterator[None]:
+        """One guess at an account's password (the block verifies it and raises ``wrong``
+        when it is not the password): refused beforehand while the account has had too
+        many recent failures, counted when wrong. ``account``: ``account_budget``'s key."""
+        decision = await self.limiter.peek(self.limits.login_failures, "login-failures", account)
         if not decision.allowed:
             RATE_LIMIT_REJECTIONS.labels("login-failures").inc()
             raise RateLimited(decision)
+        try:
+            yield
+        except wrong:
+            await self.limiter.hit(self.limits.login_failures, "login-failures", account)
+            raise
 
-    async def record_login_failure(self, login: str) -> None:
-        await self.limiter.hit(self.limits.login_failures, "login-failures", login)
+
+def account_budget(user_id: int | None, login: str) -> str:
+    """Whose failure budget a password guess spends: the account's, whichever name or
+    address it was given by, else (no such account) the name given."""
+    return f"user:{user_id}" if user_id is not None else f"login:{login}"
 
 
 async def get_rate_policy(request: HTTPConnection) -> RatePolicy:

@@ -16,7 +16,7 @@ from app.main import create_app
 from app.settings import Settings
 from deploy.stack.process import wait_for
 from deploy.stack.redis import RedisServer
-from tests.api import Api, assert_problem
+from tests.api import PASSWORD, Api, assert_problem
 from tests.conftest import make_settings
 from tests.prom import parse, value
 
@@ -175,6 +175,39 @@ def test_rate_limits_are_one_budget_across_replicas(replicas: tuple[Api, Api]) -
     assert int(refused.headers["retry-after"]) > 0
     assert refused.headers["ratelimit-limit"] == "5"
     assert refused.headers["ratelimit-remaining"] == "0"
+
+
+def test_an_account_has_one_failure_budget_whatever_it_is_called(
+    replicas: tuple[Api, Api],
+) -> None:
+    """Its username in any case and its e-mail address spend the same five guesses, and so
+    does a wrong current password when changing it (with a stolen access token, say)."""
+    a, b = replicas
+    alice = a.account("alice")
+    guesses = [
+        a.login("alice", "wrong one"),
+        b.login("ALICE", "wrong two"),
+        a.login("alice@example.com", "wrong three"),
+    ] + [
+        b.client.patch(
+            "/api/v1/users/me",
+            json={"password": "a new password", "current_password": f"wrong {n}"},
+            headers=alice.headers,
+        )
+        for n in range(2)
+    ]
+    assert [r.status_code for r in guesses] == [401, 401, 401, 403, 403]
+    for replica, login in ((a, "Alice@Example.com"), (b, "alice")):
+        assert_problem(replica.login(login), 429)
+    changed = a.client.patch(
+        "/api/v1/users/me",
+        json={"password": "a new password", "current_password": PASSWORD},
+        headers=alice.headers,
+    )
+    assert_problem(changed, 429)
+    # Other changes need no password, and spend nothing.
+    renamed = a.client.patch("/api/v1/users/me", json={"username": "alicia"}, headers=alice.headers)
+    assert renamed.status_code == 200
 
 
 def test_login_limit_per_client_address(replicas: tuple[Api, Api]) -> None:

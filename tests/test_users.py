@@ -68,7 +68,9 @@ def test_password_change_needs_the_current_password(api: Api) -> None:
         json={"password": "a new password", "current_password": "not it at all"},
         headers=alice.headers,
     )
-    assert_problem(wrong, 401)
+    # 403, not 401: the request is authenticated (no Bearer challenge to answer).
+    assert_problem(wrong, 403)
+    assert "www-authenticate" not in wrong.headers
     assert api.login("alice").status_code == 200
 
 

@@ -9,7 +9,7 @@ from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep, oauth2_scheme
 from app.auth.schemas import LogoutRequest, RefreshRequest, TokenPair
 from app.db import SessionDep, WithoutNul
 from app.errors import Unauthorized
-from app.rate_limits import RatePolicyDep, login_limit, register_limit
+from app.rate_limits import RatePolicyDep, account_budget, login_limit, register_limit
 from app.users.schemas import MAX_EMAIL_CHARS, UserCreate, UserRead
 
 router = APIRouter(prefix="/auth", tags=["auth"])
@@ -51,13 +51,13 @@ async def login(
     audit: AuditDep,
 ) -> TokenPair:
     """OAuth2 password flow; ``username`` may be the username or the e-mail address."""
-    account = form.username.strip().lower()
-    await policy.check_login_failures(account)
+    login = form.username.strip().lower()
+    user = await service.find_account(session, login)
     try:
-        user = await service.authenticate(session, hasher, account, form.password)
+        async with policy.password_guess(account_budget(user and user.id, login), Unauthorized):
+            user = await service.authenticate(session, hasher, user, form.password)
     except Unauthorized:
-        await policy.record_login_failure(account)
-        audit("login.failure", login=account)
+        audit("login.failure", login=login)
         raise
     audit("login.success", actor_id=user.id, subject_id=user.id)
     return await service.issue_pair(session, codec, user)

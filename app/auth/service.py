@@ -83,12 +83,19 @@ async def commit_identity(session: AsyncSession) -> None:
         raise Conflict("An account with this email or username already exists.") from exc
 
 
-async def authenticate(
-    session: AsyncSession, hasher: PasswordHasher, login: str, password: str
-) -> User:
+async def find_account(session: AsyncSession, login: str) -> User | None:
+    """The user whose username or e-mail address ``login`` is (case-insensitively)."""
     login = login.strip().lower()
-    by_login = or_(User.username == login, User.email == login)
-    user = await session.scalar(select(User).where(by_login))
+    return await session.scalar(
+        select(User).where(or_(User.username == login, User.email == login))
+    )
+
+
+async def authenticate(
+    session: AsyncSession, hasher: PasswordHasher, user: User | None, password: str
+) -> User:
+    """``user`` (find_account's) if ``password`` is theirs and they are active. The hashing
+    work is done for an unknown account too, so the time taken does not tell."""
     if user is None:
         await hasher.dummy_verify(password)
         LOGINS.labels("invalid_credentials").inc()

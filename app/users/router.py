@@ -1,3 +1,5 @@
+import contextlib
+
 from fastapi import APIRouter, status
 from pydantic import BaseModel
 
@@ -7,6 +9,7 @@ from app.db import IdPath, SessionDep
 from app.files.deps import StorageDep
 from app.items.deps import ItemCacheDep
 from app.pagination import Page, PageParamsDep
+from app.rate_limits import RatePolicyDep, account_budget
 from app.users import service
 from app.users.schemas import UserAdminUpdate, UserRead, UserSelfUpdate
 
@@ -20,9 +23,22 @@ async def read_me(user: CurrentUser) -> object:
 
 @router.patch("/me", response_model=UserRead)
 async def update_me(
-    data: UserSelfUpdate, user: CurrentUser, session: SessionDep, hasher: HasherDep, audit: AuditDep
+    data: UserSelfUpdate,
+    user: CurrentUser,
+    session: SessionDep,
+    hasher: HasherDep,
+    policy: RatePolicyDep,
+    audit: AuditDep,
 ) -> object:
-    updated = await service.update_self(session, hasher, user, data)
+    # A password change checks the current one: a guess like a login's, from the same
+    # budget, so a stolen access token cannot be used to guess the password.
+    guess = (
+        policy.password_guess(account_budget(user.id, user.username), service.WrongCurrentPassword)
+        if "password" in data.model_fields_set
+        else contextlib.nullcontext()
+    )
+    async with guess:
+        updated = await service.update_self(session, hasher, user, data)
     audit("user.updated", actor_id=user.id, subject_id=user.id, fields=changed_fields(data))
     return updated
 

@@ -11,13 +11,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.service import (
-    INVALID_CREDENTIALS,
     commit_identity,
     ensure_identity_free,
     revoke_all_for_user,
 )
 from app.backends.storage import Storage
-from app.errors import Conflict, Forbidden, NotFound, Unauthorized
+from app.errors import Conflict, Forbidden, NotFound
 from app.files.service import delete_blobs, owned_files
 from app.items.cache import ItemCache
 from app.items.service import owned_item_ids
@@ -47,8 +46,12 @@ async def update_self(
     if "password" in changes:
         valid, _ = await hasher.verify_and_update(data.current_password or "", user.hashed_password)
         if not valid:
-            raise Unauthorized(INVALID_CREDENTIALS)
+            raise WrongCurrentPassword("The current password is not correct.")
     return await _apply(session, hasher, user, changes)
+
+
+class WrongCurrentPassword(Forbidden):
+    """403, not 401: the request is authenticated; what it lacks is the old password."""
 
 
 async def admin_update(
