@@ -61,11 +61,14 @@ class TimestampMixin:
 
 
 def create_engine(url: str, settings: Settings | None = None) -> AsyncEngine:
+    # A failed statement's error (logged with its traceback) would otherwise print its
+    # parameters: login names, e-mail addresses, password hashes.
+    options: dict[str, Any] = {"hide_parameters": True}
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **options)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    options["pool_pre_ping"] = True
     if settings is not None:
         options |= {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
     return create_async_engine(url, **options)

@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     web_concurrency: int = Field(default=1, ge=1, validation_alias="WEB_CONCURRENCY")
     data_dir: Path = Path("./var")
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
-    # Below Pillow's own 89.5 MP warning threshold: checked from the header, before decoding.
     max_batch_files: int = Field(default=10, gt=0)
+    # Below Pillow's own 89.5 MP warning threshold: checked from the header, before decoding.
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

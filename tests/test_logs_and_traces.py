@@ -1,5 +1,6 @@
 """Structured logs carry the request context and trace ids, and never secrets."""
 
+import asyncio
 import io
 import json
 import logging
@@ -13,7 +14,10 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
+from app.db import create_engine
 from app.main import create_app
 from app.observability.logging import (
     LogFormat,
@@ -143,3 +147,24 @@ def test_access_line_renders_like_the_processor_chain(
     assert timestamp.fullmatch(chain.pop("timestamp"))
     assert timestamp.fullmatch(fast.pop("timestamp"))
     assert fast == chain
+
+
+def test_a_failed_statement_does_not_print_its_parameters(database_url: str) -> None:
+    """Its error reaches the logs with the traceback of the 500 it causes."""
+
+    async def fail() -> str:
+        engine = create_engine(database_url)
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(
+                    text("SELECT * FROM no_such_table WHERE name = :name"), {"name": PASSWORD}
+                )
+        except DBAPIError as error:
+            return str(error)
+        finally:
+            await engine.dispose()
+        raise AssertionError("the statement did not fail")
+
+    message = asyncio.run(fail())
+    assert "no_such_table" in message
+    assert PASSWORD not in message
