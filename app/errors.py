@@ -119,6 +119,8 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
             methods.add("HEAD")
         if methods:
             headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
+    elif exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:  # the middleware's body cap
+        headers = {**(headers or {}), **PayloadTooLarge.default_headers}
     return problem_response(request.scope, exc.status_code, detail, headers=headers)
 
 

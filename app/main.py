@@ -141,4 +141,9 @@ def install_middleware(application: FastAPI, settings: Settings, *, traced: bool
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
-    application.add_middleware(HttpMiddleware, allowed_hosts=settings.allowed_hosts, traced=traced)
+    application.add_middleware(
+        HttpMiddleware,
+        allowed_hosts=settings.allowed_hosts,
+        traced=traced,
+        max_body_bytes=settings.max_request_body_bytes,
+    )

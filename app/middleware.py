@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Iterable
 from contextvars import Token
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import problem_response
@@ -43,6 +44,9 @@ SECURITY_HEADERS = (
 _CACHE_CONTROL = b"cache-control"
 NO_STORE = (_CACHE_CONTROL, b"no-store")
 NO_STORE_PREFIXES = ("/api/v1/auth", "/api/v1/users")
+# Where bodies are streamed, and capped, by the routes themselves (uploads): elsewhere they
+# are read whole before validation, so HttpMiddleware caps them.
+STREAMED_BODY_PREFIXES = ("/api/v1/files",)
 # Response headers that, when the app set them, the merge must look at one by one.
 _MERGED = frozenset({name for name, _ in SECURITY_HEADERS} | {_REQUEST_ID_NAME, _CACHE_CONTROL})
 _NO_SPAN: dict[str, str] = {}
@@ -53,10 +57,15 @@ class HttpMiddleware:
 
     ``traced``: whether OpenTelemetry is on; only then are trace ids looked up (for
     exemplars and the access line), as there can be no current span otherwise.
+    ``max_body_bytes``: the largest request body outside STREAMED_BODY_PREFIXES; a larger
+    one is refused (413) as soon as it is passed, before the app holds it all.
     """
 
-    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str], traced: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, allowed_hosts: Iterable[str], traced: bool, max_body_bytes: int
+    ) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
         self.hosts = HostPolicy(allowed_hosts)
         self.series = SeriesLookup()
         self.traced = traced
@@ -70,7 +79,9 @@ class HttpMiddleware:
             return
         request_id, token = _bind_request_id(scope)
         id_header = (_REQUEST_ID_NAME, request_id.encode())
-        no_store = scope["path"].startswith(NO_STORE_PREFIXES)
+        path = scope["path"]
+        no_store = path.startswith(NO_STORE_PREFIXES)
+        max_body = None if path.startswith(STREAMED_BODY_PREFIXES) else self.max_body_bytes
         series = self.series(scope)
         series.start()
         start = time.perf_counter()
@@ -82,6 +93,9 @@ class HttpMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 request_bytes += len(message.get("body", b""))
+                if max_body is not None and request_bytes > max_body:
+                    # An HTTPException: FastAPI turns other errors of a body read into 400s.
+                    raise HTTPException(413, "The request body is too large.")
             return message
 
         # A plain function handing back send's awaitable, not a coroutine of its own:

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(default=10, gt=0)
     # Below Pillow's own 89.5 MP warning threshold: checked from the header, before decoding.
     max_image_pixels: int = Field(default=40_000_000, gt=0)
+    # Any other request body (JSON, the login form), which is read whole before validation.
+    max_request_body_bytes: int = Field(default=1024 * 1024, gt=0)
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # How long access lines may wait to be written together (app/observability/log_output.py).

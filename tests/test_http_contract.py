@@ -189,3 +189,21 @@ def test_docs_can_be_switched_off(database_url: str, tmp_path: Path) -> None:
     with TestClient(create_app(make_settings(database_url, tmp_path, docs_enabled=False))) as c:
         assert_problem(c.get("/docs"), 404)
         assert_problem(c.get("/openapi.json"), 404)
+
+
+def test_bodies_over_the_request_cap_are_413_problems(api: Api) -> None:
+    """Read whole before validation, so capped (APP_MAX_REQUEST_BODY_BYTES) as they arrive;
+    uploads stream under their own cap and are not held to this one (tests/test_files.py)."""
+    alice = api.account("alice")
+    cap = api.settings.max_request_body_bytes
+    for response in (
+        api.client.post(
+            "/api/v1/items",
+            json={"title": "x", "price": 1, "description": "d" * cap},
+            headers=alice.headers,
+        ),
+        api.client.post("/api/v1/auth/token", data={"username": "alice", "password": "p" * cap}),
+    ):
+        assert_problem(response, 413)
+        assert response.headers["connection"] == "close"  # the rest stays unread
+    assert api.client.get("/api/v1/items").json()["total"] == 0
