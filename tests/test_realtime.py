@@ -469,6 +469,29 @@ def test_close_connections_closes_every_socket_with_1012(api: Api) -> None:
         assert_silent(ws)
 
 
+def test_ending_a_users_sessions_closes_their_sockets_at_once(api: Api) -> None:
+    """A logout closes the sockets opened with its access token, and only those; a
+    deactivation (like a new password or role, or deletion) closes all of the user's."""
+    alice = api.account("alice")
+    phone = Account(
+        alice.id, alice.username, alice.email, alice.password, api.login("alice").json()
+    )
+    with joined(api, alice, "lobby") as laptop_ws, listening(api, phone) as phone_ws:
+        logout = api.client.post(
+            "/api/v1/auth/logout",
+            json={"refresh_token": alice.tokens["refresh_token"]},
+            headers=alice.headers,
+        )
+        assert logout.status_code == 204
+        assert close_code(laptop_ws) == POLICY_VIOLATION
+        assert_silent(phone_ws)
+        deactivated = api.client.patch(
+            f"/api/v1/users/{alice.id}", json={"is_active": False}, headers=api.root().headers
+        )
+        assert deactivated.status_code == 200
+        assert close_code(phone_ws) == POLICY_VIOLATION
+
+
 def test_a_socket_is_closed_when_its_token_expires(database_url: str, tmp_path: Path) -> None:
     settings = make_settings(database_url, tmp_path, access_token_ttl_seconds=2)
     with TestClient(create_app(settings)) as client:

@@ -241,6 +241,20 @@ def test_a_notification_posted_to_b_reaches_a_user_on_a(cluster: Cluster) -> Non
             assert recv(on_a) == response.json()
 
 
+def test_a_user_deactivated_on_b_loses_their_socket_on_a_at_once(cluster: Cluster) -> None:
+    ivy = cluster.token("ivy")
+    with cluster.a.ws("/api/v1/ws/notifications", ivy) as on_a:
+        send(on_a, type="ping")
+        assert recv(on_a) == {"type": "pong"}  # subscribed from here on
+        response = httpx2.patch(
+            f"{cluster.b.http}/api/v1/users/{cluster.user_id(ivy)}",
+            json={"is_active": False},
+            headers={"Authorization": f"Bearer {cluster.root_token}"},
+        )
+        assert response.status_code == 200, response.text
+        assert close_code(on_a) == POLICY_VIOLATION
+
+
 def test_an_oversized_frame_is_refused_by_the_server_before_it_is_buffered(
     cluster: Cluster,
 ) -> None:

@@ -5,11 +5,12 @@ from fastapi.security import OAuth2PasswordRequestForm
 
 from app.audit.deps import AuditDep
 from app.auth import service
-from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep, oauth2_scheme
+from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep, access_claims, oauth2_scheme
 from app.auth.schemas import LogoutRequest, RefreshRequest, TokenPair
 from app.db import SessionDep, WithoutNul
 from app.errors import Unauthorized
 from app.rate_limits import RatePolicyDep, account_budget, login_limit, register_limit
+from app.realtime.deps import RealtimeDep
 from app.users.schemas import MAX_EMAIL_CHARS, UserCreate, UserRead
 
 router = APIRouter(prefix="/auth", tags=["auth"])
@@ -82,8 +83,11 @@ async def logout(
     user: CurrentUser,
     session: SessionDep,
     codec: TokenCodecDep,
+    realtime: RealtimeDep,
     audit: AuditDep,
 ) -> None:
     revocations = request.app.state.backends.revocations
     await service.logout(session, codec, revocations, user, token, data.refresh_token)
+    # The sockets opened with this access token close too; the user's others stay.
+    await realtime.end_sessions(user.id, access_claims(request, token)["jti"])
     audit("logout", actor_id=user.id, subject_id=user.id)

@@ -43,6 +43,7 @@ logger = get_logger(__name__)
 # The client went away (or was closed) while we were sending or receiving.
 DISCONNECTED = (WebSocketDisconnect, WebSocketDisconnected)
 CLOSE_TIMEOUT_SECONDS = 1.0
+# Also when the user's sessions are ended (Realtime.end_sessions): reconnect with a valid token.
 TOKEN_EXPIRED = status.WS_1008_POLICY_VIOLATION
 
 FrameHandler = Callable[[MessageFrame | PrivateFrame], Awaitable[None]]
@@ -64,14 +65,17 @@ class Connection:
     async def send(self, frame: ServerFrame) -> None:
         await self._send_text(frame.to_json())
 
-    async def serve(self, inboxes: Sequence[Subscription], handle: FrameHandler) -> None:
+    async def serve(
+        self, inboxes: Sequence[Subscription], handle: FrameHandler, ended: anyio.Event
+    ) -> None:
         """Deliver the inboxes and answer client frames until the client leaves, its token
-        expires (closed with 1008: it must reconnect with a fresh token), or ``shutdown``
-        is called."""
+        expires or ``ended`` is set (its sessions were ended: both closed with 1008, to
+        reconnect with a valid token), or ``shutdown`` is called."""
         with self._serving, anyio.move_on_after(self.expires_at - time.time()) as lifetime:
             async with anyio.create_task_group() as tasks:
                 for inbox in inboxes:
                     tasks.start_soon(self._deliver, inbox)
+                tasks.start_soon(self._end_when, ended)
                 await self._receive(handle)
                 tasks.cancel_scope.cancel()
         if lifetime.cancelled_caught and self.close_code is None:
@@ -82,6 +86,10 @@ class Connection:
     def shutdown(self, code: int) -> None:
         self.close_code = code
         self._serving.cancel()
+
+    async def _end_when(self, ended: anyio.Event) -> None:
+        await ended.wait()
+        self.shutdown(TOKEN_EXPIRED)
 
     async def close(self) -> None:
         """Send the close frame ``shutdown`` asked for; the client may be gone already."""

@@ -112,7 +112,7 @@ async def _user_for(websocket: WebSocket, token: str | None) -> SocketUser | Non
             user = await user_from_access_claims(session, state.backends.revocations, claims)
         except Unauthorized:
             return None
-    return SocketUser(user, float(claims["exp"]))
+    return SocketUser(user, float(claims["exp"]), claims["jti"])
 
 
 async def _refuse(websocket: WebSocket, reason: str) -> None:

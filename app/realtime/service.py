@@ -4,7 +4,8 @@ Everything a client should see is published through the broker, never sent to so
 directly, because only the broker knows every replica: with Redis each process pumps all
 channels into its local inboxes. Channels: ``chat:<room>`` (a room's messages and
 presence), ``user:<id>`` (private messages, to all of a user's chat connections in any
-room), ``notify:<id>`` and ``notify:all`` (the notifications socket).
+room), ``notify:<id>`` and ``notify:all`` (the notifications socket), ``sessions:<id>``
+(the user's sessions ended: their sockets close, on every replica).
 
 Open connections are registered here so that ``close_connections`` can close them when
 the application shuts down.
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.websockets import WebSocket
 
-from app.backends.broker import Broker, History
+from app.backends.broker import Broker, History, Subscription
 from app.realtime.connection import DISCONNECTED, Connection, FrameRejected
 from app.realtime.schemas import (
     ChatMessage,
@@ -56,6 +57,11 @@ class SocketUser:
 
     user: User
     expires_at: float
+    token_id: str  # the access token's jti: a logout ends the sockets opened with it
+
+
+def sessions_channel(user_id: int) -> str:
+    return f"sessions:{user_id}"
 
 
 def room_channel(room: str) -> str:
@@ -90,13 +96,14 @@ class Realtime:
             # twice (same id), but none can fall between the two.
             self.broker.subscribe(channel, INBOX_SIZE) as room_inbox,
             self.broker.subscribe(user_channel(user.id), INBOX_SIZE) as private_inbox,
+            self._sessions_ended(socket_user) as ended,
         ):
             recent = await self.history.recent(room)
             await connection.send(HistoryFrame(messages=[json.loads(item) for item in recent]))
             await self._presence("join", room, user)
             try:
                 handle = partial(self._chat_frame, user, room)
-                await connection.serve([room_inbox, private_inbox], handle)
+                await connection.serve([room_inbox, private_inbox], handle, ended)
             finally:
                 with anyio.move_on_after(LEAVE_PUBLISH_SECONDS, shield=True):
                     await self._presence("leave", room, user)
@@ -106,8 +113,9 @@ class Realtime:
             self._open(websocket, socket_user.expires_at) as connection,
             self.broker.subscribe(notify_channel(socket_user.user.id), INBOX_SIZE) as own_inbox,
             self.broker.subscribe(NOTIFY_ALL, INBOX_SIZE) as broadcast_inbox,
+            self._sessions_ended(socket_user) as ended,
         ):
-            await connection.serve([own_inbox, broadcast_inbox], _push_only)
+            await connection.serve([own_inbox, broadcast_inbox], _push_only, ended)
 
     async def notify(self, session: AsyncSession, data: NotificationCreate) -> Notification:
         if data.user_id is not None:
@@ -116,6 +124,31 @@ class Realtime:
         channel = NOTIFY_ALL if data.user_id is None else notify_channel(data.user_id)
         await self.broker.publish(channel, notification.encode())
         return notification
+
+    async def end_sessions(self, user_id: int, token_id: str | None = None) -> None:
+        """Close the user's sockets on every replica (1008, as when a token expires): all of
+        them, or those opened with the access token ``token_id`` (a logout). Called once
+        their tokens are revoked, so a reconnecting client is refused."""
+        await self.broker.publish(sessions_channel(user_id), json.dumps({"jti": token_id}).encode())
+
+    @asynccontextmanager
+    async def _sessions_ended(self, socket_user: SocketUser) -> AsyncIterator[anyio.Event]:
+        """Set when ``end_sessions`` reaches this socket, for ``Connection.serve`` to close it."""
+        ended = anyio.Event()
+
+        async def watch(subscription: Subscription) -> None:
+            async for message in subscription:
+                if json.loads(message)["jti"] in (None, socket_user.token_id):
+                    ended.set()
+                    return
+
+        async with (
+            self.broker.subscribe(sessions_channel(socket_user.user.id), 4) as subscription,
+            anyio.create_task_group() as tasks,
+        ):
+            tasks.start_soon(watch, subscription)
+            yield ended
+            tasks.cancel_scope.cancel()
 
     async def close_all(self) -> None:
         """Close every open socket with SHUTDOWN_CODE and wait (briefly) for the handlers."""

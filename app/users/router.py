@@ -10,6 +10,7 @@ from app.files.deps import StorageDep
 from app.items.deps import ItemCacheDep
 from app.pagination import Page, PageParamsDep
 from app.rate_limits import RatePolicyDep, account_budget
+from app.realtime.deps import RealtimeDep
 from app.users import service
 from app.users.schemas import UserAdminUpdate, UserRead, UserSelfUpdate
 
@@ -28,6 +29,7 @@ async def update_me(
     session: SessionDep,
     hasher: HasherDep,
     policy: RatePolicyDep,
+    realtime: RealtimeDep,
     audit: AuditDep,
 ) -> object:
     # A password change checks the current one: a guess like a login's, from the same
@@ -39,8 +41,10 @@ async def update_me(
     )
     async with guess:
         updated = await service.update_self(session, hasher, user, data)
+    if updated.sessions_ended:
+        await realtime.end_sessions(user.id)
     audit("user.updated", actor_id=user.id, subject_id=user.id, fields=changed_fields(data))
-    return updated
+    return updated.user
 
 
 @router.get("", response_model=Page[UserRead])
@@ -61,19 +65,22 @@ async def update_user(
     actor: UserManager,
     session: SessionDep,
     hasher: HasherDep,
+    realtime: RealtimeDep,
     audit: AuditDep,
 ) -> object:
     updated = await service.admin_update(session, hasher, actor, user_id, data)
+    if updated.sessions_ended:
+        await realtime.end_sessions(user_id)
     audit(
         "user.updated",
         actor_id=actor.id,
         subject_id=user_id,
         fields=changed_fields(data),
-        role=updated.role.value,
-        is_active=updated.is_active,
-        is_superuser=updated.is_superuser,
+        role=updated.user.role.value,
+        is_active=updated.user.is_active,
+        is_superuser=updated.user.is_superuser,
     )
-    return updated
+    return updated.user
 
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -83,9 +90,11 @@ async def delete_user(
     session: SessionDep,
     item_cache: ItemCacheDep,
     storage: StorageDep,
+    realtime: RealtimeDep,
     audit: AuditDep,
 ) -> None:
     await service.delete_user(session, item_cache, storage, actor, user_id)
+    await realtime.end_sessions(user_id)
     audit("user.deleted", actor_id=actor.id, subject_id=user_id)
 
 

@@ -5,6 +5,7 @@ or delete a superuser; an admin cannot lock themselves out through the admin rou
 a password change, a deactivation or a role change revokes the user's refresh tokens.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -39,9 +40,18 @@ async def get_user(session: AsyncSession, user_id: int) -> User:
     return user
 
 
+@dataclass(frozen=True, slots=True)
+class Updated:
+    """An updated user, and whether the change ended their sessions (a new password or
+    role, a deactivation): their refresh tokens are revoked and their sockets must close."""
+
+    user: User
+    sessions_ended: bool
+
+
 async def update_self(
     session: AsyncSession, hasher: PasswordHasher, user: User, data: UserSelfUpdate
-) -> User:
+) -> Updated:
     changes = data.model_dump(exclude_unset=True, exclude={"current_password"})
     if "password" in changes:
         valid, _ = await hasher.verify_and_update(data.current_password or "", user.hashed_password)
@@ -56,7 +66,7 @@ class WrongCurrentPassword(Forbidden):
 
 async def admin_update(
     session: AsyncSession, hasher: PasswordHasher, actor: User, user_id: int, data: UserAdminUpdate
-) -> User:
+) -> Updated:
     user = await get_user(session, user_id)
     changes = data.model_dump(exclude_unset=True)
     if (user.is_superuser or "is_superuser" in changes) and not actor.is_superuser:
@@ -95,16 +105,20 @@ async def delete_user(
 
 async def _apply(
     session: AsyncSession, hasher: PasswordHasher, user: User, changes: dict[str, Any]
-) -> User:
+) -> Updated:
     await ensure_identity_free(
         session, email=changes.get("email"), username=changes.get("username"), exclude_id=user.id
     )
+    ends_sessions = (
+        "password" in changes
+        or changes.get("is_active") is False
+        or changes.get("role", user.role) != user.role
+    )
     if "password" in changes:
         user.hashed_password = await hasher.hash(changes.pop("password"))
-        await revoke_all_for_user(session, user.id)
-    if changes.get("is_active") is False or changes.get("role", user.role) != user.role:
+    if ends_sessions:
         await revoke_all_for_user(session, user.id)
     for field, value in changes.items():
         setattr(user, field, value)
     await commit_identity(session)
-    return user
+    return Updated(user, ends_sessions)
