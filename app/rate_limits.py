@@ -52,6 +52,7 @@ class Limits:
     register: RateLimitItem
     uploads: RateLimitItem
     auth_fallback: RateLimitItem
+    chat_messages: RateLimitItem
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Limits":
@@ -62,6 +63,7 @@ class Limits:
             register=limits.parse(settings.rate_limit_register),
             uploads=limits.parse(settings.rate_limit_uploads),
             auth_fallback=limits.parse(settings.rate_limit_auth_fallback),
+            chat_messages=limits.parse(settings.rate_limit_chat_messages),
         )
 
 

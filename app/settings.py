@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     rate_limit_register: RateLimitString = "5/minute"
     rate_limit_uploads: RateLimitString = "30/minute"
     rate_limit_auth_fallback: RateLimitString = "3/minute"
+    # Chat and private messages per user, all of their sockets together.
+    rate_limit_chat_messages: RateLimitString = "20/10 seconds"
     smtp_host: str | None = None
     smtp_port: int = Field(default=587, gt=0, le=65535)
     smtp_starttls: bool = True

@@ -236,14 +236,17 @@ def test_a_new_member_gets_the_history_oldest_first(api: Api) -> None:
         assert receive(ws) == {"type": "history", "messages": []}
 
 
-def test_the_history_keeps_the_last_50_messages(api: Api) -> None:
-    alice = api.account("alice")
-    with joined(api, alice, "lobby") as ws:
-        for n in range(55):
-            say(ws, f"message {n}")
-            receive(ws)
-    with api.client.websocket_connect(chat_url("lobby"), headers=alice.headers) as ws:
-        history = receive(ws)["messages"]
+def test_the_history_keeps_the_last_50_messages(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path, rate_limit_chat_messages="100/minute")
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        alice = api.account("alice")
+        with joined(api, alice, "lobby") as ws:
+            for n in range(55):
+                say(ws, f"message {n}")
+                receive(ws)
+        with client.websocket_connect(chat_url("lobby"), headers=alice.headers) as ws:
+            history = receive(ws)["messages"]
     assert [m["content"] for m in history] == [f"message {n}" for n in range(5, 55)]
 
 
@@ -490,6 +493,33 @@ def test_ending_a_users_sessions_closes_their_sockets_at_once(api: Api) -> None:
         )
         assert deactivated.status_code == 200
         assert close_code(phone_ws) == POLICY_VIOLATION
+
+
+def test_a_user_flooding_a_room_is_slowed_down(database_url: str, tmp_path: Path) -> None:
+    """Per user across their sockets: the excess is refused with an error frame, never
+    delivered, never in the history; the connections stay open."""
+    settings = make_settings(database_url, tmp_path, rate_limit_chat_messages="3/minute")
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        alice, bob = api.account("alice"), api.account("bob")
+        with joined(api, alice, "lobby") as first, joined(api, alice, "lobby") as second:
+            receive(first)  # her second socket's join
+            for n, ws in enumerate((first, first, second)):
+                say(ws, f"message {n}")
+                for listener in (first, second):
+                    assert receive(listener)["content"] == f"message {n}"
+            say(second, "one too many")
+            error = receive(second)
+            assert error["type"] == "error"
+            assert error["detail"].startswith("Too many messages; wait ")
+            assert_silent(first)
+        with client.websocket_connect(chat_url("lobby"), headers=bob.headers) as ws:
+            history = receive(ws)["messages"]
+            assert [frame["content"] for frame in history] == [
+                "message 0",
+                "message 1",
+                "message 2",
+            ]
 
 
 def test_a_socket_is_closed_when_its_token_expires(database_url: str, tmp_path: Path) -> None:

@@ -132,6 +132,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "APP_RATE_LIMIT_DEFAULT": "100000/minute",
             "APP_RATE_LIMIT_LOGIN": "100000/minute",
             "APP_RATE_LIMIT_REGISTER": "100000/minute",
+            "APP_RATE_LIMIT_CHAT_MESSAGES": "100000/minute",
             # The code under test, whatever the working directory of the processes.
             "PYTHONPATH": str(ROOT),
         }

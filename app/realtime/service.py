@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.websockets import WebSocket
 
 from app.backends.broker import Broker, History, Subscription
+from app.rate_limits import RateLimited, RatePolicy
 from app.realtime.connection import DISCONNECTED, Connection, FrameRejected
 from app.realtime.schemas import (
     ChatMessage,
@@ -82,10 +83,12 @@ class Realtime:
         broker: Broker,
         history: History,
         sessionmaker: async_sessionmaker[AsyncSession],
+        policy: RatePolicy,
     ) -> None:
         self.broker = broker
         self.history = history
         self.sessionmaker = sessionmaker
+        self.policy = policy
         self.connections: set[Connection] = set()
 
     async def chat(self, websocket: WebSocket, socket_user: SocketUser, room: str) -> None:
@@ -173,6 +176,14 @@ class Realtime:
             connection.finished.set()
 
     async def _chat_frame(self, user: User, room: str, frame: MessageFrame | PrivateFrame) -> None:
+        # Per user, not per socket: a flood would push everyone else's messages out of
+        # the room's history and past slow readers' bounded inboxes.
+        try:
+            limit = self.policy.limits.chat_messages
+            await self.policy.enforce("chat-messages", limit, f"user:{user.id}")
+        except RateLimited as limited:
+            wait = limited.headers["Retry-After"]
+            raise FrameRejected(f"Too many messages; wait {wait} s.") from None
         if isinstance(frame, PrivateFrame):
             await self._private(user, frame)
             return
@@ -208,7 +219,9 @@ def realtime_of(app: Starlette) -> Realtime:
     realtime: Realtime | None = getattr(app.state, "realtime", None)
     if realtime is None:
         backends = app.state.backends
-        realtime = Realtime(backends.broker, backends.history, app.state.sessionmaker)
+        realtime = Realtime(
+            backends.broker, backends.history, app.state.sessionmaker, app.state.rate_policy
+        )
         app.state.realtime = realtime
     return realtime
 
