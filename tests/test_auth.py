@@ -3,9 +3,14 @@
 import asyncio
 import base64
 import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx2
 import jwt
 import pytest
 from fastapi.testclient import TestClient
@@ -16,6 +21,7 @@ from app.main import create_app
 from app.security import TokenCodec, TokenType
 from app.users.models import User
 from tests.api import PASSWORD, Account, Api, assert_problem
+from tests.app_server import app_server
 from tests.conftest import make_settings
 
 
@@ -297,3 +303,41 @@ def test_an_access_token_is_verified_once_per_request(
     monkeypatch.setattr(TokenCodec, "decode", counting)
     assert api.client.get("/api/v1/users/me", headers=alice.headers).status_code == 200
     assert decoded == [TokenType.ACCESS]
+
+
+def test_lost_registration_races_do_not_stall_the_server(tmp_path: Path) -> None:
+    """On a real server with the embedded SQLite: each lost race for a username (a 409)
+    used to leave its failed statement's cursor to the garbage collector, which could then
+    stop the event loop until the database's 30 s busy timeout, and the refreshes waiting
+    meanwhile failed with 500 "database is locked"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APP_", "OTEL_"))}
+    env |= {
+        "APP_ENV": "test",
+        "APP_DATA_DIR": str(tmp_path / "data"),
+        **{f"APP_RATE_LIMIT_{name}": "100000/minute" for name in ("DEFAULT", "LOGIN", "REGISTER")},
+    }
+    statuses: Counter[int] = Counter()
+    with (
+        app_server(tmp_path, env, tmp_path / "serve.log") as (base, _),
+        ThreadPoolExecutor(8) as pool,
+    ):
+
+        def post(path: str, body: dict[str, str]) -> int:
+            return httpx2.post(f"{base}/api/v1{path}", json=body, timeout=60).status_code
+
+        def eight_at_once(path: str, body: dict[str, str]) -> None:
+            statuses.update(pool.map(post, [path] * 8, [body] * 8))
+
+        for round_ in range(4):
+            racer = {"email": f"r{round_}@example.com", "username": f"racer{round_}"}
+            eight_at_once("/auth/register", racer | {"password": PASSWORD})
+            user = {"email": f"u{round_}@example.com", "username": f"user{round_}"}
+            assert post("/auth/register", user | {"password": PASSWORD}) == 201
+            tokens = httpx2.post(
+                f"{base}/api/v1/auth/token",
+                data={"username": user["username"], "password": PASSWORD},
+                timeout=60,
+            ).json()
+            eight_at_once("/auth/refresh", {"refresh_token": tokens["refresh_token"]})
+    # Per round: one registration wins, seven lose; one refresh wins, seven are reuse.
+    assert statuses == Counter({201: 4, 409: 28, 200: 4, 401: 28})

@@ -7,6 +7,7 @@ family (every token descended from the same login) is revoked.
 """
 
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -80,6 +81,14 @@ async def commit_identity(session: AsyncSession) -> None:
         await session.commit()
     except IntegrityError as exc:
         await session.rollback()
+        # The failed statement's frames hold its driver cursor, which SQLAlchemy's aiosqlite
+        # adapter does not close on error; released here, while its connection is idle.
+        # Otherwise the cursor lives on in this exception's reference cycle, and when the
+        # garbage collector frees it on the event loop's thread, sqlite3 waits there, with
+        # the loop stopped, for the connection's mutex — held meanwhile by whichever
+        # request reuses the connection and waits for the database lock, which another
+        # request of this loop holds: every request stalls for the 30 s busy timeout.
+        traceback.clear_frames(exc.__traceback__)
         raise Conflict("An account with this email or username already exists.") from exc
 
 
