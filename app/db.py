@@ -1,7 +1,8 @@
 """Database engine, session factory and the declarative base.
 
 One code path serves SQLite (the embedded default) and PostgreSQL (production); the
-differences that matter — foreign keys, WAL, pool sizing — are settled here once.
+differences that matter — foreign keys, pool sizing — are settled here once (WAL, which
+SQLite stores in the file, by the migrations).
 """
 
 import re
@@ -75,13 +76,13 @@ def create_engine(url: str, settings: Settings | None = None) -> AsyncEngine:
 
 
 def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-    # SQLite ignores foreign keys unless asked, and WAL lets readers run beside a writer.
-    # The busy timeout comes first: switching to WAL takes a lock, and without the timeout
-    # a connection opened while another holds it fails at once with "database is locked".
+    # SQLite ignores foreign keys unless asked. Both settings are the connection's own and
+    # touch no lock. WAL, a property of the file, is set once by the migrations: asking
+    # for it here on every new connection failed now and then, at once and busy timeout
+    # or not, with "database is locked" (seen with two engines on one file).
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
 
 

@@ -50,6 +50,11 @@ def run_with_connection(connection: Connection) -> None:
 
 async def run_async() -> None:
     engine = create_async_engine(database_url(), poolclass=NullPool)
+    if engine.dialect.name == "sqlite":
+        # Stored in the file, so once here rather than on each of the service's
+        # connections: readers run beside the writer.
+        async with engine.connect() as connection:
+            await connection.exec_driver_sql("PRAGMA journal_mode=WAL")
     async with engine.connect() as connection:
         await connection.run_sync(run_with_connection)
     await engine.dispose()

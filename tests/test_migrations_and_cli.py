@@ -3,8 +3,10 @@ any directory as a separate process, the way operators run them."""
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import httpx2
@@ -54,6 +56,15 @@ def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
     assert asyncio.run(table_names(database_url)) <= {"alembic_version"}
     migrate.upgrade(database_url)
     assert {"users", "items", "refresh_tokens"} <= asyncio.run(table_names(database_url))
+
+
+def test_a_migrated_sqlite_database_is_in_wal_mode(tmp_path: Path) -> None:
+    # Readers beside the writer: several workers share the file. Stored in the file, so
+    # a plain connection that sets nothing sees it.
+    path = tmp_path / "app.db"
+    migrate.upgrade(f"sqlite+aiosqlite:///{path}")
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def run_cli(

@@ -2,6 +2,7 @@
 ("replicas" A and B on one database), including Redis going away and coming back with
 its old data."""
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -11,7 +12,15 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import update
 
+from app import migrate
+from app.backends import create_backends
+from app.backends.broker import RedisBroker
+from app.backends.cache import EPOCH_KEY, DatabaseEpoch, RedisCache
+from app.backends.models import CacheEpoch
+from app.backends.redis import RedisBackend, RedisUnavailable
+from app.db import create_engine, create_sessionmaker
 from app.main import create_app
 from app.settings import Settings
 from deploy.stack.process import wait_for
@@ -274,3 +283,73 @@ def test_logout_on_one_replica_revokes_the_access_token_on_the_other(
     )
     assert logout.status_code == 204
     assert_problem(b.client.get("/api/v1/users/me", headers=alice.headers), 401)
+
+
+def test_a_redis_connection_opened_while_the_database_is_down_is_dropped_not_pooled(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Each new Redis connection first pushes the database's cache epoch into Redis. When
+    the database cannot be read then, the connection must not be kept unsynced (a Redis
+    back with old data would serve what a write changed meanwhile), the caller gets its
+    fallback rather than an error, and the broker's pump keeps trying rather than dying."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"  # no tables yet: the read fails
+
+    async def main() -> None:
+        engine = create_engine(url)
+        sessionmaker = create_sessionmaker(engine)
+        redis = RedisBackend(redis_server.url(), timeout_seconds=2, breaker_seconds=0)
+        cache = RedisCache(redis, DatabaseEpoch(sessionmaker))
+        redis.on_connect = cache.sync_on_connect
+        broker = RedisBroker(redis, reconnect_seconds=0.05)
+        pump = asyncio.create_task(broker.run())
+        try:
+            with pytest.raises(RedisUnavailable):
+                await redis.call(lambda client: client.get(EPOCH_KEY))
+            await asyncio.sleep(0.3)  # the pump's connections failed the same way
+            assert not pump.done()
+
+            # The database comes back, a step ahead of Redis.
+            await asyncio.to_thread(migrate.upgrade, url)
+            async with sessionmaker() as session:
+                await session.execute(update(CacheEpoch).values(epoch=7))
+                await session.commit()
+            assert await redis.call(lambda client: client.get(EPOCH_KEY)) == b"7"
+            async with broker.subscribe("room") as inbox:
+                for _ in range(100):  # until the pump has subscribed again
+                    await broker.publish("room", b"hello")
+                    try:
+                        assert await asyncio.wait_for(inbox.queue.get(), 0.1) == b"hello"
+                        break
+                    except TimeoutError:
+                        continue
+                else:
+                    pytest.fail("the broker's pump never delivered again")
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            await redis.close()
+            await engine.dispose()
+
+    asyncio.run(main())
+
+
+def test_closing_the_backends_goes_on_past_a_task_that_failed(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # The lifespan closes the database pool and writes the last access lines after this.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+    settings = make_settings(url, tmp_path, redis_url=redis_server.url())
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in a background loop")
+
+    async def main() -> None:
+        engine = create_engine(url)
+        backends = create_backends(settings, create_sessionmaker(engine))
+        backends.tasks.append(asyncio.create_task(broken()))
+        await asyncio.sleep(0)
+        await backends.close()
+        assert all(task.done() for task in backends.tasks)
+        await engine.dispose()
+
+    asyncio.run(main())

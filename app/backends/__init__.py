@@ -4,7 +4,6 @@ embedded, in-process implementation (no APP_REDIS_URL: one process, nothing to i
 and a Redis one (several workers and replicas)."""
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -41,9 +40,12 @@ class Backends:
     async def close(self) -> None:
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # A task that died of an error is reported, not re-raised: the rest of the
+        # shutdown (Redis, the database pool, the last access lines) must still happen.
+        results = await asyncio.gather(*self.tasks, return_exceptions=True)
+        for task, result in zip(self.tasks, results, strict=True):
+            if isinstance(result, Exception):
+                logger.error("backend task failed", task=task.get_name(), exc_info=result)
         if self.redis is not None:
             await self.redis.close()
 

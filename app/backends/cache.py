@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.backends.models import CacheEpoch
@@ -154,6 +156,12 @@ class RedisCache:
     async def sync_on_connect(self, connection: Connection) -> None:
         # Runs before the new connection serves its first command: a Redis that restarted
         # (every connection is new afterwards) is brought to the current epoch first.
-        epoch = await self.epoch.current()
+        try:
+            epoch = await self.epoch.current()
+        except SQLAlchemyError as exc:
+            # A Redis error, so that redis-py drops the connection instead of pooling it
+            # unsynced (it only disconnects on its own errors) and callers take their
+            # fallback instead of failing: the broker pump retries, requests go on.
+            raise RedisConnectionError(f"cache epoch unavailable: {exc}") from exc
         await connection.send_command("EVAL", _RAISE_EPOCH, 1, EPOCH_KEY, epoch)
         await connection.read_response()
