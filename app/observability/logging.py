@@ -275,6 +275,9 @@ def dict_config(level: str, log_format: LogFormat) -> dict[str, Any]:
             # the servers' own access lines would duplicate it without that context.
             "gunicorn.access": quiet,
             "uvicorn.access": quiet,
+            # At DEBUG the SQLite driver prints every statement with its parameters:
+            # password hashes, e-mail addresses. Its warnings and errors still come out.
+            "aiosqlite": through_root | {"level": "INFO"},
         },
     }
 
