@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any, ClassVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -124,7 +124,32 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     return problem_response(request.scope, exc.status_code, detail, headers=headers)
 
 
+FORM_MEDIA_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+
+
+def _unread_media_type(request: Request, exc: RequestValidationError) -> str | None:
+    """The media type the route reads its body as, when the request was sent as another.
+
+    FastAPI parses a body as JSON only under a JSON media type and as a form only under a
+    form one; any other body reaches validation unparsed and fails there, but what the
+    client got wrong is the Content-Type: a 415 that names the right one, not a 422.
+    """
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    if body_field is None:
+        return None
+    if isinstance(body_field.field_info, params.Form):
+        sent = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        return (
+            "application/x-www-form-urlencoded" if sent and sent not in FORM_MEDIA_TYPES else None
+        )
+    # The raw bytes of a non-empty body: FastAPI did not take it for JSON.
+    return "application/json" if isinstance(exc.body, bytes) else None
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if expected := _unread_media_type(request, exc):
+        detail = f"Send the body as {expected}."
+        return problem_response(request.scope, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, detail)
     errors = [
         {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
         for error in exc.errors()

@@ -207,3 +207,29 @@ def test_bodies_over_the_request_cap_are_413_problems(api: Api) -> None:
         assert_problem(response, 413)
         assert response.headers["connection"] == "close"  # the rest stays unread
     assert api.client.get("/api/v1/items").json()["total"] == 0
+
+
+def test_a_body_in_the_wrong_media_type_is_a_415_problem(api: Api) -> None:
+    """The body may be fine; the Content-Type says it is something else, and a client
+    should learn which one to send rather than read a list of validation errors."""
+    alice = api.account("alice")
+    item = '{"title": "Lamp", "price": 1}'
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = alice.headers | ({"Content-Type": content_type} if content_type else {})
+        refused = api.client.post("/api/v1/items", content=item, headers=headers)
+        body = assert_problem(refused, 415)
+        assert body["detail"] == "Send the body as application/json."
+    assert api.client.get("/api/v1/items").json()["total"] == 0
+    # A JSON media type with a suffix is JSON.
+    merge = {"Content-Type": "application/merge-patch+json"}
+    assert (
+        api.client.post("/api/v1/items", content=item, headers=alice.headers | merge).status_code
+        == 201
+    )
+    # The token endpoint reads a form (OAuth2), and says so to a JSON client.
+    login = api.client.post("/api/v1/auth/token", json={"username": "alice", "password": "x"})
+    assert assert_problem(login, 415)["detail"] == (
+        "Send the body as application/x-www-form-urlencoded."
+    )
+    # An empty body in the right type is still a 422: what is missing is the content.
+    assert_problem(api.client.post("/api/v1/items", json=None, headers=alice.headers), 422)
