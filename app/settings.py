@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     rate_limit_auth_fallback: RateLimitString = "3/minute"
     # Chat and private messages per user, all of their sockets together.
     rate_limit_chat_messages: RateLimitString = "20/10 seconds"
+    # Open chat and notification sockets per user, across workers and replicas with Redis.
+    ws_max_sockets_per_user: int = Field(default=20, ge=1)
     smtp_host: str | None = None
     smtp_port: int = Field(default=587, gt=0, le=65535)
     smtp_starttls: bool = True

@@ -522,6 +522,29 @@ def test_a_user_flooding_a_room_is_slowed_down(database_url: str, tmp_path: Path
             ]
 
 
+def test_a_user_holds_at_most_the_socket_cap(database_url: str, tmp_path: Path) -> None:
+    """Chat and notification sockets together; one more is closed with 1008 and a reason,
+    a closed one frees its place at once, and other users are not affected."""
+    settings = make_settings(database_url, tmp_path, ws_max_sockets_per_user=2)
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        alice, bob = api.account("alice"), api.account("bob")
+        with joined(api, alice, "lobby"), listening(api, alice):
+            for first_frame in (False, True):
+                headers = {} if first_frame else alice.headers
+                with client.websocket_connect(NOTIFICATIONS, headers=headers) as third:
+                    if first_frame:
+                        third.send_json({"type": "auth", "token": alice.tokens["access_token"]})
+                    with pytest.raises(WebSocketDisconnect) as refused:
+                        receive(third)
+                    assert refused.value.code == 1008
+                    assert refused.value.reason == "Too many open sockets: at most 2 per user."
+            with listening(api, bob), listening(api, bob):
+                pass
+        with listening(api, alice), listening(api, alice):
+            pass
+
+
 def test_a_socket_is_closed_when_its_token_expires(database_url: str, tmp_path: Path) -> None:
     settings = make_settings(database_url, tmp_path, access_token_ttl_seconds=2)
     with TestClient(create_app(settings)) as client:

@@ -133,6 +133,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "APP_RATE_LIMIT_LOGIN": "100000/minute",
             "APP_RATE_LIMIT_REGISTER": "100000/minute",
             "APP_RATE_LIMIT_CHAT_MESSAGES": "100000/minute",
+            "APP_WS_MAX_SOCKETS_PER_USER": "2",
             # The code under test, whatever the working directory of the processes.
             "PYTHONPATH": str(ROOT),
         }
@@ -264,6 +265,31 @@ def test_an_oversized_frame_is_refused_by_the_server_before_it_is_buffered(
     with cluster.b.ws("/api/v1/ws/chat/lobby") as anonymous:
         anonymous.send("x" * SERVER_MAX_FRAME_BYTES * 4)
         assert close_code(anonymous) == MESSAGE_TOO_BIG
+
+
+def test_the_socket_cap_counts_a_users_sockets_on_every_replica(cluster: Cluster) -> None:
+    kim = cluster.token("kim")
+    with joined(cluster.a, kim, "caps"), cluster.b.ws("/api/v1/ws/notifications", kim) as second:
+        send(second, type="ping")
+        assert recv(second)["type"] == "pong"  # admitted: two of two
+        for replica in (cluster.a, cluster.b):
+            with replica.ws("/api/v1/ws/notifications", kim) as third:
+                with pytest.raises(ConnectionClosed) as refused:
+                    recv(third)
+                assert refused.value.rcvd is not None
+                assert refused.value.rcvd.code == POLICY_VIOLATION
+                assert refused.value.rcvd.reason == "Too many open sockets: at most 2 per user."
+
+    def admitted_again() -> bool:
+        # Both closed: their places are free again, as soon as the servers have seen it.
+        with cluster.b.ws("/api/v1/ws/notifications", kim) as again:
+            send(again, type="ping")
+            try:
+                return recv(again)["type"] == "pong"
+            except ConnectionClosed:
+                return False
+
+    wait_for(admitted_again, timeout=TIMEOUT, what="the closed sockets' places to free up")
 
 
 def test_handshake_refusals_are_http_403_and_tokens_stay_out_of_logs(cluster: Cluster) -> None:

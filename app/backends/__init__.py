@@ -18,6 +18,7 @@ from app.backends.broker import (
     RedisHistory,
 )
 from app.backends.cache import Cache, DatabaseEpoch, MemoryCache, RedisCache
+from app.backends.leases import Leases
 from app.backends.ratelimit import RateLimiter
 from app.backends.redis import RedisBackend, RedisUnavailable
 from app.backends.revocation import MemoryRevocations, RedisRevocations, Revocations
@@ -34,6 +35,7 @@ class Backends:
     broker: Broker
     history: History
     revocations: Revocations
+    leases: Leases
     redis: RedisBackend | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -59,6 +61,7 @@ def create_backends(settings: Settings, sessionmaker: async_sessionmaker[AsyncSe
             broker=LocalFanout(),
             history=MemoryHistory(),
             revocations=MemoryRevocations(),
+            leases=Leases(None),
         )
     redis = RedisBackend(
         settings.redis_url, settings.redis_timeout_seconds, settings.redis_breaker_seconds
@@ -72,6 +75,7 @@ def create_backends(settings: Settings, sessionmaker: async_sessionmaker[AsyncSe
         broker=broker,
         history=RedisHistory(redis),
         revocations=RedisRevocations(redis),
+        leases=Leases(redis),
         redis=redis,
     )
     backends.tasks = [

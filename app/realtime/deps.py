@@ -7,7 +7,8 @@ answer the handshake itself with HTTP 403.
 """
 
 import re
-from contextlib import suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated
 from urllib.parse import parse_qsl
 
@@ -19,6 +20,7 @@ from starlette.websockets import WebSocket
 
 from app.auth.deps import access_claims
 from app.auth.service import user_from_access_claims
+from app.backends.leases import Leases
 from app.errors import Unauthorized
 from app.observability.logging import user_id_var
 from app.realtime.connection import DISCONNECTED
@@ -48,6 +50,22 @@ async def room_name(room: str) -> str:
 
 
 RoomName = Annotated[str, Depends(room_name)]
+
+
+@asynccontextmanager
+async def admitted(websocket: WebSocket) -> AsyncIterator[SocketUser | None]:
+    """The socket's user while the socket is open, or None once it is closed (1008): it
+    failed to authenticate, or its user already holds APP_WS_MAX_SOCKETS_PER_USER."""
+    socket_user = await authenticate(websocket)
+    if socket_user is None:
+        yield None
+        return
+    limit = websocket.app.state.settings.ws_max_sockets_per_user
+    leases: Leases = websocket.app.state.backends.leases
+    async with leases.hold(f"user:{socket_user.user.id}", limit) as granted:
+        if not granted:
+            await _refuse(websocket, f"Too many open sockets: at most {limit} per user.")
+        yield socket_user if granted else None
 
 
 async def authenticate(websocket: WebSocket) -> SocketUser | None:

@@ -6,7 +6,7 @@ from app.auth.deps import NotificationSender
 from app.background import JobsDep
 from app.db import SessionDep
 from app.email import MailerDep
-from app.realtime.deps import RealtimeDep, RoomName, authenticate
+from app.realtime.deps import RealtimeDep, RoomName, admitted
 from app.realtime.schemas import Notification, NotificationCreate
 from app.users import service as users_service
 
@@ -15,14 +15,16 @@ router = APIRouter(tags=["realtime"])
 
 @router.websocket("/ws/chat/{room}")
 async def chat(websocket: WebSocket, room: RoomName, realtime: RealtimeDep) -> None:
-    if (socket_user := await authenticate(websocket)) is not None:
-        await realtime.chat(websocket, socket_user, room)
+    async with admitted(websocket) as socket_user:
+        if socket_user is not None:
+            await realtime.chat(websocket, socket_user, room)
 
 
 @router.websocket("/ws/notifications")
 async def notifications(websocket: WebSocket, realtime: RealtimeDep) -> None:
-    if (socket_user := await authenticate(websocket)) is not None:
-        await realtime.notifications(websocket, socket_user)
+    async with admitted(websocket) as socket_user:
+        if socket_user is not None:
+            await realtime.notifications(websocket, socket_user)
 
 
 @router.post("/notifications", status_code=status.HTTP_202_ACCEPTED, response_model=Notification)
