@@ -56,7 +56,7 @@ from app.backends.leases import Leases
 from app.backends.redis import RedisBackend
 
 async def main():
-    leases = Leases(RedisBackend(sys.argv[1], 2, 0), lease_seconds=2)
+    leases = Leases(RedisBackend(sys.argv[1], 2, 0), lease_seconds=3)
     async with leases.hold("user:1", 2) as granted:
         print(granted, flush=True)
         await asyncio.sleep(600)
@@ -79,12 +79,12 @@ def test_a_held_lease_outlives_its_term_and_a_dead_holders_lapses(
         dying.wait()
 
     async def main() -> None:
-        live = Leases(backend(redis_server), lease_seconds=2)
+        live = Leases(backend(redis_server), lease_seconds=3)
         async with AsyncExitStack() as held:
             assert await granted(live, held)  # beside the dead one's: 2 of 2
             # Renewed every third of its term, the live one is still counted after more
             # than two terms; the dead one is not.
-            await asyncio.sleep(5)
+            await asyncio.sleep(7)
             other = Leases(backend(redis_server))
             async with AsyncExitStack() as probe:
                 assert await granted(other, probe)
