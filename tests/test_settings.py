@@ -1,5 +1,6 @@
 """The settings class refuses unsafe production configurations and parses env lists."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,22 @@ def test_lists_come_from_comma_separated_env(monkeypatch: pytest.MonkeyPatch) ->
     loaded = Settings(_env_file=None)  # type: ignore[call-arg]
     assert loaded.allowed_hosts == ["api.example.com", "*.example.org"]
     assert loaded.cors_origins == ["https://a.example.com"]
+
+
+def test_the_readme_documents_every_setting() -> None:
+    """The configuration reference is the operators' list: a setting missing from it is
+    one nobody knows how to set."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    # The first cell of a table row names one variable or several (`A` / `B`).
+    documented = {
+        name
+        for line in readme.splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`([A-Z0-9_]+)`", line.split("|")[1])
+    }
+    names = [
+        alias if isinstance(alias := field.validation_alias, str) else f"APP_{name.upper()}"
+        for name, field in Settings.model_fields.items()
+    ]
+    assert len(names) > 40
+    assert [name for name in names if name not in documented] == []
