@@ -92,6 +92,8 @@ class HttpMiddleware:
             nonlocal request_bytes
             message = await receive()
             if message["type"] == "http.request":
+                if not request_bytes and message.get("body"):  # the body's first bytes
+                    refuse_content_coding(scope["headers"])
                 request_bytes += len(message.get("body", b""))
                 if max_body is not None and request_bytes > max_body:
                     # An HTTPException: FastAPI turns other errors of a body read into 400s.
@@ -184,6 +186,19 @@ def choose_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
     # Not os.urandom: a syscall per request for an id that only has to be unique (the
     # random module reseeds in forked workers, so they do not repeat each other).
     return f"{random.getrandbits(128):032x}"
+
+
+def refuse_content_coding(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """A 415 for a body sent compressed (RFC 9110 section 8.4.1): read as it is, gzip
+    bytes would be stored as an upload's content or fail as bad JSON."""
+    for name, value in headers:
+        if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            raise HTTPException(
+                415,
+                "Request bodies are accepted without a Content-Encoding.",
+                # What would have been accepted (RFC 9110 section 15.5.16).
+                headers={"Accept-Encoding": "identity"},
+            )
 
 
 def response_headers(

@@ -3,6 +3,7 @@ private downloads (Range included) and deletion; after every rejection nothing i
 
 import contextlib
 import errno
+import gzip
 import hashlib
 import io
 import itertools
@@ -415,6 +416,18 @@ def test_form_problems_are_4xx_and_leave_nothing(api: Api) -> None:
         )
         assert_rejected_without_trace(api, alice, long_boundary, 400)
     assert_problem(api.client.post("/api/v1/files", files={"file": ("a.txt", TEXT)}), 401)
+    body = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n'
+        f"\r\ntext\r\n--{BOUNDARY}--\r\n"
+    ).encode()
+    compressed = api.client.post(
+        "/api/v1/files",
+        content=gzip.compress(body),
+        headers=alice.headers
+        | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", "Content-Encoding": "gzip"},
+    )
+    assert_rejected_without_trace(api, alice, compressed, 415)
+    assert compressed.headers["accept-encoding"] == "identity"
 
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]

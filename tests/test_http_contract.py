@@ -1,5 +1,6 @@
 """Problem details on every error, request ids, security headers, hosts and CORS."""
 
+import gzip
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,19 @@ def test_a_body_in_the_wrong_media_type_is_a_415_problem(api: Api) -> None:
     )
     # An empty body in the right type is still a 422: what is missing is the content.
     assert_problem(api.client.post("/api/v1/items", json=None, headers=alice.headers), 422)
+
+
+def test_a_compressed_body_is_a_415_problem(api: Api) -> None:
+    """Read as sent, it would fail as bad JSON; the client learns what is accepted."""
+    alice = api.account("alice")
+    refused = api.client.post(
+        "/api/v1/items",
+        content=gzip.compress(b'{"title": "Lamp", "price": 1}'),
+        headers=alice.headers | {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert_problem(refused, 415)
+    assert refused.headers["accept-encoding"] == "identity"
+    assert api.client.get("/api/v1/items").json()["total"] == 0
+    identity = alice.headers | {"Content-Encoding": "identity"}
+    created = api.client.post("/api/v1/items", json={"title": "Lamp", "price": 1}, headers=identity)
+    assert created.status_code == 201
