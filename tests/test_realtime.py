@@ -20,6 +20,7 @@ from app.realtime import deps
 from app.realtime.service import close_connections
 from tests.api import Account, Api, assert_problem
 from tests.conftest import make_settings
+from tests.prom import parse, value
 
 NOTIFICATIONS = "/api/v1/ws/notifications"
 NOTIFY = "/api/v1/notifications"
@@ -529,6 +530,12 @@ def test_a_user_holds_at_most_the_socket_cap(database_url: str, tmp_path: Path) 
     with TestClient(create_app(settings)) as client:
         api = Api(client, settings)
         alice, bob = api.account("alice"), api.account("bob")
+
+        def refusals() -> float:
+            samples = parse(client.get("/metrics").text)
+            return value(samples, "websocket_refusals_total", reason="socket_cap")
+
+        before = refusals()
         with joined(api, alice, "lobby"), listening(api, alice):
             for first_frame in (False, True):
                 headers = {} if first_frame else alice.headers
@@ -543,6 +550,7 @@ def test_a_user_holds_at_most_the_socket_cap(database_url: str, tmp_path: Path) 
                 pass
         with listening(api, alice), listening(api, alice):
             pass
+        assert refusals() == before + 2  # SREs see it: only the two over the cap
 
 
 def test_a_socket_is_closed_when_its_token_expires(database_url: str, tmp_path: Path) -> None:

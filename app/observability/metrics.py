@@ -62,6 +62,12 @@ WEBSOCKET_CONNECTIONS_TOTAL = Counter(
 WEBSOCKET_MESSAGES = Counter(
     "websocket_messages_total", "WebSocket messages.", ["route", "direction"]
 )
+WEBSOCKET_REFUSALS = Counter(
+    "websocket_refusals_total",
+    "WebSockets the service closed before serving them: credentials in the URL, failed "
+    "authentication, or a user already at APP_WS_MAX_SOCKETS_PER_USER.",
+    ["reason"],
+)
 REALTIME_DROPPED = Counter(
     "realtime_messages_dropped_total",
     "Real-time messages dropped because a slow subscriber's inbox was full.",

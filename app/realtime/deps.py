@@ -9,7 +9,7 @@ answer the handshake itself with HTTP 403.
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import parse_qsl
 
 import anyio
@@ -23,6 +23,7 @@ from app.auth.service import user_from_access_claims
 from app.backends.leases import Leases
 from app.errors import Unauthorized
 from app.observability.logging import user_id_var
+from app.observability.metrics import WEBSOCKET_REFUSALS
 from app.realtime.connection import DISCONNECTED
 from app.realtime.schemas import MAX_FRAME_BYTES, AuthFrame
 from app.realtime.service import Realtime, SocketUser, realtime_of
@@ -30,6 +31,7 @@ from app.realtime.service import Realtime, SocketUser, realtime_of
 ROOM_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 AUTH_TIMEOUT_SECONDS = 5.0
 POLICY_VIOLATION = status.WS_1008_POLICY_VIOLATION
+RefusalReason = Literal["credentials_in_url", "authentication", "socket_cap"]
 # URLs end up in proxy and server logs, so a credential there is refused even when the
 # handshake also carries a valid header: the client must be fixed, not tolerated.
 _CREDENTIAL_PARAMS = frozenset({"token", "access_token", "jwt", "auth", "authorization"})
@@ -64,7 +66,8 @@ async def admitted(websocket: WebSocket) -> AsyncIterator[SocketUser | None]:
     leases: Leases = websocket.app.state.backends.leases
     async with leases.hold(f"user:{socket_user.user.id}", limit) as granted:
         if not granted:
-            await _refuse(websocket, f"Too many open sockets: at most {limit} per user.")
+            detail = f"Too many open sockets: at most {limit} per user."
+            await _refuse(websocket, "socket_cap", detail)
         yield socket_user if granted else None
 
 
@@ -75,7 +78,7 @@ async def authenticate(websocket: WebSocket) -> SocketUser | None:
     accepted and the first frame must be ``{"type": "auth", "token": …}`` within 5 s.
     """
     if _credential_in_url(websocket):
-        await _refuse(websocket, "Credentials are not accepted in the URL.")
+        await _refuse(websocket, "credentials_in_url", "Credentials are not accepted in the URL.")
         return None
     header = websocket.headers.get("authorization")
     if header is not None:
@@ -86,7 +89,7 @@ async def authenticate(websocket: WebSocket) -> SocketUser | None:
         await websocket.accept()
         found = await _user_for(websocket, await _first_frame_token(websocket))
     if found is None:
-        await _refuse(websocket, "Authentication failed.")
+        await _refuse(websocket, "authentication", "Authentication failed.")
         return None
     # Every later log line of this connection names the user, and so does its access
     # line (app/middleware.py), as for HTTP requests.
@@ -133,7 +136,8 @@ async def _user_for(websocket: WebSocket, token: str | None) -> SocketUser | Non
     return SocketUser(user, float(claims["exp"]), claims["jti"])
 
 
-async def _refuse(websocket: WebSocket, reason: str) -> None:
+async def _refuse(websocket: WebSocket, reason: RefusalReason, detail: str) -> None:
+    WEBSOCKET_REFUSALS.labels(reason).inc()
     # The client may already have gone (it disconnected instead of authenticating).
     with suppress(*DISCONNECTED):
-        await websocket.close(POLICY_VIOLATION, reason)
+        await websocket.close(POLICY_VIOLATION, detail)
