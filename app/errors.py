@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
@@ -124,7 +125,7 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     return problem_response(request.scope, exc.status_code, detail, headers=headers)
 
 
-FORM_MEDIA_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+FORM_MEDIA_TYPES = frozenset({b"application/x-www-form-urlencoded", b"multipart/form-data"})
 
 
 def _unread_media_type(request: Request, exc: RequestValidationError) -> str | None:
@@ -138,7 +139,8 @@ def _unread_media_type(request: Request, exc: RequestValidationError) -> str | N
     if body_field is None:
         return None
     if isinstance(body_field.field_info, params.Form):
-        sent = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        # The parser Starlette reads forms with, so both agree on what a form type is.
+        sent, _ = parse_options_header(request.headers.get("content-type", ""))
         return (
             "application/x-www-form-urlencoded" if sent and sent not in FORM_MEDIA_TYPES else None
         )

@@ -92,9 +92,10 @@ class HttpMiddleware:
             nonlocal request_bytes
             message = await receive()
             if message["type"] == "http.request":
-                if not request_bytes and message.get("body"):  # the body's first bytes
+                body = message.get("body", b"")
+                if body and not request_bytes:  # the body's first bytes
                     refuse_content_coding(scope["headers"])
-                request_bytes += len(message.get("body", b""))
+                request_bytes += len(body)
                 if max_body is not None and request_bytes > max_body:
                     # An HTTPException: FastAPI turns other errors of a body read into 400s.
                     raise HTTPException(413, "The request body is too large.")
