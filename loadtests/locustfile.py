@@ -8,18 +8,90 @@ compose ``loadtest`` profile, or locally with ``locust -f loadtests/locustfile.p
 The service's own limits apply to load tests too: registration and login are limited per
 client address (5 and 10 per minute by default), so raise ``APP_RATE_LIMIT_REGISTER``,
 ``APP_RATE_LIMIT_LOGIN`` and ``APP_RATE_LIMIT_DEFAULT`` for a test with many users.
+
+Options of this scenario (command line, or the ``LOCUST_*`` variable named in ``--help``):
+``--think-min`` / ``--think-max``, the seconds a user waits between two tasks; and the
+thresholds a headless run is judged by — it exits with status 1 when more than
+``--max-fail-ratio`` of the requests failed, or when the 95th percentile latency of the
+request other than authentication passed ``--max-p95-ms`` (0: no latency threshold).
+Authentication is left out of the latency threshold: it hashes a password on purpose
+slowly (argon2id) and is rate limited, so it has no place in the latency objective.
 """
 
+import logging
 import random
 import struct
 import uuid
 import zlib
+from typing import Any
 
-from locust import HttpUser, between, task
+from locust import HttpUser, events, task
+from locust.env import Environment
 from locust.exception import StopUser
+from locust.runners import WorkerRunner
 
 API = "/api/v1"
+AUTH = f"{API}/auth/"
 PASSWORD = "load-test-password"  # noqa: S105 - throwaway accounts made by the test itself
+# The service's latency objective (the histogram buckets in app/observability/metrics.py
+# are chosen around it).
+LATENCY_OBJECTIVE_MS = 250.0
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    parser.add_argument(
+        "--think-min", type=float, default=0.5, env_var="LOCUST_THINK_MIN",
+        help="fewest seconds a user waits between two tasks",
+    )  # fmt: skip
+    parser.add_argument(
+        "--think-max", type=float, default=2.0, env_var="LOCUST_THINK_MAX",
+        help="most seconds a user waits between two tasks",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-fail-ratio", type=float, default=0.01, env_var="LOCUST_MAX_FAIL_RATIO",
+        help="exit with status 1 if a larger share of the requests failed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-p95-ms", type=float, default=LATENCY_OBJECTIVE_MS, env_var="LOCUST_MAX_P95_MS",
+        help="exit with status 1 if the 95th percentile latency of a request other "
+        "than authentication is above this (0: no latency threshold)",
+    )  # fmt: skip
+
+
+@events.quitting.add_listener
+def _judge(environment: Environment, **_: Any) -> None:
+    """Set the exit status from the thresholds, replacing Locust's "any failure fails"."""
+    if isinstance(environment.runner, WorkerRunner):
+        return  # the master (or a local runner) holds every worker's numbers
+    breaches = threshold_breaches(environment)
+    for breach in breaches:
+        logging.error("threshold: %s", breach)
+    environment.process_exit_code = 1 if breaches else 0
+
+
+def threshold_breaches(environment: Environment) -> list[str]:
+    options = environment.parsed_options
+    stats = environment.stats
+    breaches = []
+    if stats.total.num_requests == 0:
+        breaches.append("no request was made")
+    elif stats.total.fail_ratio > options.max_fail_ratio:
+        breaches.append(
+            f"{stats.total.fail_ratio:.2%} of the requests failed "
+            f"(at most {options.max_fail_ratio:.2%} allowed)"
+        )
+    if options.max_p95_ms > 0:
+        for entry in stats.entries.values():
+            if entry.name.startswith(AUTH) or not entry.num_requests:
+                continue
+            p95 = entry.get_response_time_percentile(0.95)
+            if p95 > options.max_p95_ms:
+                breaches.append(
+                    f"{entry.method} {entry.name}: 95th percentile {p95:.0f} ms "
+                    f"(at most {options.max_p95_ms:g} ms allowed)"
+                )
+    return breaches
 
 
 def _png(width: int = 8, height: int = 8) -> bytes:
@@ -46,7 +118,9 @@ PNG = _png()
 
 
 class ApiUser(HttpUser):
-    wait_time = between(0.5, 2)
+    def wait_time(self) -> float:
+        options = self.environment.parsed_options
+        return random.uniform(options.think_min, options.think_max)  # noqa: S311
 
     def on_start(self) -> None:
         self.username = f"load-{uuid.uuid4().hex[:16]}"

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -596,6 +597,8 @@ def test_locustfile_compiles_and_requests_only_real_endpoints(tmp_path: Path) ->
 def test_locust_services_run_the_shipped_locustfile(services: dict[str, dict[str, Any]]) -> None:
     for name in ("locust-master", "locust-worker"):
         service = services[name]
+        # The version tests/test_loadtests.py runs the file with (the dev dependencies).
+        assert service["image"] == f"locustio/locust:{metadata.version('locust')}"
         assert dict(bind_mounts(service)) == {"loadtests": "/mnt/locust"}
         assert service["command"][:2] == ["-f", "/mnt/locust/locustfile.py"]
     assert "--master" in services["locust-master"]["command"]

@@ -1,0 +1,113 @@
+"""The Locust scenario (loadtests/locustfile.py), run by Locust itself against the native
+stack, the way a team runs a load test without Docker: every hot path it claims to
+exercise must be hit, without a failure, and its thresholds must decide the exit status.
+
+No latency is asserted here (a test must not time the machine): the passing run switches
+the latency threshold off, and the failing run sets it where no real request can meet it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from deploy.stack.process import free_port
+from tests import prom
+from tests.stack import ROOT, RunningStack, start_stack
+
+LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+LOCUST = Path(sys.executable).with_name("locust")
+USERS = 4
+# (method, name) of every request the scenario makes: authentication, the cached reads,
+# the writes and the upload.
+HOT_PATHS = {
+    ("POST", "/api/v1/auth/register"),
+    ("POST", "/api/v1/auth/token"),
+    ("GET", "/api/v1/items"),
+    ("GET", "/api/v1/items/{item_id}"),
+    ("POST", "/api/v1/items"),
+    ("POST", "/api/v1/files"),
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    # The limits a load test raises (README, "Load tests"): otherwise the service's own
+    # rate limits and the edge's would answer 429 to a few busy users.
+    running = start_stack(
+        tmp_path_factory.mktemp("loadtest") / "stack",
+        STACK_HTTP_PORT=str(free_port()),
+        APP_RATE_LIMIT_REGISTER="1000/minute",
+        APP_RATE_LIMIT_LOGIN="1000/minute",
+        APP_RATE_LIMIT_DEFAULT="100000/minute",
+        APP_RATE_LIMIT_UPLOADS="100000/minute",
+        NGINX_EDGE_RATE="10000r/s",
+        NGINX_EDGE_BURST="10000",
+    )
+    try:
+        yield running
+    finally:
+        if running.process.poll() is None:
+            running.stop(signal.SIGTERM)
+
+
+def locust(stack: RunningStack, seconds: int, *options: str) -> subprocess.CompletedProcess[str]:
+    """A headless run through the edge; its final statistics are the JSON on stdout."""
+    command = [
+        str(LOCUST),
+        "--locustfile", str(LOCUSTFILE),
+        "--headless", "--json",
+        "--users", str(USERS), "--spawn-rate", str(USERS),
+        "--run-time", f"{seconds}s",
+        # Users finish the request in flight when the time is up, so that the server
+        # has counted exactly the requests Locust reports.
+        "--stop-timeout", "30",
+        "--host", stack.edge,
+        *options,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120, cwd=ROOT)
+
+
+def by_request(stdout: str) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(entry["method"], entry["name"]): entry for entry in json.loads(stdout)}
+
+
+def test_every_hot_path_is_exercised_without_a_failure(stack: RunningStack) -> None:
+    # Almost no think time: the upload (1 task in 34) comes up many times in a short run.
+    run = locust(stack, 15, "--think-min", "0", "--think-max", "0.05", "--max-p95-ms", "0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    stats = by_request(run.stdout)
+    assert set(stats) == HOT_PATHS, run.stderr[-3000:]
+    for request, entry in stats.items():
+        assert entry["num_requests"] > 0, request
+        assert entry["num_failures"] == 0, (request, run.stderr[-3000:])
+    # Every user signed up and logged in once, and the service saw every upload succeed.
+    assert stats["POST", "/api/v1/auth/register"]["num_requests"] == USERS
+    assert stats["POST", "/api/v1/auth/token"]["num_requests"] == USERS
+    scraped = prom.parse(httpx2.get(f"{stack.urls['api']}/metrics", trust_env=False).text)
+    uploads = prom.value(
+        scraped, "http_requests_total", method="POST", route="/api/v1/files", status="201"
+    )
+    assert uploads == stats["POST", "/api/v1/files"]["num_requests"]
+    assert prom.value(scraped, "uploads_total", outcome="ok") == uploads
+
+
+def test_a_missed_latency_threshold_fails_the_run_and_says_where(stack: RunningStack) -> None:
+    # No response comes back within a microsecond: every request other than
+    # authentication misses the threshold, and nothing fails.
+    run = locust(stack, 5, "--think-min", "0", "--think-max", "0.05", "--max-p95-ms", "0.001")
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert all(entry["num_failures"] == 0 for entry in json.loads(run.stdout))
+    breached = set(re.findall(r"threshold: (GET|POST) (\S+): 95th percentile", run.stderr))
+    reads = {("GET", "/api/v1/items"), ("GET", "/api/v1/items/{item_id}")}
+    assert reads <= breached, run.stderr[-3000:]
+    assert not {name for _, name in breached if name.startswith("/api/v1/auth/")}
