@@ -20,7 +20,9 @@ docs routes) plus ``/ping`` — and differ only in their middleware:
 - ``full``: every middleware the service installs (``app.main.install_middleware``, the
   function ``create_app`` calls: request id, access log with its JSON line, metrics,
   security headers, trusted host), logging configured as in production (JSON, INFO);
-- ``instrumentator``: ``Instrumentator().instrument(app)`` instead.
+- ``instrumentator``: ``Instrumentator(registry=…).instrument(app)`` instead, with a
+  registry of its own (in the default one the service's metrics, registered on import,
+  would clash with its names, and it would silently record nothing).
 
 Diagnostics, not part of the target:
 
@@ -33,6 +35,11 @@ Diagnostics, not part of the target:
 - ``service-instrumentator`` (optional, to keep the default run near 3 minutes):
   ``service-routes`` plus the instrumentator, to compare with ``service-full`` on the
   service's real route table.
+
+After the wrk rounds, the same apps (all but ``service-*``) are measured once more in
+process: their ASGI interface called in a loop, without HTTP, in a process of each
+configuration's own pinned to CPU 0 — a low-noise diagnostic of the middleware alone,
+reported beside the target, not instead of it.
 
 Run from the repository root: ``.venv/bin/python bench/http_overhead.py``.
 """
@@ -48,6 +55,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from fastapi import FastAPI
@@ -144,17 +152,16 @@ def build_app(config: str, data_dir: Path) -> FastAPI:
             install_logging(settings)
             # Tracing off, as in production unless an OTLP endpoint is configured.
             install_middleware(application, settings, traced=False)
-    if config == "instrumentator":
-        from prometheus_fastapi_instrumentator import Instrumentator
-
-        Instrumentator().instrument(application)
-    elif config == "service-instrumentator":
+    if config in ("instrumentator", "service-instrumentator"):
         from prometheus_client import CollectorRegistry
         from prometheus_fastapi_instrumentator import Instrumentator
 
-        # Its own registry: the service already registered http_requests_total & co., and
-        # on a name clash the instrumentator silently records nothing at all.
-        Instrumentator(registry=CollectorRegistry()).instrument(application)
+        # A registry of its own: importing app.main above registered the service's
+        # http_requests_total & co. in the default one, and on a name clash the
+        # instrumentator silently records nothing at all (it did, in runs before
+        # 2026-11-29). Kept on the app so that the set-up checks can read it.
+        application.state.instrumentator_registry = CollectorRegistry()
+        Instrumentator(registry=application.state.instrumentator_registry).instrument(application)
     application.add_api_route("/ping", ping, methods=["GET"])
     return application
 
@@ -170,6 +177,69 @@ def serve(config: str, port: int, data_dir: Path) -> None:
         log_config=None,
         access_log=False,
     )
+
+
+# --- in process (a child: `http_overhead.py _drive CONFIG REQUESTS DATA_DIR RESULT`) ---
+
+
+def drive(config: str, requests: int, data_dir: Path, result: Path) -> None:
+    """Call the app's ASGI interface ``requests`` times, without a server or a socket, and
+    write the process's CPU µs per request (all threads: the access lines' rendering and
+    writing included) to ``result``. What differs between configurations is then only
+    their middleware, without the noise of HTTP parsing and the kernel's network path."""
+
+    import uvloop
+
+    application = build_app(config, data_dir)
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": "/ping",
+        "raw_path": b"/ping",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")],
+    }
+    request = {"type": "http.request", "body": b"", "more_body": False}
+    started: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return request
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            started.append(message)
+
+    async def serve(count: int) -> None:
+        for _ in range(count):
+            # A fresh scope per request, as the server makes one (the stack writes to it).
+            await application({**scope, "headers": list(scope["headers"])}, receive, send)
+
+    loop = uvloop.new_event_loop()
+    loop.run_until_complete(serve(max(requests // 5, 1000)))  # warm-up
+    before = time.process_time()
+    loop.run_until_complete(serve(requests))
+    cpu_us = (time.process_time() - before) / requests * 1e6
+    loop.close()
+    # Guards the set-up, as the HTTP runs do: every request was answered, the production
+    # middleware ran exactly where it should, and the instrumentator really counted.
+    headers = {name for name, _ in started[-1]["headers"]}
+    if {message["status"] for message in started} != {200}:
+        raise RuntimeError(f"{config}: statuses {sorted({m['status'] for m in started})}")
+    if (b"x-request-id" in headers) != (config in WITH_REQUEST_ID):
+        raise RuntimeError(f"{config}: unexpected headers {sorted(headers)}")
+    if config == "instrumentator":
+        counted = application.state.instrumentator_registry.get_sample_value(
+            "http_requests_total", {"handler": "/ping", "method": "GET", "status": "2xx"}
+        )
+        if counted != len(started):
+            raise RuntimeError(f"instrumentator counted {counted} of {len(started)} requests")
+    result.write_text(f"{cpu_us}\n")
 
 
 # --- the driver ---
@@ -209,6 +279,25 @@ def start(config: str, workdir: Path) -> Server:
 
 def stop(server: Server) -> None:
     terminate(server.process)
+
+
+def in_process(config: str, requests: int, workdir: Path, round_number: int) -> float:
+    """CPU µs per request of ``config`` driven in process (``drive``), in a child of its
+    own pinned to the server's CPU: each configuration sets up logging and metrics of its
+    own, as its server does."""
+    data_dir = workdir / f"drive-{config}-{round_number}"
+    data_dir.mkdir()
+    result = data_dir / "cpu_us"
+    log = workdir / f"drive-{config}.log"
+    command = [
+        "taskset", "-c", SERVER_CPU, sys.executable, str(Path(__file__).resolve()),
+        "_drive", config, str(requests), str(data_dir), str(result),
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        subprocess.run(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=clean_env(), check=True
+        )
+    return float(result.read_text())
 
 
 def wrk(url: str, seconds: int, connections: int) -> tuple[int, float]:
@@ -308,13 +397,59 @@ def report(
             "routes and `/ping`) and differ only in their middleware: `full` gets every "
             "middleware `create_app` installs (`app.main.install_middleware`) with the "
             "shipped defaults (`APP_ALLOWED_HOSTS=*`, CORS off) and JSON access lines at "
-            "INFO. The `service-*` configurations put `/ping` after the service's real "
-            "route table; what FastAPI's router spends to get there is a property of the "
-            "route table, not of the middleware, so they are diagnostics, not the target.",
+            "INFO; `instrumentator` records into a registry of its own (checked: in process "
+            "it counted every request; before 2026-11-29 it shared the service's registry "
+            "and recorded nothing, see bench/README.md). The `service-*` configurations "
+            "put `/ping` after the service's real route table; what FastAPI's router "
+            "spends to get there is a property of the route table, not of the middleware, "
+            "so they are diagnostics, not the target.",
             "",
             "Each run:",
             "",
             *per_run,
+        ]
+    )
+
+
+def report_in_process(cpu: dict[str, list[float]], requests: int) -> str:
+    """The diagnostic without HTTP: medians, the target's ratio, the ratio of each round."""
+    median = {config: statistics.median(values) for config, values in cpu.items()}
+    overhead = {config: value - median["bare"] for config, value in median.items()}
+    rows = [
+        "| config | CPU µs/req | overhead over bare µs/req | CPU µs/req of each run |",
+        "|---|---:|---:|---|",
+    ]
+    for config, values in cpu.items():
+        each = ", ".join(f"{value:.1f}" for value in values)
+        rows.append(f"| {config} | {median[config]:.1f} | {overhead[config]:+.1f} | {each} |")
+    per_round = [
+        fmt_ratio(full - bare, instr - bare)
+        for bare, full, instr in zip(cpu["bare"], cpu["full"], cpu["instrumentator"], strict=True)
+    ]
+    return "\n".join(
+        [
+            "In process (diagnostic, not the target): the same apps' ASGI interface called "
+            f"directly, {requests:,} requests per run after a warm-up, in a process of each "
+            f"configuration's own pinned to CPU {SERVER_CPU}, interleaved rounds; CPU "
+            "µs/req = the process's CPU time (all threads, so the access lines' rendering "
+            "and writing count) / requests. No HTTP parsing, sockets or kernel network "
+            "path: what differs between the rows is their middleware alone, with far less "
+            "noise than through wrk — but in a tight loop, where code runs from warm "
+            "caches, so every cost is lower than between two real requests.",
+            "",
+            *rows,
+            "",
+            f"**In process: (full - bare) / (instrumentator - bare) = "
+            f"{overhead['full']:.1f} / {overhead['instrumentator']:.1f} = "
+            f"{fmt_ratio(overhead['full'], overhead['instrumentator'])}**; each round: "
+            f"{', '.join(per_round)}."
+            + (
+                f" The access line alone (full - {QUIET}): {median['full'] - median[QUIET]:+.1f}"
+                f" µs/req, {fmt_ratio(median['full'] - median[QUIET], overhead['instrumentator'])}"
+                " of the instrumentator's whole overhead."
+                if QUIET in median
+                else ""
+            ),
         ]
     )
 
@@ -370,6 +505,9 @@ def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "_serve":
         serve(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
         return
+    if len(sys.argv) == 6 and sys.argv[1] == "_drive":
+        drive(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=8, help="seconds per timed run")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per run")
@@ -379,6 +517,12 @@ def main() -> None:
         "--configs",
         default=",".join(DEFAULT_CONFIGS),
         help=f"comma-separated, among {','.join(CONFIGS)}; the first three are required",
+    )
+    parser.add_argument(
+        "--in-process-requests",
+        type=int,
+        default=20000,
+        help="requests per in-process run (the diagnostic without HTTP); 0 skips it",
     )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
@@ -408,6 +552,22 @@ def main() -> None:
                     flush=True,
                 )
         access_lines = {config: _access_lines(servers[config].log) for config in configs}
+        for server in servers.values():
+            stop(server)  # the in-process runs use the server's CPU
+        driven = [config for config in configs if not config.startswith("service")]
+        in_process_cpu: dict[str, list[float]] = {config: [] for config in driven}
+        for round_number in range(1, args.repeats + 1 if args.in_process_requests else 1):
+            for config in driven:
+                cpu_us = in_process(config, args.in_process_requests, workdir, round_number)
+                in_process_cpu[config].append(cpu_us)
+                print(f"in process, round {round_number} {config:22} {cpu_us:7.1f} µs/req")
+        for config in driven if args.in_process_requests else ():
+            lines = _access_lines(workdir / f"drive-{config}.log")
+            # The warm-up's lines are in the log too.
+            if (lines >= args.repeats * args.in_process_requests) != (
+                config in LOGGING_EVERY_REQUEST
+            ):
+                sys.exit(f"{config} wrote {lines} access lines in process")
     finally:
         for server in servers.values():
             stop(server)
@@ -420,6 +580,8 @@ def main() -> None:
         if config not in LOGGING_EVERY_REQUEST and access_lines[config]:
             sys.exit(f"{config} wrote {access_lines[config]} access lines; expected none")
     text = report(runs, configs, args, started, load)
+    if args.in_process_requests:
+        text += "\n\n" + report_in_process(in_process_cpu, args.in_process_requests)
     text += f"\n\nTotal time: {time.monotonic() - begin:.0f} s.\n"
     print()
     print(text)
