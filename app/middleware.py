@@ -77,7 +77,8 @@ class HttpMiddleware:
                 scope, receive, send
             )
             return
-        request_id, token = _bind_request_id(scope)
+        client_request_id, hosts = _edge_headers(scope["headers"])
+        request_id, token = _bind_request_id(scope, client_request_id)
         id_header = (_REQUEST_ID_NAME, request_id.encode())
         path = scope["path"]
         no_store = path.startswith(NO_STORE_PREFIXES)
@@ -115,7 +116,7 @@ class HttpMiddleware:
             return send(message)
 
         try:
-            if self.hosts.allows(scope):
+            if self.hosts.allows(hosts):
                 # HEAD is GET without the body (RFC 9110 section 9.3.2), which the server
                 # drops; FastAPI routes only take the methods they list.
                 app_scope = scope if scope["method"] != "HEAD" else {**scope, "method": "GET"}
@@ -136,7 +137,8 @@ class HttpMiddleware:
         101 accepted, 403 refused (the server answers a close before accept so), 500 if
         the app failed first, 499 if the client left first. The server's own lines for
         sockets are dropped (logging.py): they carry the query string."""
-        request_id, token = _bind_request_id(scope)
+        client_request_id, hosts = _edge_headers(scope["headers"])
+        request_id, token = _bind_request_id(scope, client_request_id)
         id_header = (_REQUEST_ID_NAME, request_id.encode())
         start = time.perf_counter()
         status: int | None = None
@@ -155,7 +157,7 @@ class HttpMiddleware:
             return send(message)
 
         try:
-            if self.hosts.allows(scope):
+            if self.hosts.allows(hosts):
                 await observe_websocket(self.app, scope, receive, observed_send)
             else:
                 await observed_send({"type": "websocket.close", "code": 1008})
@@ -169,21 +171,30 @@ class HttpMiddleware:
             request_id_var.reset(token)
 
 
-def _bind_request_id(scope: Scope) -> tuple[str, Token[str]]:
+def _edge_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, list[bytes]]:
+    """The client's first X-Request-ID and every Host header, in one pass over the headers."""
+    request_id = None
+    hosts = []
+    for name, value in headers:
+        if name == b"host":
+            hosts.append(value)
+        elif name == _REQUEST_ID_NAME and request_id is None:
+            request_id = value
+    return request_id, hosts
+
+
+def _bind_request_id(scope: Scope, client_request_id: bytes | None) -> tuple[str, Token[str]]:
     """Give the request (or websocket) its id: in its state, and in the logging context so
     that every log line of it carries the id (reset with the token when it ends)."""
-    request_id = choose_request_id(scope["headers"])
+    request_id = choose_request_id(client_request_id)
     scope.setdefault("state", {})["request_id"] = request_id
     return request_id, request_id_var.set(request_id)
 
 
-def choose_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
+def choose_request_id(client_request_id: bytes | None) -> str:
     """The client's X-Request-ID when it is safe to log and echo, else a new random id."""
-    for name, value in headers:
-        if name == _REQUEST_ID_NAME:
-            if _SANE_REQUEST_ID.fullmatch(value):
-                return value.decode("ascii")
-            break
+    if client_request_id is not None and _SANE_REQUEST_ID.fullmatch(client_request_id):
+        return client_request_id.decode("ascii")
     # Not os.urandom: a syscall per request for an id that only has to be unique (the
     # random module reseeds in forked workers, so they do not repeat each other).
     return f"{random.getrandbits(128):032x}"
@@ -211,13 +222,16 @@ def response_headers(
     # Raw header lists, not MutableHeaders: this runs on every response. Names are
     # lowercase, as ASGI requires of applications.
     result = list(headers)
-    present = _MERGED.intersection([name for name, _ in result])
-    if not present:  # the usual case: nothing of ours to keep or replace
+    for name, _ in result:
+        if name in _MERGED:
+            break
+    else:  # the usual case: nothing of ours to keep or replace
         result += SECURITY_HEADERS
         if no_store:
             result.append(NO_STORE)
         result.append(id_header)
         return result
+    present = _MERGED.intersection([name for name, _ in result])
     result += [header for header in SECURITY_HEADERS if header[0] not in present]
     if no_store:
         result = [header for header in result if header[0] != _CACHE_CONTROL]
@@ -236,8 +250,8 @@ class HostPolicy:
         self.allowed = [host.lower() for host in allowed_hosts]
         self.allow_any = "*" in self.allowed
 
-    def allows(self, scope: Scope) -> bool:
-        hosts = [value for name, value in scope["headers"] if name == b"host"]
+    def allows(self, hosts: list[bytes]) -> bool:
+        """``hosts``: the request's Host headers."""
         if len(hosts) > 1:  # RFC 9112 section 3.2: a 400, whichever host is allowed
             return False
         if self.allow_any:

@@ -9,7 +9,7 @@ series; paths that match no route share the label ``UNMATCHED`` (see routes.py).
 
 import threading
 from bisect import bisect_left
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,26 +25,9 @@ SERIES_CACHE_SIZE = 4096
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OTHER_METHOD = "OTHER"
 
-# (value object, amount) pairs: one request's updates, applied together.
-Updates = Iterable[tuple[Any, float]]
-
 # Serialises the in-process updates below; one acquisition per request instead of one
 # per value.
 _LOCK = threading.Lock()
-
-
-def _add_in_process(updates: Updates) -> None:
-    # The values' own locks are bypassed: these series are written only here, under
-    # _LOCK, and a scrape reading a float mid-request is what a lock would give too.
-    with _LOCK:
-        for value, amount in updates:
-            value._value += amount
-
-
-def _add_to_files(updates: Updates) -> None:
-    # In multiprocess mode each value writes its mmapped file; only inc() knows how.
-    for value, amount in updates:
-        value.inc(amount)
 
 
 class RouteSeries:
@@ -61,25 +44,24 @@ class RouteSeries:
 
     def __init__(self, method: str, route: str) -> None:
         self.method, self.route = method, route
-        self._add = _add_to_files if metrics.multiprocess_enabled() else _add_in_process
-        self._in_progress = metrics.HTTP_IN_PROGRESS.labels(method, route)._value
-        self._started = ((self._in_progress, 1),)
+        self._files = metrics.multiprocess_enabled()
+        self.in_progress = metrics.HTTP_IN_PROGRESS.labels(method, route)._value
         self.duration = metrics.HTTP_DURATION.labels(method, route)
-        self._duration_sum = self.duration._sum
+        self.duration_sum = self.duration._sum
         self._buckets = list(self.duration._buckets)
         self._bounds = list(self.duration._upper_bounds)
         request_size = metrics.HTTP_REQUEST_SIZE.labels(method, route)
         response_size = metrics.HTTP_RESPONSE_SIZE.labels(method, route)
-        self._sizes = (
-            request_size._count,
-            request_size._sum,
-            response_size._count,
-            response_size._sum,
-        )
+        self.request_count, self.request_sum = request_size._count, request_size._sum
+        self.response_count, self.response_sum = response_size._count, response_size._sum
         self._requests: dict[int, Any] = {}
 
     def start(self) -> None:
-        self._add(self._started)
+        if self._files:
+            self.in_progress.inc(1)
+            return
+        with _LOCK:
+            self.in_progress._value += 1
 
     def finish(
         self,
@@ -93,26 +75,62 @@ class RouteSeries:
         if requests is None:
             counter = metrics.HTTP_REQUESTS.labels(self.method, self.route, str(status))
             requests = self._requests[status] = counter._value
-        request_count, request_sum, response_count, response_sum = self._sizes
-        updates = [
-            (self._in_progress, -1),
-            (requests, 1),
-            (request_count, 1),
-            (request_sum, request_bytes),
-            (response_count, 1),
-            (response_sum, response_bytes),
-        ]
+        bucket = None
         if trace_id:
-            # Exemplars are single-process only: this takes _LOCK like _add_in_process.
+            # Exemplars are single-process only: this takes _LOCK like _record_in_process.
             with _LOCK:
                 self.duration.observe(seconds, {"trace_id": trace_id})
         else:
             # The first bucket whose bound is >= the value, as Histogram.observe picks it.
-            updates += (
-                (self._duration_sum, seconds),
-                (self._buckets[bisect_left(self._bounds, seconds)], 1),
-            )
-        self._add(updates)
+            bucket = self._buckets[bisect_left(self._bounds, seconds)]
+        record = _record_to_files if self._files else _record_in_process
+        record(self, requests, bucket, seconds, request_bytes, response_bytes)
+
+
+# One request's updates, applied together: to plain floats under _LOCK in one process; in
+# multiprocess mode each value writes its mmapped file, which only inc() knows how to do.
+# ``bucket`` is None when observe() has recorded the duration already (an exemplar).
+
+
+def _record_in_process(
+    series: RouteSeries,
+    requests: Any,
+    bucket: Any,
+    seconds: float,
+    request_bytes: int,
+    response_bytes: int,
+) -> None:
+    # The values' own locks are bypassed: these series are written only here, under
+    # _LOCK, and a scrape reading a float mid-request is what a lock would give too.
+    with _LOCK:
+        series.in_progress._value -= 1
+        requests._value += 1
+        series.request_count._value += 1
+        series.request_sum._value += request_bytes
+        series.response_count._value += 1
+        series.response_sum._value += response_bytes
+        if bucket is not None:
+            series.duration_sum._value += seconds
+            bucket._value += 1
+
+
+def _record_to_files(
+    series: RouteSeries,
+    requests: Any,
+    bucket: Any,
+    seconds: float,
+    request_bytes: int,
+    response_bytes: int,
+) -> None:
+    series.in_progress.inc(-1)
+    requests.inc(1)
+    series.request_count.inc(1)
+    series.request_sum.inc(request_bytes)
+    series.response_count.inc(1)
+    series.response_sum.inc(response_bytes)
+    if bucket is not None:
+        series.duration_sum.inc(seconds)
+        bucket.inc(1)
 
 
 class SeriesLookup:
