@@ -1,38 +1,49 @@
-"""Locust scenario for the API: a registered user reading and writing through the edge.
+"""Locust scenarios for the service's hot paths, through the edge.
 
-Each simulated user registers once, logs in, and then mostly reads items (the cached-read
-hot path), sometimes creates one and sometimes uploads a small PNG. Run it with the
-compose ``loadtest`` profile, or locally with ``locust -f loadtests/locustfile.py
---host http://127.0.0.1:8080``.
+Every simulated user registers once and logs in (authentication). Three in four are
+``ApiUser``s: they mostly read items (the cached reads), sometimes create one and
+sometimes upload a small PNG. One in four is a ``ChatUser``: it sends chat messages over a
+websocket and times each until it comes back through the broker. Run it with the compose
+``loadtest`` profile, or locally with ``locust -f loadtests/locustfile.py --host
+http://127.0.0.1:8080``; the chat needs the ``websockets`` package (the compose image is
+built with it, loadtests/Dockerfile).
 
 The service's own limits apply to load tests too: registration and login are limited per
 client address (5 and 10 per minute by default), so raise ``APP_RATE_LIMIT_REGISTER``,
-``APP_RATE_LIMIT_LOGIN`` and ``APP_RATE_LIMIT_DEFAULT`` for a test with many users.
+``APP_RATE_LIMIT_LOGIN``, ``APP_RATE_LIMIT_DEFAULT`` and ``APP_RATE_LIMIT_CHAT_MESSAGES``
+for a test with many users.
 
 Options of this scenario (command line, or the ``LOCUST_*`` variable named in ``--help``):
 ``--think-min`` / ``--think-max``, the seconds a user waits between two tasks; and the
 thresholds a headless run is judged by — it exits with status 1 when more than
-``--max-fail-ratio`` of the requests failed, or when the 95th percentile latency of the
+``--max-fail-ratio`` of the requests failed, or when the 95th percentile latency of a
 request other than authentication passed ``--max-p95-ms`` (0: no latency threshold).
 Authentication is left out of the latency threshold: it hashes a password on purpose
 slowly (argon2id) and is rate limited, so it has no place in the latency objective.
 """
 
+import json
 import logging
 import random
 import struct
+import time
 import uuid
 import zlib
 from typing import Any
+from urllib.parse import urlsplit
 
 from locust import HttpUser, events, task
 from locust.env import Environment
 from locust.exception import StopUser
 from locust.runners import WorkerRunner
+from websockets.sync.client import ClientConnection, connect
 
 API = "/api/v1"
 AUTH = f"{API}/auth/"
 PASSWORD = "load-test-password"  # noqa: S105 - throwaway accounts made by the test itself
+CHAT_ROUTE = f"{API}/ws/chat/{{room}}"
+CHAT_ROOMS = 4
+CHAT_TIMEOUT = 10.0  # seconds
 # The service's latency objective (the histogram buckets in app/observability/metrics.py
 # are chosen around it).
 LATENCY_OBJECTIVE_MS = 250.0
@@ -117,14 +128,17 @@ def _png(width: int = 8, height: int = 8) -> bytes:
 PNG = _png()
 
 
-class ApiUser(HttpUser):
+class SignedUpUser(HttpUser):
+    """A user with an account of its own: registers once, then logs in."""
+
+    abstract = True
+
     def wait_time(self) -> float:
         options = self.environment.parsed_options
         return random.uniform(options.think_min, options.think_max)  # noqa: S311
 
     def on_start(self) -> None:
         self.username = f"load-{uuid.uuid4().hex[:16]}"
-        self.item_ids: list[int] = []
         with self.client.post(
             f"{API}/auth/register",
             json={
@@ -148,13 +162,23 @@ class ApiUser(HttpUser):
             if response.status_code != 200:
                 response.failure(f"login: {response.status_code}")
                 raise StopUser()
-            token = response.json()["access_token"]
-        self.client.headers["Authorization"] = f"Bearer {token}"
+            self.token = response.json()["access_token"]
+        self.client.headers["Authorization"] = f"Bearer {self.token}"
 
     def relogin_if_expired(self, status: int) -> None:
         # Access tokens live 15 minutes by default; a long test outlives them.
         if status == 401:
             self.login()
+
+
+class ApiUser(SignedUpUser):
+    """Reads items (the cached reads), sometimes writes one, now and then uploads."""
+
+    weight = 3
+
+    def on_start(self) -> None:
+        self.item_ids: list[int] = []
+        super().on_start()
 
     @task(10)
     def list_items(self) -> None:
@@ -199,3 +223,69 @@ class ApiUser(HttpUser):
             data={"description": "load test upload"},
         )
         self.relogin_if_expired(response.status_code)
+
+
+class ChatUser(SignedUpUser):
+    """Chats in one of a few rooms over a websocket: each task sends a message and waits
+    for it to come back through the broker (Redis pub/sub across replicas), and reports
+    that round trip to Locust as a ``WS`` request. A socket that failed is opened again,
+    with a new token, by the next task."""
+
+    weight = 1
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.room = f"load-{random.randrange(CHAT_ROOMS)}"  # noqa: S311
+        self.socket: ClientConnection | None = None
+        self.sockets_opened = 0
+
+    def on_stop(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+
+    @task
+    def chat(self) -> None:
+        started = time.perf_counter()
+        content = uuid.uuid4().hex
+        received = 0
+        error: Exception | None = None
+        try:
+            socket = self.socket or self._connect()
+            socket.send(json.dumps({"type": "message", "content": content}))
+            while True:  # others' messages, joins and leaves come too
+                frame = socket.recv(timeout=CHAT_TIMEOUT)
+                received += len(frame)
+                event = json.loads(frame)
+                if event["type"] == "error":
+                    raise RuntimeError(f"the service refused the message: {event['detail']}")
+                if event["type"] == "message" and event["content"] == content:
+                    break
+        except StopUser:
+            raise
+        except Exception as exc:  # reported to Locust as this request's failure
+            error = exc
+            if self.socket is not None:
+                self.socket.close()
+            self.socket = None
+        self.environment.events.request.fire(
+            request_type="WS",
+            name=CHAT_ROUTE,
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=received,
+            exception=error,
+            context={},
+        )
+
+    def _connect(self) -> ClientConnection:
+        if self.sockets_opened:
+            self.login()  # the last socket may have closed because its token expired
+        url = urlsplit(self.host)
+        scheme = "wss" if url.scheme == "https" else "ws"
+        self.socket = connect(
+            f"{scheme}://{url.netloc}{API}/ws/chat/{self.room}",
+            additional_headers={"Authorization": f"Bearer {self.token}"},
+            open_timeout=CHAT_TIMEOUT,
+            proxy=None,
+        )
+        self.sockets_opened += 1
+        return self.socket

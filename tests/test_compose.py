@@ -597,12 +597,22 @@ def test_locustfile_compiles_and_requests_only_real_endpoints(tmp_path: Path) ->
 def test_locust_services_run_the_shipped_locustfile(services: dict[str, dict[str, Any]]) -> None:
     for name in ("locust-master", "locust-worker"):
         service = services[name]
-        # The version tests/test_loadtests.py runs the file with (the dev dependencies).
-        assert service["image"] == f"locustio/locust:{metadata.version('locust')}"
+        assert service["build"] == "./loadtests"
+        assert service["image"] == f"fastapi-ops-locust:{metadata.version('locust')}"
         assert dict(bind_mounts(service)) == {"loadtests": "/mnt/locust"}
         assert service["command"][:2] == ["-f", "/mnt/locust/locustfile.py"]
     assert "--master" in services["locust-master"]["command"]
     assert services["locust-worker"]["command"][-2:] == ["--master-host", "locust-master"]
+
+
+def test_the_locust_image_has_the_versions_the_tests_run() -> None:
+    """tests/test_loadtests.py runs the scenario with the dev dependencies: the image the
+    compose profile builds must hold the same Locust and websockets."""
+    dockerfile = (ROOT / "loadtests" / "Dockerfile").read_text()
+    assert re.search(r"^FROM locustio/locust:(\S+)$", dockerfile, re.M)[1] == metadata.version(
+        "locust"
+    )
+    assert re.findall(r'"websockets==([^"]+)"', dockerfile) == [metadata.version("websockets")]
 
 
 # --- nginx, as the compose file configures it ----------------------------------------------

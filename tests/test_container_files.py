@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from deploy.stack.process import free_port, require_binary
 from tests.app_server import app_server
 
@@ -22,9 +24,10 @@ def run(*command: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def test_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "loadtests/Dockerfile"])
+def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
     hadolint = require_binary("hadolint", why="Dockerfile lint", extra_dirs=[VENV_BIN])
-    result = run(hadolint, "--failure-threshold", "warning", "Dockerfile")
+    result = run(hadolint, "--failure-threshold", "warning", dockerfile)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
