@@ -18,8 +18,8 @@ from app import migrate
 from app.auth import service as auth_service
 from app.db import create_engine, create_sessionmaker
 from app.errors import Conflict
-from app.realtime.schemas import SERVER_MAX_FRAME_BYTES
 from app.security import PasswordHasher
+from app.server import SERVER_OPTIONS
 from app.settings import Settings
 from app.users.models import Role
 from app.users.schemas import UserCreate
@@ -68,7 +68,7 @@ def run_server(settings: Settings, host: str, port: int) -> None:
         port=port,
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
-        ws_max_size=SERVER_MAX_FRAME_BYTES,
+        **SERVER_OPTIONS,
         # create_app configures logging (structlog) and writes the access line itself.
         log_config=None,
         access_log=False,

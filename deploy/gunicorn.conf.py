@@ -34,7 +34,7 @@ from uvicorn_worker import UvicornWorker
 
 from app.observability import WORKER_ID_ENV
 from app.observability.logging import dict_config
-from app.realtime.schemas import SERVER_MAX_FRAME_BYTES
+from app.server import SERVER_OPTIONS
 from app.settings import Settings
 
 _settings = Settings()
@@ -43,10 +43,7 @@ _settings = Settings()
 class ServiceWorker(UvicornWorker):
     """uvicorn's gunicorn worker, with the server options ``python -m app serve`` sets too."""
 
-    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
-        **UvicornWorker.CONFIG_KWARGS,
-        "ws_max_size": SERVER_MAX_FRAME_BYTES,
-    }
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {**UvicornWorker.CONFIG_KWARGS, **SERVER_OPTIONS}
 
 
 wsgi_app = "app.main:create_app()"

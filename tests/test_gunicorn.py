@@ -219,6 +219,8 @@ def test_workers_cap_websocket_frames(gunicorn: Gunicorn) -> None:
             anonymous.recv(timeout=10)
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1009
+    # ... and send no Server header, which would name the software to every client.
+    assert "server" not in httpx2.get(f"{gunicorn.base_url}/health/live").headers
 
 
 def test_logs_are_json_with_request_ids_and_no_secrets(gunicorn: Gunicorn) -> None:

@@ -153,6 +153,7 @@ def test_serve_runs_the_embedded_default_from_any_directory(tmp_path: Path) -> N
     with app_server(tmp_path, env, tmp_path / "serve.log") as (base, server):
         ready = httpx2.get(f"{base}/health/ready")
         assert ready.json()["checks"]["database"] == "ok"
+        assert "server" not in ready.headers  # it would name the software to every client
         assert httpx2.get(f"{base}/docs").status_code == 200
         registered = httpx2.post(
             f"{base}/api/v1/auth/register",
