@@ -168,14 +168,17 @@ def build_app(config: str, data_dir: Path) -> FastAPI:
 
 def serve(config: str, port: int, data_dir: Path) -> None:
     import uvicorn
+    from app.server import SERVER_OPTIONS
 
-    # As `python -m app serve` does: the app logs (and writes access lines) itself.
+    # As `python -m app serve` does: the app logs (and writes access lines) itself, and
+    # the server runs with the service's options (one response header fewer for all).
     uvicorn.run(
         build_app(config, data_dir),
         host="127.0.0.1",
         port=port,
         log_config=None,
         access_log=False,
+        **SERVER_OPTIONS,
     )
 
 

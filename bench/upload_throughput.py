@@ -170,6 +170,7 @@ def build_bare_app(directory: Path) -> Starlette:
 
 def serve_bare(port: int, directory: Path) -> None:
     import uvicorn
+    from app.server import SERVER_OPTIONS
 
     # The settings `python -m app serve` passes (app/cli.py), minus the factory.
     uvicorn.run(
@@ -179,6 +180,7 @@ def serve_bare(port: int, directory: Path) -> None:
         proxy_headers=True,
         log_config=None,
         access_log=False,
+        **SERVER_OPTIONS,
     )
 
 
