@@ -27,6 +27,8 @@ from tests.stack import ROOT, RunningStack, start_stack
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 LOCUST = Path(sys.executable).with_name("locust")
 USERS = 4
+# How many more requests than Locust reports the service may count (see the test).
+UNREPORTED = range(USERS + 1)
 CHAT = ("WS", "/api/v1/ws/chat/{room}")
 # (method, name) of every request the scenario makes: authentication, the cached reads,
 # the writes, the upload and the chat's round trips.
@@ -93,24 +95,26 @@ def test_every_hot_path_is_exercised_without_a_failure(stack: RunningStack) -> N
     for request, entry in stats.items():
         assert entry["num_requests"] > 0, request
         assert entry["num_failures"] == 0, (request, run.stderr[-3000:])
-    # Every user signed up and logged in once, and the service saw every upload succeed.
+    # Every user signed up and logged in once, and the service counted what Locust
+    # reported. It may count one request more per user: Locust 2.32 stops a user that is
+    # between two tasks by killing it, and when the kill lands just as the next task has
+    # begun, that task's request reaches the service but is never reported. (It hit the
+    # chat's last message in every run, as Locust's debug log showed the send and then
+    # the kill; the HTTP counts have matched exactly so far.)
     assert stats["POST", "/api/v1/auth/register"]["num_requests"] == USERS
     assert stats["POST", "/api/v1/auth/token"]["num_requests"] == USERS
     scraped = scrape(stack)
     uploads = prom.value(
         scraped, "http_requests_total", method="POST", route="/api/v1/files", status="201"
     )
-    assert uploads == stats["POST", "/api/v1/files"]["num_requests"]
+    assert uploads - stats["POST", "/api/v1/files"]["num_requests"] in UNREPORTED
     assert prom.value(scraped, "uploads_total", outcome="ok") == uploads
-    # ... and every chat message: counted when its socket closes, as the users stop. The
-    # run's end can stop a chat user between sending its last message and reading it back
-    # (seen with Locust 2.32; never with the HTTP tasks, which match exactly): the service
-    # then counts that one message, which Locust does not report.
+    # Chat messages are counted when their socket closes, as the users stop.
     chats = stats[CHAT]["num_requests"]
     wait_for(
-        lambda: chat_messages(scrape(stack)) - chats in (0, 1),
+        lambda: chat_messages(scrape(stack)) - chats in UNREPORTED,
         timeout=30,
-        what=f"{chats} chat messages (or one more) in the service's websocket metrics",
+        what=f"{chats} chat messages (or a few more) in the service's websocket metrics",
     )
 
 
