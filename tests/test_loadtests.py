@@ -73,8 +73,8 @@ def locust(stack: RunningStack, seconds: int, *options: str) -> subprocess.Compl
         "--headless", "--json",
         "--users", str(USERS), "--spawn-rate", str(USERS),
         "--run-time", f"{seconds}s",
-        # Users finish the request in flight when the time is up, so that the server
-        # has counted exactly the requests Locust reports.
+        # A user in the middle of a task finishes it when the time is up (one between
+        # tasks is killed: see UNREPORTED).
         "--stop-timeout", "30",
         "--host", stack.edge,
         *options,

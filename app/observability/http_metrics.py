@@ -45,6 +45,7 @@ class RouteSeries:
     def __init__(self, method: str, route: str) -> None:
         self.method, self.route = method, route
         self._files = metrics.multiprocess_enabled()
+        self._record = _record_to_files if self._files else _record_in_process
         self.in_progress = metrics.HTTP_IN_PROGRESS.labels(method, route)._value
         self.duration = metrics.HTTP_DURATION.labels(method, route)
         self.duration_sum = self.duration._sum
@@ -83,8 +84,7 @@ class RouteSeries:
         else:
             # The first bucket whose bound is >= the value, as Histogram.observe picks it.
             bucket = self._buckets[bisect_left(self._bounds, seconds)]
-        record = _record_to_files if self._files else _record_in_process
-        record(self, requests, bucket, seconds, request_bytes, response_bytes)
+        self._record(self, requests, bucket, seconds, request_bytes, response_bytes)
 
 
 # One request's updates, applied together: to plain floats under _LOCK in one process; in
