@@ -59,6 +59,15 @@ class PayloadTooLarge(AppError):
     default_headers: ClassVar[Mapping[str, str]] = {"Connection": "close"}
 
 
+class InsufficientStorage(AppError):
+    """507 (RFC 4918 section 11.5): the server has no room for an upload now; the client
+    did nothing wrong and may retry later."""
+
+    status_code = HTTPStatus.INSUFFICIENT_STORAGE
+    # As for a 413: the rest of the body may be unread.
+    default_headers: ClassVar[Mapping[str, str]] = {"Connection": "close"}
+
+
 class UnsupportedMediaType(AppError):
     status_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 

@@ -4,7 +4,7 @@ need what only a real server shows: its working directory, its memory, its logs.
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,11 +15,16 @@ from deploy.stack.process import free_port, wait_for
 
 @contextmanager
 def app_server(
-    cwd: Path, env: dict[str, str], log: Path
+    cwd: Path, env: dict[str, str], log: Path, wrapper: Sequence[str] = ()
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Serve on a free port until the block ends; yields the base URL and the process."""
+    """Serve on a free port until the block ends; yields the base URL and the process.
+    ``wrapper``: a command the server runs under, which must exec it (so the process is
+    the server's)."""
     port = free_port()
-    command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        *wrapper,
+        *(sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)),
+    ]
     with log.open("wb") as output:
         server = subprocess.Popen(
             command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT

@@ -10,6 +10,7 @@ own staged blob; each file is accepted or refused on its own.
 import contextlib
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -18,15 +19,24 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import ClientDisconnect
 
-from app.backends.storage import StagedBlob, Storage, new_key
-from app.errors import AppError, NotFound, PayloadTooLarge, UnprocessableContent
+from app.backends.storage import StagedBlob, Storage, StorageFull, new_key
+from app.errors import (
+    AppError,
+    InsufficientStorage,
+    NotFound,
+    PayloadTooLarge,
+    UnprocessableContent,
+)
 from app.files import images, multipart, rules
 from app.files.models import StoredFile
 from app.files.schemas import MAX_DESCRIPTION_CHARS, FileRead
+from app.observability.logging import get_logger
 from app.observability.metrics import THUMBNAIL_DURATION, UPLOAD_BYTES, UPLOADS
 from app.pagination import Page, PageParams, fetch_page
 from app.settings import Settings
 from app.users.models import Permission, User
+
+logger = get_logger(__name__)
 
 # Room for the multipart framing and the description around the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -83,7 +93,7 @@ async def upload(
     body: multipart.FormBody,
 ) -> StoredFile:
     try:
-        async with contextlib.AsyncExitStack() as stages:
+        async with _full_storage_refused(), contextlib.AsyncExitStack() as stages:
             files, description = await _receive(stages, storage, body, settings, max_files=1)
             if not files:
                 raise UnprocessableContent("The form has no 'file' part.")
@@ -102,10 +112,11 @@ async def upload_batch(
     owner: User,
     body: multipart.FormBody,
 ) -> list[BatchResult]:
-    """Each file succeeds or fails on its own; a malformed or oversized form fails whole."""
+    """Each file succeeds or fails on its own; a malformed or oversized form, or a full
+    storage, fails whole."""
     results: list[BatchResult] = []
     try:
-        async with contextlib.AsyncExitStack() as stages:
+        async with _full_storage_refused(), contextlib.AsyncExitStack() as stages:
             files, description = await _receive(
                 stages, storage, body, settings, max_files=settings.max_batch_files
             )
@@ -129,6 +140,20 @@ async def upload_batch(
         raise
     await _save(session, storage, [r.record for r in results if r.record is not None])
     return results
+
+
+@contextlib.asynccontextmanager
+async def _full_storage_refused() -> AsyncIterator[None]:
+    """A full storage is the server's condition, not the client's doing: a 507 for the
+    client, and a warning for the operator (the access line only shows the status). The
+    staged blobs are gone by then (their stages close inside this)."""
+    try:
+        yield
+    except StorageFull as exc:
+        logger.warning("upload refused: the storage is full", error=str(exc))
+        raise InsufficientStorage(
+            "The server has no room for this upload now; try again later."
+        ) from exc
 
 
 async def _save(session: AsyncSession, storage: Storage, records: list[StoredFile]) -> None:
@@ -304,6 +329,8 @@ def _outcome(exc: AppError | ClientDisconnect) -> str:
         return "aborted"
     if isinstance(exc, PayloadTooLarge):
         return "too_large"
+    if isinstance(exc, InsufficientStorage):
+        return "no_space"
     if exc.status_code == 415:
         return "bad_type"
     if isinstance(exc.__cause__, images.ImageRejected):

@@ -89,7 +89,7 @@ RATE_LIMIT_REJECTIONS = Counter(
 UPLOAD_BYTES = Counter("upload_bytes_total", "Bytes of accepted uploads.")
 UPLOADS = Counter(
     "uploads_total",
-    "Uploaded files by outcome: ok, too_large, bad_type, bomb, invalid, aborted.",
+    "Uploaded files by outcome: ok, too_large, bad_type, bomb, invalid, aborted, no_space.",
     ["outcome"],
 )
 THUMBNAIL_DURATION = Histogram(
@@ -106,5 +106,5 @@ for _outcome in ("success", "invalid_credentials"):
     LOGINS.labels(_outcome)
 for _outcome in ("success", "invalid", "reuse_detected"):
     TOKEN_REFRESHES.labels(_outcome)
-for _outcome in ("ok", "too_large", "bad_type", "bomb", "invalid", "aborted"):
+for _outcome in ("ok", "too_large", "bad_type", "bomb", "invalid", "aborted", "no_space"):
     UPLOADS.labels(_outcome)

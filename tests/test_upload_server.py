@@ -1,5 +1,9 @@
-"""Uploads are streamed: a 200 MB upload raises the server's peak memory (VmHWM) by a few
-megabytes, not by the file's size. A memory bound, measured on a real server process."""
+"""Uploads on a real server process: what only it shows.
+
+- Uploads are streamed: a 200 MB upload raises the server's peak memory (VmHWM) by a few
+  megabytes, not by the file's size (a memory bound, not a timing).
+- A client gone mid-upload, or a full upload volume, leaves no file and no row behind.
+"""
 
 import contextlib
 import hashlib
@@ -12,8 +16,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx2
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import migrate
+from deploy.stack.process import MissingBinary, require_binary
 from tests.api import PASSWORD
 from tests.app_server import app_server
 
@@ -53,11 +59,37 @@ def multipart_body(size: int) -> Iterator[bytes]:
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
+def on_a_volume_of_its_own(size: int, uploads: Path) -> list[str]:
+    """A wrapper running the server in a private mount namespace where ``uploads`` is a
+    tmpfs of ``size`` bytes: a disk that really fills (ENOSPC), without root and without
+    touching the machine's mounts."""
+    unshare = require_binary("unshare", why="a private mount namespace (util-linux)")
+    return [
+        *(unshare, "--user", "--map-root-user", "--mount", "--"),
+        *("sh", "-c", 'mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && exec "$@"'),
+        *("sh", str(size), str(uploads)),
+    ]
+
+
+def as_the_server_sees_it(server: subprocess.Popen[bytes], path: Path) -> Path:
+    """``path`` in the server's mount namespace."""
+    return Path(f"/proc/{server.pid}/root") / path.relative_to("/")
+
+
 @contextlib.contextmanager
 def upload_server(
-    tmp_path: Path, max_upload_bytes: int
+    tmp_path: Path, max_upload_bytes: int, upload_volume_bytes: int | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes], str]]:
-    """A real server on a migrated SQLite database, and a user's bearer token."""
+    """A real server on a migrated SQLite database, and a user's bearer token.
+    ``upload_volume_bytes``: the size of a volume of its own for the uploads."""
+    wrapper: list[str] = []
+    if upload_volume_bytes is not None:
+        uploads = tmp_path / "data" / "uploads"
+        uploads.mkdir(parents=True)
+        wrapper = on_a_volume_of_its_own(upload_volume_bytes, uploads)
+        probe = subprocess.run([*wrapper, "true"], capture_output=True, text=True, check=False)
+        if probe.returncode != 0:
+            raise MissingBinary(f"no tmpfs in a private mount namespace here: {probe.stderr}")
     database = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
     migrate.upgrade(database)
     env = {k: v for k, v in os.environ.items() if not k.startswith("APP_")} | {
@@ -67,7 +99,7 @@ def upload_server(
         "APP_MAX_UPLOAD_BYTES": str(max_upload_bytes),
         "APP_LOG_LEVEL": "WARNING",
     }
-    with app_server(tmp_path, env, tmp_path / "server.log") as (base, server):
+    with app_server(tmp_path, env, tmp_path / "server.log", wrapper) as (base, server):
         body = {"email": "up@example.com", "username": "uploader", "password": PASSWORD}
         assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
         token = httpx2.post(
@@ -134,3 +166,60 @@ def test_a_client_gone_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:
             f"{base}/api/v1/files", headers={"Authorization": f"Bearer {token}"}
         ).json()
         assert listing["total"] == 0
+
+
+def text_upload(base: str, token: str, size: int, name: str = "x.txt") -> httpx2.Response:
+    return httpx2.post(
+        f"{base}/api/v1/files",
+        files={"file": (name, b"a" * size, "text/plain")},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
+
+
+def test_a_full_upload_volume_is_a_507_and_leaves_the_volume_as_it_was(tmp_path: Path) -> None:
+    """A disk that fills is the server's condition: 507 problem+json, the staged file
+    gone, no row, a warning for the operator, ``uploads_total{outcome="no_space"}``; and
+    the service takes uploads again once there is room, without a restart."""
+    with upload_server(tmp_path, 4 * MIB, upload_volume_bytes=MIB) as (base, server, token):
+        auth = {"Authorization": f"Bearer {token}"}
+        volume = as_the_server_sees_it(server, tmp_path / "data" / "uploads")
+        filling = text_upload(base, token, MIB, "filling.txt")  # every block of the volume
+        assert filling.status_code == 201, filling.text
+        blobs = sorted(volume.iterdir())
+        assert len(blobs) == 1
+
+        refused = [
+            text_upload(base, token, 100),  # buffered: its one write fails in a flush
+            text_upload(base, token, 3 * MIB),  # fails mid-way, writes in flight
+            httpx2.post(  # a batch fails whole
+                f"{base}/api/v1/files/batch",
+                files=[("file", ("a.txt", b"a" * 10, "text/plain"))] * 2,
+                headers=auth,
+                timeout=60,
+            ),
+        ]
+        for response in refused:
+            assert response.status_code == 507, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.headers["connection"] == "close"
+            assert response.json()["detail"].startswith("The server has no room")
+        assert sorted(volume.iterdir()) == blobs  # no staged file left over
+        assert httpx2.get(f"{base}/api/v1/files", headers=auth).json()["total"] == 1
+        metrics = httpx2.get(f"{base}/metrics").text
+        samples = {
+            sample.labels["outcome"]: sample.value
+            for family in text_string_to_metric_families(metrics)
+            if family.name == "uploads"
+            for sample in family.samples
+            if sample.name == "uploads_total"
+        }
+        assert samples["no_space"] == len(refused)
+        assert samples["ok"] == 1
+
+        deleted = httpx2.delete(f"{base}/api/v1/files/{filling.json()['id']}", headers=auth)
+        assert deleted.status_code == 204
+        again = text_upload(base, token, 100)
+        assert again.status_code == 201, again.text
+    warnings = (tmp_path / "server.log").read_text().count("upload refused: the storage is full")
+    assert warnings == len(refused)
