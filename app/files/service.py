@@ -194,7 +194,6 @@ async def _store(
         original_name=incoming.filename,
         content_type=detected,
         size=incoming.size,
-        sha256=await incoming.blob.sha256_hex(),
         has_thumbnail=False,
         description=description,
         storage_key=key,
@@ -214,6 +213,9 @@ async def _store(
         if key not in committed:
             await incoming.blob.commit(key)
             committed.append(key)
+            # Asked after the commit, whose thread hop wrote (and hashed) the last bytes:
+            # asked before, it would cost a hop of its own.
+            record.sha256 = await incoming.blob.sha256_hex()
     except BaseException:
         # Cancellation included (a client gone mid-request): the blobs must still go.
         with anyio.CancelScope(shield=True):
