@@ -7,6 +7,7 @@ keeps the others, so running one script never loses the others' latest results.
 import http.client
 import os
 import platform
+import random
 import re
 import shlex
 import shutil
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +35,8 @@ PACKAGES = (
     "structlog",
     "prometheus-fastapi-instrumentator",
 )
+BOOTSTRAP_LEVEL = 0.9
+BOOTSTRAP_RESAMPLES = 2000
 HEADER = """# Benchmark results
 
 Written by the scripts in this directory (see README.md); each run replaces its own
@@ -97,7 +100,7 @@ def machine(extra: dict[str, str] | None = None) -> str:
                 cpu_model = line.split(":", 1)[1].strip()
                 break
     nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    versions = ", ".join(f"{name} {_version(name)}" for name in PACKAGES)
+    versions = ", ".join(f"{name} {package_version(name)}" for name in PACKAGES)
     lines = {
         "nproc": f"{nproc} ({cpu_model})",
         "kernel": platform.release(),
@@ -123,11 +126,56 @@ def code_version() -> str:
     return f"commit {commit} + uncommitted changes to {len(changed)} paths in the service"
 
 
-def _version(name: str) -> str:
+def package_version(name: str) -> str:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+# One round: a value per configuration, measured back to back.
+Round = Sequence[float]
+
+
+def round_interval(
+    rounds: Sequence[Round],
+    statistic: Callable[[Sequence[Round]], float | None],
+    level: float = BOOTSTRAP_LEVEL,
+) -> tuple[float, float] | None:
+    """How far ``statistic`` of these rounds could be moved by the machine's noise: its
+    ``level`` percentile interval over resamples (with replacement) of whole rounds.
+    Whole rounds, because the configurations of one round ran back to back on the machine
+    as it then was. Seeded, so the same data gives the same interval. None if the
+    statistic has no value for some resample (a baseline within noise of zero)."""
+    rng = random.Random(0)  # noqa: S311 - resampling, not secrets
+    values = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        value = statistic([rounds[rng.randrange(len(rounds))] for _ in rounds])
+        if value is None:
+            return None
+        values.append(value)
+    values.sort()
+    tail = int((1 - level) / 2 * len(values))
+    return values[tail], values[-1 - tail]
+
+
+def verdict(interval: tuple[float, float] | None, target: float, *, at_least: bool) -> str:
+    """ "met" only if the whole interval is on the target's side, "NOT met" if all of it is
+    on the other side; otherwise this run cannot tell."""
+    if interval is None:
+        return "not settled (no interval)"
+    low, high = interval
+    if (low >= target) if at_least else (high <= target):
+        return "met"
+    if (high < target) if at_least else (low > target):
+        return "NOT met"
+    return "not settled: the interval spans the target"
+
+
+def fmt_interval(interval: tuple[float, float] | None) -> str:
+    if interval is None:
+        return "no interval (a baseline within noise of zero)"
+    return f"{BOOTSTRAP_LEVEL:.0%} interval {interval[0]:.2f} to {interval[1]:.2f}"
 
 
 def write_section(name: str, body: str) -> None:
