@@ -177,6 +177,33 @@ def text_upload(base: str, token: str, size: int, name: str = "x.txt") -> httpx2
     )
 
 
+def text_batch(base: str, token: str, *sizes: int) -> httpx2.Response:
+    return httpx2.post(
+        f"{base}/api/v1/files/batch",
+        files=[("file", (f"{n}.txt", b"a" * size, "text/plain")) for n, size in enumerate(sizes)],
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
+
+
+def uploads_by_outcome(base: str) -> dict[str, float]:
+    families = text_string_to_metric_families(httpx2.get(f"{base}/metrics").text)
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in families
+        if family.name == "uploads"
+        for sample in family.samples
+        if sample.name == "uploads_total"
+    }
+
+
+def assert_refused_for_space(response: httpx2.Response) -> None:
+    assert response.status_code == 507, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["connection"] == "close"
+    assert response.json()["detail"].startswith("The server has no room")
+
+
 def test_a_full_upload_volume_is_a_507_and_leaves_the_volume_as_it_was(tmp_path: Path) -> None:
     """A disk that fills is the server's condition: 507 problem+json, the staged file
     gone, no row, a warning for the operator, ``uploads_total{outcome="no_space"}``; and
@@ -189,37 +216,29 @@ def test_a_full_upload_volume_is_a_507_and_leaves_the_volume_as_it_was(tmp_path:
         blobs = sorted(volume.iterdir())
         assert len(blobs) == 1
 
-        refused = [
+        on_a_full_volume = [
             text_upload(base, token, 100),  # buffered: its one write fails in a flush
-            text_upload(base, token, 3 * MIB),  # fails mid-way, writes in flight
-            httpx2.post(  # a batch fails whole
-                f"{base}/api/v1/files/batch",
-                files=[("file", ("a.txt", b"a" * 10, "text/plain"))] * 2,
-                headers=auth,
-                timeout=60,
-            ),
+            text_upload(base, token, 3 * MIB),  # fails mid-way, the rest still arriving
+            text_batch(base, token, 10, 10),
         ]
-        for response in refused:
-            assert response.status_code == 507, response.text
-            assert response.headers["content-type"] == "application/problem+json"
-            assert response.headers["connection"] == "close"
-            assert response.json()["detail"].startswith("The server has no room")
+        for response in on_a_full_volume:
+            assert_refused_for_space(response)
         assert sorted(volume.iterdir()) == blobs  # no staged file left over
         assert httpx2.get(f"{base}/api/v1/files", headers=auth).json()["total"] == 1
-        metrics = httpx2.get(f"{base}/metrics").text
-        samples = {
-            sample.labels["outcome"]: sample.value
-            for family in text_string_to_metric_families(metrics)
-            if family.name == "uploads"
-            for sample in family.samples
-            if sample.name == "uploads_total"
-        }
-        assert samples["no_space"] == len(refused)
-        assert samples["ok"] == 1
 
         deleted = httpx2.delete(f"{base}/api/v1/files/{filling.json()['id']}", headers=auth)
         assert deleted.status_code == 204
+        # The first file is stored, the second finds no room: the batch fails whole, and
+        # the first file's blob goes too.
+        too_much = text_batch(base, token, 600 * 1024, 600 * 1024)
+        assert_refused_for_space(too_much)
+        assert list(volume.iterdir()) == []
+        assert httpx2.get(f"{base}/api/v1/files", headers=auth).json()["total"] == 0
+
         again = text_upload(base, token, 100)
         assert again.status_code == 201, again.text
+        refused = len(on_a_full_volume) + 1
+        outcomes = uploads_by_outcome(base)
+        assert (outcomes["ok"], outcomes["no_space"]) == (2, refused)
     warnings = (tmp_path / "server.log").read_text().count("upload refused: the storage is full")
-    assert warnings == len(refused)
+    assert warnings == refused
