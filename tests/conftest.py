@@ -23,7 +23,7 @@ from deploy.stack.postgres import PostgresServer
 from deploy.stack.process import MissingBinary
 from tests.api import Api
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "tests.logs"]  # tests.logs: the log_lines fixture
 
 DATABASES = ["sqlite", "postgresql"]
 _database_names = itertools.count()

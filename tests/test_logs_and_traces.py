@@ -2,11 +2,9 @@
 
 import asyncio
 import io
-import json
 import logging
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,22 +26,7 @@ from app.observability.logging import (
 )
 from tests.api import PASSWORD, Api
 from tests.conftest import make_settings
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Everything logged (the service's lines and stdlib ones), as production renders it."""
-    yield io.StringIO()
-    configure_logging("INFO", "console")
-
-
-def attach(buffer: io.StringIO, level: str = "INFO") -> None:
-    # After create_app, which configures logging to standard output.
-    configure_logging(level, "json", stream=buffer)
-
-
-def records(buffer: io.StringIO) -> list[dict]:
-    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+from tests.logs import attach, records
 
 
 def test_access_lines_carry_request_context_and_trace_ids(
