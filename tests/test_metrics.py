@@ -1,6 +1,9 @@
 """The metrics middleware and /metrics in one process: route labels, statuses,
 exceptions, WebSockets, content negotiation, access restriction, domain counters."""
 
+import io
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from app.settings import Settings
 from deploy.stack.process import wait_for
 from tests.api import Api, assert_problem
 from tests.conftest import make_settings
+from tests.logs import attach, records
 from tests.prom import Samples, parse, series, value
 
 
@@ -269,6 +273,39 @@ def test_system_metrics_in_a_single_process(client: TestClient) -> None:
     assert value(samples, "app_host_memory_bytes", state="total") > 0
     assert value(samples, "app_host_disk_bytes", volume="data", state="total") > 0
     assert len(series(samples, "app_host_load_average")) == 3
+
+
+def test_a_failing_system_sample_is_counted_and_sampling_goes_on(
+    database_url: str, tmp_path: Path, log_lines: io.StringIO
+) -> None:
+    """The data volume vanishes (the disk sample fails): the failures are counted, logged
+    once, sampling resumes when the volume is back, and the app still shuts down cleanly
+    (a sampler that died of the error used to make the shutdown raise it)."""
+    data_dir = tmp_path / "data"
+    settings = make_settings(database_url, data_dir, system_metrics_interval_seconds=0.05)
+
+    def sampler_events() -> list[str]:
+        lines = records(log_lines)
+        return [r["event"] for r in lines if r.get("logger") == "app.observability.system"]
+
+    with TestClient(create_app(settings)) as client:
+        attach(log_lines)
+
+        def failures() -> float:
+            return value(scrape(client), "app_system_sample_failures_total", worker="0")
+
+        before = failures()  # the registry is the process's: other tests' samples count
+        shutil.rmtree(data_dir)
+        wait_for(lambda: failures() >= before + 3, timeout=10, what="three failed samples")
+        data_dir.mkdir()
+        wait_for(lambda: len(sampler_events()) == 2, timeout=10, what="sampling to recover")
+        settled = failures()
+        time.sleep(0.3)  # several intervals: sampling goes on, and does not fail again
+        assert failures() == settled
+    assert sampler_events() == [
+        "system metrics: sampling failed",
+        "system metrics: sampling recovered",
+    ]
 
 
 def test_request_series_update_like_the_public_methods() -> None:

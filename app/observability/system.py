@@ -12,6 +12,10 @@ a timer and writes plain metrics that the multiprocess files carry:
   per slot across restarts.
 - Host series are written by worker 0 only, gauges with ``mostrecent``, so they are not
   multiplied by the number of workers.
+
+A sample that fails (a volume gone, a /proc file missing in some sandbox) is counted in
+``app_system_sample_failures_total`` and sampling goes on: the error is logged when
+failures start and the recovery when they stop, not once per interval.
 """
 
 import asyncio
@@ -24,6 +28,9 @@ import psutil
 from prometheus_client import Counter, Gauge
 
 from app.observability import WORKER_ID_ENV
+from app.observability.logging import get_logger
+
+logger = get_logger(__name__)
 
 LAG_PROBE_SECONDS = 0.25
 
@@ -53,6 +60,11 @@ WORKER_LOOP_LAG = Gauge(
 )
 WORKER_CPU = Counter(
     "app_worker_cpu_seconds_total", "CPU time used by the worker slot.", ["worker"]
+)
+SAMPLE_FAILURES = Counter(
+    "app_system_sample_failures_total",
+    "System metrics samples that failed; the series they would have updated are stale.",
+    ["worker"],
 )
 HOST_CPU = Gauge(
     "app_host_cpu_utilisation_ratio",
@@ -114,6 +126,8 @@ class SystemSampler:
         self.device = _device_of(data_dir) if self.samples_host else None
         self.previous = _Previous()
         self.max_lag = 0.0
+        self.failing = False
+        SAMPLE_FAILURES.labels(self.worker)  # 0 until a sample fails, not a missing series
 
     async def run(self) -> None:
         """Sample now and then every interval, until cancelled."""
@@ -121,11 +135,24 @@ class SystemSampler:
         next_sample = loop.time()
         while True:
             if loop.time() >= next_sample:
-                await anyio.to_thread.run_sync(self.sample)
+                await self._sample_once()
                 next_sample = loop.time() + self.interval
             before = loop.time()
             await asyncio.sleep(LAG_PROBE_SECONDS)
             self.max_lag = max(self.max_lag, loop.time() - before - LAG_PROBE_SECONDS)
+
+    async def _sample_once(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.sample)
+        except Exception:
+            SAMPLE_FAILURES.labels(self.worker).inc()
+            if not self.failing:
+                logger.warning("system metrics: sampling failed", exc_info=True)
+            self.failing = True
+        else:
+            if self.failing:
+                logger.info("system metrics: sampling recovered")
+            self.failing = False
 
     def sample(self) -> None:
         worker = self.worker
