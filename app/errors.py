@@ -13,12 +13,16 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from python_multipart.multipart import parse_options_header
+from sqlalchemy import exc as sqlalchemy_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
+from app.observability.logging import get_logger
 from app.observability.routes import allowed_methods
+
+logger = get_logger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -182,6 +186,32 @@ async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
+# What a database outage looks like to a request: asyncpg's refused or reset connections
+# (they reach the request as they are), the pool's timeout waiting for a free connection,
+# and a statement whose connection died under it (a DBAPIError that invalidated it). Any
+# other database error is a bug or a schema problem: a 500, logged with its traceback.
+DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
+    ConnectionError,
+    sqlalchemy_errors.TimeoutError,
+    sqlalchemy_errors.DBAPIError,
+)
+RETRY_AFTER_SECONDS = 5
+
+
+async def _dependency_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After, not a 500: clients and proxies may retry, and an outage logs
+    one line per request instead of a traceback each (the error is in the line)."""
+    if isinstance(exc, sqlalchemy_errors.DBAPIError) and not exc.connection_invalidated:
+        raise exc  # on to the 500 handler, and the traceback to the server's log
+    logger.warning("dependency unavailable", error=f"{type(exc).__name__}: {exc}")
+    return problem_response(
+        request.scope,
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "A service this request needs is unavailable; try again shortly.",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request.scope, HTTPStatus.INTERNAL_SERVER_ERROR, "Internal error.")
 
@@ -192,6 +222,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     # An upload whose client goes away mid-body (request.stream() raises this).
     app.add_exception_handler(ClientDisconnect, _client_gone)  # type: ignore[arg-type]
+    for error in DEPENDENCY_ERRORS:
+        app.add_exception_handler(error, _dependency_unavailable)
     # Registered for Exception, Starlette runs this in ServerErrorMiddleware, outside
     # every user middleware; hence problem_response adds the request id itself.
     app.add_exception_handler(Exception, _unhandled)

@@ -1,16 +1,20 @@
 """Problem details on every error, request ids, security headers, hosts and CORS."""
 
 import gzip
+import io
+import socket
 from pathlib import Path
 
 import pytest
 from fastapi import Response
 from fastapi.testclient import TestClient
+from sqlalchemy import exc as sa_errors
 
 from app.main import create_app
 from app.settings import Settings
 from tests.api import Api, assert_problem
 from tests.conftest import make_settings
+from tests.logs import attach, records
 
 
 def test_unknown_path_and_wrong_method_are_problems(client: TestClient) -> None:
@@ -34,6 +38,66 @@ def test_unhandled_error_is_a_500_problem_without_traceback(settings: Settings) 
     assert "secret internals" not in response.text
     assert "Traceback" not in response.text
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_database_outage_is_a_503_with_retry_after(
+    tmp_path: Path, log_lines: io.StringIO
+) -> None:
+    """Nothing listens where the database should be: every request that needs it is a 503
+    problem with Retry-After, logged as one warning line with the error, no traceback."""
+    with socket.socket() as probe:  # a port that was free a moment ago: refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = make_settings(f"postgresql+asyncpg://app@127.0.0.1:{port}/app", tmp_path)
+    with TestClient(create_app(down)) as client:
+        attach(log_lines)
+        response = client.get("/api/v1/items")
+    body = assert_problem(response, 503)
+    assert body["detail"] == "A service this request needs is unavailable; try again shortly."
+    assert response.headers["retry-after"] == "5"
+    (line,) = [r for r in records(log_lines) if r.get("logger") == "app.errors"]
+    assert line["level"] == "warning"
+    assert line["event"] == "dependency unavailable"
+    assert "ConnectionRefusedError" in line["error"]
+    assert "exception" not in line
+    assert line["request_id"] == body["request_id"]
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (sa_errors.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), 503),
+        (
+            sa_errors.OperationalError(
+                "SELECT 1", {}, OSError("closed"), connection_invalidated=True
+            ),
+            503,
+        ),
+        (
+            sa_errors.OperationalError(
+                "SELECT * FROM no_such_table", {}, Exception("no such table")
+            ),
+            500,
+        ),
+        (sa_errors.ProgrammingError("SELEC 1", {}, Exception("syntax error")), 500),
+    ],
+)
+def test_only_connection_level_database_errors_are_503s(
+    settings: Settings, error: Exception, status: int
+) -> None:
+    """A lost connection or an exhausted pool is the database's condition (503); any other
+    database error is a bug or a schema problem: a 500, re-raised for its traceback."""
+    app = create_app(settings)
+
+    @app.get("/db-error")
+    async def db_error() -> None:
+        raise error
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert_problem(client.get("/db-error"), status)
+    if status == 500:
+        with TestClient(app) as client, pytest.raises(type(error)):
+            client.get("/db-error")
 
 
 def test_sane_request_id_is_echoed(client: TestClient) -> None:
