@@ -20,6 +20,7 @@ from app.background import BackgroundJobs
 from app.db import create_engine, create_sessionmaker
 from app.email import Mailer
 from app.errors import install_error_handlers
+from app.files import service as files_service
 from app.files.router import router as files_router
 from app.items.cache import ItemCache
 from app.items.router import router as items_router
@@ -59,17 +60,22 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     application.state.item_cache = ItemCache(
         backends.cache, settings.cache_item_ttl_seconds, settings.cache_list_ttl_seconds
     )
-    application.state.storage = LocalStorage(settings.upload_dir)
+    application.state.storage = storage = LocalStorage(settings.upload_dir)
     application.state.hasher = PasswordHasher(settings)
     application.state.tokens = TokenCodec(settings)
     sampler = SystemSampler(settings.data_dir, settings.system_metrics_interval_seconds)
-    sampling = asyncio.create_task(sampler.run(), name="system-metrics")
+    # Each catches its own errors: they end only when cancelled.
+    loops = [
+        asyncio.create_task(sampler.run(), name="system-metrics"),
+        asyncio.create_task(files_service.sweep_stale_stages(storage), name="staging-sweep"),
+    ]
     try:
         yield
     finally:
-        sampling.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampling
+        for task in loops:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         # First, so that leave events still go out through Redis.
         await realtime_service.close_connections(application)
         await jobs.drain(timeout_seconds=5)

@@ -19,7 +19,7 @@ import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import migrate
-from deploy.stack.process import MissingBinary, require_binary
+from deploy.stack.process import MissingBinary, require_binary, wait_for
 from tests.api import PASSWORD
 from tests.app_server import app_server
 
@@ -76,6 +76,17 @@ def as_the_server_sees_it(server: subprocess.Popen[bytes], path: Path) -> Path:
     return Path(f"/proc/{server.pid}/root") / path.relative_to("/")
 
 
+def server_env(tmp_path: Path, max_upload_bytes: int) -> dict[str, str]:
+    """A server's environment: SQLite and the data directory under ``tmp_path``."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("APP_")} | {
+        "APP_ENV": "test",
+        "APP_DATA_DIR": str(tmp_path / "data"),
+        "APP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
+        "APP_MAX_UPLOAD_BYTES": str(max_upload_bytes),
+        "APP_LOG_LEVEL": "INFO",
+    }
+
+
 @contextlib.contextmanager
 def upload_server(
     tmp_path: Path, max_upload_bytes: int, upload_volume_bytes: int | None = None
@@ -90,15 +101,8 @@ def upload_server(
         probe = subprocess.run([*wrapper, "true"], capture_output=True, text=True, check=False)
         if probe.returncode != 0:
             raise MissingBinary(f"no tmpfs in a private mount namespace here: {probe.stderr}")
-    database = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
-    migrate.upgrade(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APP_")} | {
-        "APP_ENV": "test",
-        "APP_DATA_DIR": str(tmp_path / "data"),
-        "APP_DATABASE_URL": database,
-        "APP_MAX_UPLOAD_BYTES": str(max_upload_bytes),
-        "APP_LOG_LEVEL": "WARNING",
-    }
+    env = server_env(tmp_path, max_upload_bytes)
+    migrate.upgrade(env["APP_DATABASE_URL"])
     with app_server(tmp_path, env, tmp_path / "server.log", wrapper) as (base, server):
         body = {"email": "up@example.com", "username": "uploader", "password": PASSWORD}
         assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
@@ -135,29 +139,34 @@ def test_a_200_mb_upload_keeps_the_server_within_its_memory_bound(tmp_path: Path
         assert growth < ALLOWED_GROWTH, f"peak RSS grew by {growth / MIB:.1f} MiB"
 
 
+@contextlib.contextmanager
+def half_sent_upload(base: str, token: str, uploads: Path) -> Iterator[socket.socket]:
+    """An upload of 32 MiB of which 5 MiB are sent, open until the block ends; entered
+    once the server has staged some of it."""
+    address = urlsplit(base)
+    with socket.create_connection((address.hostname, address.port)) as connection:
+        connection.sendall(
+            (
+                "POST /api/v1/files HTTP/1.1\r\n"
+                f"Host: {address.netloc}\r\n"
+                f"Authorization: Bearer {token}\r\n"
+                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                f"Content-Length: {32 * MIB}\r\n\r\n"
+            ).encode()
+            + HEAD
+        )
+        for chunk in file_chunks(5 * MIB):
+            connection.sendall(chunk)
+        wait_for(lambda: any(uploads.glob(".upload-*")), timeout=30, what="the upload to be staged")
+        yield connection
+
+
 def test_a_client_gone_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:
     """The connection drops with writes in flight: the staged file goes, no row appears."""
+    uploads = tmp_path / "data" / "uploads"
     with upload_server(tmp_path, 64 * MIB) as (base, _, token):
-        address = urlsplit(base)
-        with socket.create_connection((address.hostname, address.port)) as connection:
-            connection.sendall(
-                (
-                    "POST /api/v1/files HTTP/1.1\r\n"
-                    f"Host: {address.netloc}\r\n"
-                    f"Authorization: Bearer {token}\r\n"
-                    f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                    f"Content-Length: {32 * MIB}\r\n\r\n"
-                ).encode()
-                + HEAD
-            )
-            for chunk in file_chunks(5 * MIB):
-                connection.sendall(chunk)
-            uploads = tmp_path / "data" / "uploads"
-            # Waiting (not timing) until the server has staged some of it.
-            deadline = time.monotonic() + 30
-            while not any(uploads.glob(".upload-*")) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert any(uploads.glob(".upload-*")), "the upload was never staged"
+        with half_sent_upload(base, token, uploads):
+            pass
         deadline = time.monotonic() + 30
         while any(uploads.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -242,3 +251,35 @@ def test_a_full_upload_volume_is_a_507_and_leaves_the_volume_as_it_was(tmp_path:
         assert (outcomes["ok"], outcomes["no_space"]) == (2, refused)
     warnings = (tmp_path / "server.log").read_text().count("upload refused: the storage is full")
     assert warnings == refused
+
+
+def test_a_crash_mid_upload_leaves_a_stage_that_a_later_start_removes(tmp_path: Path) -> None:
+    """A worker killed mid-upload (SIGKILL: an OOM kill) leaves its staged file, which no
+    request will ever remove. Each start (and every 10 minutes) removes staged files
+    untouched for an hour, and nothing else: not a fresh stage, not a stored file."""
+    uploads = tmp_path / "data" / "uploads"
+    with upload_server(tmp_path, 64 * MIB) as (base, server, token):
+        stored = text_upload(base, token, 100)
+        assert stored.status_code == 201, stored.text
+        with half_sent_upload(base, token, uploads):
+            server.kill()
+            server.wait()
+    (left,) = uploads.glob(".upload-*")
+    (kept,) = [path for path in uploads.iterdir() if path != left]
+    hours_ago = time.time() - 2 * 3600
+    for path in (left, kept):  # as if the restart came two hours later
+        os.utime(path, (hours_ago, hours_ago))
+    fresh = uploads / ".upload-in-flight-elsewhere.tmp"  # another worker's, live
+    fresh.write_bytes(b"arriving")
+    env = server_env(tmp_path, 64 * MIB)
+    with app_server(tmp_path, env, tmp_path / "restart.log") as (base, _):
+        wait_for(lambda: not left.exists(), timeout=30, what="the stale stage to be removed")
+        assert fresh.exists()
+        download = httpx2.get(
+            f"{base}/api/v1/files/{stored.json()['id']}/content",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert download.status_code == 200
+        assert download.content == b"a" * 100
+    assert kept.exists()
+    assert "removed stale staged uploads" in (tmp_path / "restart.log").read_text()

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -71,6 +72,10 @@ class Storage(Protocol):
         """The blob as a local file (lets the server answer Range requests), if it is one."""
 
     def read(self, key: str) -> AsyncIterator[bytes]: ...
+
+    async def remove_stale_stages(self, older_than_seconds: float) -> int:
+        """Remove staged blobs untouched for that long, which only a process that died
+        mid-upload leaves (a failed or aborted upload discards its own); how many."""
 
 
 def new_key() -> str:
@@ -205,6 +210,11 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+# Staged files start with a dot: never a key (_KEY), hidden from a plain listing.
+_STAGE_PREFIX = ".upload-"
+_STAGE_SUFFIX = ".tmp"
+
+
 class LocalStorage:
     """Blobs as files in one directory, named by their key; staging files start with a dot."""
 
@@ -214,7 +224,7 @@ class LocalStorage:
 
     @contextlib.asynccontextmanager
     async def stage(self) -> AsyncIterator[StagedBlob]:
-        path = self.root / f".upload-{uuid.uuid4().hex}.tmp"
+        path = self.root / f"{_STAGE_PREFIX}{uuid.uuid4().hex}{_STAGE_SUFFIX}"
         with _full_is_storage_full():  # no inode left
             file = await anyio.to_thread.run_sync(path.open, "xb")
         blob = _LocalStagedBlob(self.root, path, file)
@@ -243,3 +253,17 @@ class LocalStorage:
         async with await anyio.open_file(self.root / _checked(key), "rb") as file:
             while chunk := await file.read(READ_CHUNK_BYTES):
                 yield chunk
+
+    async def remove_stale_stages(self, older_than_seconds: float) -> int:
+        def remove() -> int:
+            cutoff = time.time() - older_than_seconds
+            removed = 0
+            for path in self.root.glob(f"{_STAGE_PREFIX}*{_STAGE_SUFFIX}"):
+                # Another worker may be removing it too.
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+            return removed
+
+        return await anyio.to_thread.run_sync(remove)

@@ -40,6 +40,10 @@ logger = get_logger(__name__)
 
 # Room for the multipart framing and the description around the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# A live upload writes its stage at least once per MiB received, and nginx drops a client
+# silent for 60 s: an hour untouched is an upload whose process died.
+STALE_STAGE_SECONDS = 3600
+SWEEP_INTERVAL_SECONDS = 600
 
 
 def thumbnail_key(storage_key: str) -> str:
@@ -338,6 +342,21 @@ def _outcome(exc: AppError | ClientDisconnect) -> str:
     if isinstance(exc.__cause__, images.ImageRejected):
         return exc.__cause__.reason
     return "invalid"
+
+
+async def sweep_stale_stages(storage: Storage) -> None:
+    """At start and every SWEEP_INTERVAL_SECONDS, until cancelled: remove the staged files
+    of uploads cut short by a crash or a kill (an OOM kill, a lost node), which nothing
+    else would ever remove and which fill the volume. Every worker sweeps; they share it."""
+    while True:
+        try:
+            removed = await storage.remove_stale_stages(STALE_STAGE_SECONDS)
+        except Exception:
+            logger.warning("upload staging sweep failed", exc_info=True)
+        else:
+            if removed:
+                logger.info("removed stale staged uploads", count=removed)
+        await anyio.sleep(SWEEP_INTERVAL_SECONDS)
 
 
 async def page(session: AsyncSession, owner: User, params: PageParams) -> Page[FileRead]:
