@@ -61,6 +61,12 @@ class TimestampMixin:
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class DatabaseUnreachable(ConnectionError):
+    """No connection to the database could be made: refused, a host that does not resolve,
+    a timeout, a server starting up or out of connection slots, credentials refused. The
+    database's condition, not a bug (app/errors.py answers it with a 503)."""
+
+
 def create_engine(url: str, settings: Settings | None = None) -> AsyncEngine:
     # A failed statement's error (logged with its traceback) would otherwise print its
     # parameters: login names, e-mail addresses, password hashes.
@@ -68,11 +74,27 @@ def create_engine(url: str, settings: Settings | None = None) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30}, **options)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
-    options["pool_pre_ping"] = True
-    if settings is not None:
-        options |= {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
-    return create_async_engine(url, **options)
+    else:
+        options["pool_pre_ping"] = True
+        if settings is not None:
+            options |= {
+                "pool_size": settings.db_pool_size,
+                "max_overflow": settings.db_max_overflow,
+            }
+        engine = create_async_engine(url, **options)
+    event.listen(engine.sync_engine, "do_connect", _connect_or_unreachable)
+    return engine
+
+
+def _connect_or_unreachable(
+    dialect: Dialect, _record: ConnectionPoolEntry, cargs: Any, cparams: Any
+) -> DBAPIConnection:
+    # Connecting fails in as many ways as drivers and networks have (asyncpg lets socket
+    # errors through as they are); all of them mean the same to a request.
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except Exception as exc:
+        raise DatabaseUnreachable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

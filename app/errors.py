@@ -186,10 +186,11 @@ async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-# What a database outage looks like to a request: asyncpg's refused or reset connections
-# (they reach the request as they are), the pool's timeout waiting for a free connection,
-# and a statement whose connection died under it (a DBAPIError that invalidated it). Any
-# other database error is a bug or a schema problem: a 500, logged with its traceback.
+# What a database outage looks like to a request: no connection could be made
+# (app.db.DatabaseUnreachable, a ConnectionError), the pool's timeout waiting for a free
+# connection, and a statement whose connection died under it (a DBAPIError that
+# invalidated it). Any other database error is a bug or a schema problem: a 500, logged
+# with its traceback.
 DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
     sqlalchemy_errors.TimeoutError,

@@ -3,6 +3,7 @@
 import gzip
 import io
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,15 +41,26 @@ def test_unhandled_error_is_a_500_problem_without_traceback(settings: Settings) 
     assert response.headers["x-content-type-options"] == "nosniff"
 
 
-def test_a_database_outage_is_a_503_with_retry_after(
-    tmp_path: Path, log_lines: io.StringIO
-) -> None:
-    """Nothing listens where the database should be: every request that needs it is a 503
-    problem with Retry-After, logged as one warning line with the error, no traceback."""
-    with socket.socket() as probe:  # a port that was free a moment ago: refused
+def refused_port() -> int:
+    with socket.socket() as probe:  # free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    down = make_settings(f"postgresql+asyncpg://app@127.0.0.1:{port}/app", tmp_path)
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("database", "cause"),
+    [
+        (lambda: f"127.0.0.1:{refused_port()}", "ConnectionRefusedError"),
+        (lambda: "db.example.invalid:5432", "gaierror"),  # RFC 2606: never resolves
+    ],
+    ids=["refused", "unresolvable"],
+)
+def test_a_database_outage_is_a_503_with_retry_after(
+    tmp_path: Path, log_lines: io.StringIO, database: Callable[[], str], cause: str
+) -> None:
+    """The database cannot be reached: every request that needs it is a 503 problem with
+    Retry-After, logged as one warning line with the error, no traceback."""
+    down = make_settings(f"postgresql+asyncpg://app@{database()}/app", tmp_path)
     with TestClient(create_app(down)) as client:
         attach(log_lines)
         response = client.get("/api/v1/items")
@@ -58,7 +70,8 @@ def test_a_database_outage_is_a_503_with_retry_after(
     (line,) = [r for r in records(log_lines) if r.get("logger") == "app.errors"]
     assert line["level"] == "warning"
     assert line["event"] == "dependency unavailable"
-    assert "ConnectionRefusedError" in line["error"]
+    assert line["error"].startswith("DatabaseUnreachable: ")
+    assert cause in line["error"]
     assert "exception" not in line
     assert line["request_id"] == body["request_id"]
 
