@@ -80,6 +80,9 @@ def create_engine(url: str, settings: Settings | None = None) -> AsyncEngine:
             options |= {
                 "pool_size": settings.db_pool_size,
                 "max_overflow": settings.db_max_overflow,
+                "pool_timeout": settings.db_pool_timeout_seconds,
+                # asyncpg's timeout covers the whole connect, the TCP and the handshake.
+                "connect_args": {"timeout": settings.db_connect_timeout_seconds},
             }
         engine = create_async_engine(url, **options)
     event.listen(engine.sync_engine, "do_connect", _connect_or_unreachable)

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     health_timeout_seconds: float = Field(default=1.0, gt=0)
     db_pool_size: int = Field(default=10, gt=0)
     db_max_overflow: int = Field(default=10, ge=0)
+    # Fail fast (503) rather than hold a request for asyncpg's 60 s / SQLAlchemy's 30 s.
+    db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("cors_origins", "allowed_hosts", "metrics_allowed_networks", mode="before")
     @classmethod

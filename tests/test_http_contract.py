@@ -76,6 +76,28 @@ def test_a_database_outage_is_a_503_with_retry_after(
     assert line["request_id"] == body["request_id"]
 
 
+def test_a_database_that_never_answers_is_a_503_after_the_connect_timeout(
+    tmp_path: Path, log_lines: io.StringIO
+) -> None:
+    """The TCP connection is made (the kernel accepts it) but nothing answers the
+    handshake, as with a hung server: APP_DB_CONNECT_TIMEOUT_SECONDS ends the wait."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        host, port = silent.getsockname()
+        settings = make_settings(
+            f"postgresql+asyncpg://app@{host}:{port}/app",
+            tmp_path,
+            db_connect_timeout_seconds=0.2,
+        )
+        with TestClient(create_app(settings)) as client:
+            attach(log_lines)
+            response = client.get("/api/v1/items")
+    assert_problem(response, 503)
+    (line,) = [r for r in records(log_lines) if r.get("logger") == "app.errors"]
+    assert line["error"].startswith("DatabaseUnreachable: TimeoutError")
+
+
 @pytest.mark.parametrize(
     ("error", "status"),
     [
