@@ -362,8 +362,9 @@ def report(m: Measured, args: argparse.Namespace, started: str, load: str, secon
         f"client, OpenMetrics (`Accept: {PROMETHEUS_ACCEPT.split(',')[0]},…`)": m.open_ms,
         "in-process render of the same files (no HTTP)": m.render_ms,
     }
-    median = median_ms([(ms,) for ms in m.text_ms])
-    interval = round_interval([(ms,) for ms in m.text_ms], median_ms)
+    scrapes = [(ms,) for ms in m.text_ms]
+    median = median_ms(scrapes)
+    interval = round_interval(scrapes, median_ms)
     lines, samples, families, top = describe(m.text_body)
     open_lines = len(m.open_body.decode().splitlines())
     status_list = ", ".join(f"{status}: {count}" for status, count in sorted(m.statuses.items()))
