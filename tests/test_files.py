@@ -17,9 +17,10 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageSequence
 
 from app.backends import storage as storage_module
+from app.files import gif
 from app.files.downloads import MAX_RANGES, byte_ranges
 from app.files.rules import TextProbe, content_disposition, sanitize_filename
 from app.main import create_app
@@ -216,6 +217,74 @@ def test_exif_and_gps_never_come_back(api: Api) -> None:
         assert not image.getexif()
         assert "exif" not in image.info
         assert b"SpyCam" not in served.content
+
+
+def gif_with_metadata(payload: bytes) -> bytes:
+    """A looping 3-frame GIF carrying a comment and an XMP packet with a GPS position,
+    ``payload`` appended after its trailer."""
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ("red", "green", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(
+        buffer,
+        "GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=100,
+        loop=0,
+        comment=b"taken at home",
+    )
+    xmp = b"<x:xmpmeta><exif:GPSLatitude>52,31.2N</exif:GPSLatitude></x:xmpmeta>" * 5
+    sub_blocks = b"".join(
+        bytes([len(xmp[i : i + 255])]) + xmp[i : i + 255] for i in range(0, len(xmp), 255)
+    )
+    extension = b"\x21\xff\x0bXMP DataXMP" + sub_blocks + b"\x00"
+    data = buffer.getvalue()
+    flags = data[10]  # the global colour table's presence and size, after which it goes
+    start = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    return data[:start] + extension + data[start:] + payload
+
+
+def frames_of(data: bytes) -> list[bytes]:
+    with Image.open(io.BytesIO(data)) as image:
+        return [frame.convert("RGB").tobytes() for frame in ImageSequence.Iterator(image)]
+
+
+def test_gif_metadata_and_trailing_bytes_never_come_back(api: Api) -> None:
+    alice = api.account("alice")
+    payload = b"<html><script>alert(document.cookie)</script></html>"
+    original = gif_with_metadata(payload)
+    with Image.open(io.BytesIO(original)) as image:  # sanity: what there is to remove
+        assert image.info["comment"] == b"taken at home"
+    assert len(frames_of(original)) == 3  # the XMP block is well formed: Pillow reads past it
+    meta = uploaded(upload(api, alice, "loop.gif", original, "image/gif"))
+
+    served = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    for secret in (b"taken at home", b"GPSLatitude", b"XMP DataXMP", b"<script"):
+        assert secret not in served.content
+    # Lossless and still animated: the same frames, the loop kept; the record describes
+    # what is served.
+    assert frames_of(served.content) == frames_of(original)
+    with Image.open(io.BytesIO(served.content)) as image:
+        assert image.info["loop"] == 0
+        assert "comment" not in image.info
+        assert "xmp" not in image.info
+    assert meta["size"] == len(served.content)
+    assert meta["sha256"] == hashlib.sha256(served.content).hexdigest()
+
+
+def test_a_gif_cut_anywhere_before_its_trailer_is_malformed() -> None:
+    whole = gif_with_metadata(b"")
+    for end in range(len(whole)):
+        with pytest.raises(gif.MalformedGif):
+            gif.without_metadata(whole[:end])
+    assert frames_of(gif.without_metadata(whole)) == frames_of(whole)
+
+
+def test_a_gif_broken_after_its_first_frame_is_422_and_leaves_nothing(api: Api) -> None:
+    alice = api.account("alice")
+    broken = gif_with_metadata(b"")[:-1] + b"\x99 not a block"
+    response = upload(api, alice, "broken.gif", broken, "image/gif")
+    assert_rejected_without_trace(api, alice, response, 422)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ Metadata: EXIF (GPS position, camera serial…) must not be served back, so JPEG
 WebP originals are re-encoded without it, upright (EXIF orientation applied, since the tag
 that carried it is dropped). The cost is one more lossy generation for JPEG/WebP at
 quality 90, and only the first frame of an animated PNG/WebP is kept; the ICC profile is
-kept because colours depend on it. GIF has no EXIF and is stored as uploaded.
+kept because colours depend on it. GIF has no EXIF but holds the same in comments and
+XMP: its metadata blocks are dropped losslessly (gif.py).
 """
 
 import io
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.files import gif
 
 THUMBNAIL_SIZE = (256, 256)
 PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
@@ -33,7 +36,7 @@ class ImageRejected(Exception):
 @dataclass(frozen=True)
 class ProcessedImage:
     thumbnail: bytes
-    cleaned: bytes | None  # the original without metadata; None: store the upload as is
+    cleaned: bytes  # the original without metadata
 
 
 def thumbnail_type(content_type: str) -> str:
@@ -53,7 +56,11 @@ def process(path: Path, content_type: str, max_pixels: int) -> ProcessedImage:
                 if width * height > max_pixels:
                     raise ImageRejected("bomb", f"The image has more than {max_pixels} pixels.")
                 upright = ImageOps.exif_transpose(image)
-                cleaned = _encode(upright, content_type) if content_type in REENCODED else None
+                cleaned = (
+                    _encode(upright, content_type)
+                    if content_type in REENCODED
+                    else gif.without_metadata(path.read_bytes())
+                )
                 thumbnail = upright.copy()
                 thumbnail.thumbnail(THUMBNAIL_SIZE)
                 return ProcessedImage(_encode(thumbnail, thumbnail_type(content_type)), cleaned)

@@ -208,13 +208,12 @@ async def _store(
             processed = await _process_image(incoming.blob, detected, settings.max_image_pixels)
             await _put(storage, thumbnail_key(key), processed.thumbnail)
             committed.append(thumbnail_key(key))
+            await _put(storage, key, processed.cleaned)
+            committed.append(key)
             record.has_thumbnail = True
-            if processed.cleaned is not None:
-                await _put(storage, key, processed.cleaned)
-                committed.append(key)
-                record.size = len(processed.cleaned)
-                record.sha256 = hashlib.sha256(processed.cleaned).hexdigest()
-        if key not in committed:
+            record.size = len(processed.cleaned)
+            record.sha256 = hashlib.sha256(processed.cleaned).hexdigest()
+        else:
             await incoming.blob.commit(key)
             committed.append(key)
             # Asked after the commit, whose thread hop wrote (and hashed) the last bytes:

@@ -1,0 +1,77 @@
+"""A GIF without its metadata, losslessly: the blocks that draw the image are copied as
+they are, the others are dropped.
+
+Pillow cannot do this: re-encoding a GIF re-quantises its frames and costs a decode of
+every frame. GIF has no EXIF, but it carries comments and application extensions, and
+those hold what EXIF holds elsewhere (an XMP packet with the GPS position, the editing
+software, the author) as well as anything else a client wants served back under an image
+type. So only what renders is kept: the screen descriptor and colour tables, each frame
+with its graphic control and plain-text extensions, and the application extensions that
+players and colour management read (the loop count, the ICC profile). Whatever follows
+the trailer — a polyglot's payload — is dropped too.
+"""
+
+# Extensions whose payload is what players and colour management read, by identifier.
+KEPT_APPLICATIONS = frozenset({b"NETSCAPE2.0", b"ANIMEXTS1.0", b"ICCRGBG1012"})
+_EXTENSION, _IMAGE, _TRAILER = 0x21, 0x2C, 0x3B
+_GRAPHIC_CONTROL, _PLAIN_TEXT, _APPLICATION = 0xF9, 0x01, 0xFF
+
+
+class MalformedGif(ValueError):
+    pass
+
+
+def without_metadata(data: bytes) -> bytes:
+    """``data`` with only the blocks that render; MalformedGif if its structure is broken
+    before the trailer."""
+    view = memoryview(data)
+    if bytes(view[:6]) not in (b"GIF87a", b"GIF89a") or len(view) < 13:
+        raise MalformedGif("Not a GIF.")
+    position = 13 + _colour_table_bytes(view[10])  # header, screen descriptor, palette
+    kept = [view[:position]]
+    while True:
+        if position >= len(view):
+            raise MalformedGif("The GIF ends before its trailer.")
+        introducer = view[position]
+        if introducer == _TRAILER:
+            kept.append(view[position : position + 1])
+            return b"".join(kept)
+        if introducer == _IMAGE:
+            if position + 10 > len(view):
+                raise MalformedGif("The GIF ends inside an image descriptor.")
+            # Descriptor, local palette, then the LZW code size byte before the data.
+            start = position
+            position = _end_of_sub_blocks(
+                view, position + 11 + _colour_table_bytes(view[position + 9])
+            )
+            kept.append(view[start:position])
+        elif introducer == _EXTENSION:
+            start = position
+            position = _end_of_sub_blocks(view, position + 2)
+            if _renders(view[start + 1], view[start + 2 : position]):
+                kept.append(view[start:position])
+        else:
+            raise MalformedGif(f"Unknown GIF block {introducer:#04x}.")
+
+
+def _renders(label: int, sub_blocks: memoryview) -> bool:
+    """``sub_blocks``: the extension's, from its first size byte."""
+    if label in (_GRAPHIC_CONTROL, _PLAIN_TEXT):
+        return True
+    # An application extension opens with an 11-byte block: identifier and code.
+    identifier = bytes(sub_blocks[:12])
+    return label == _APPLICATION and identifier[1:] in KEPT_APPLICATIONS and identifier[0] == 11
+
+
+def _colour_table_bytes(flags: int) -> int:
+    return 3 << ((flags & 0x07) + 1) if flags & 0x80 else 0
+
+
+def _end_of_sub_blocks(view: memoryview, position: int) -> int:
+    """Where the data sub-blocks starting at ``position`` end, past their terminator."""
+    while position < len(view):
+        size = view[position]
+        position += 1 + size
+        if size == 0:
+            return position
+    raise MalformedGif("The GIF ends inside a block.")
