@@ -40,6 +40,7 @@ Run from the repository root: ``.venv/bin/python bench/upload_throughput.py``.
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import os
@@ -107,6 +108,11 @@ class Run:
     size: int  # file bytes
     seconds: float
     rss_increase: int  # bytes
+    cpu_seconds: float  # the server's, all threads, while it took this upload
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.cpu_seconds * 1000
 
     @property
     def mb_per_s(self) -> float:
@@ -256,6 +262,21 @@ def status_kib(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of all the process's threads so far, from the scheduler's nanosecond
+    counters (``/proc/<pid>/stat`` counts 10 ms ticks, as long as a 1 MiB upload takes).
+    A thread that ends between two readings takes its time with it; the service's worker
+    threads outlive an upload."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with (
+            contextlib.suppress(FileNotFoundError, ProcessLookupError),
+            open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as schedstat,
+        ):
+            total += int(schedstat.read().split()[0])
+    return total / 1e9
+
+
 def reset_peak(pid: int) -> bool:
     """Set VmHWM back to the current RSS; False where the kernel refuses."""
     try:
@@ -304,9 +325,11 @@ def upload(
     }
     if server.token:
         headers["Authorization"] = f"Bearer {server.token}"
+    cpu_before = cpu_seconds(pid)
     started = time.perf_counter()
     response = client.post(f"{server.base}{UPLOAD_PATHS[config]}", content=body, headers=headers)
     seconds = time.perf_counter() - started
+    cpu = cpu_seconds(pid) - cpu_before
     peak = status_kib(pid, "VmHWM")
     check(config, response, size, length)
     if config == "api":  # untimed: keeps the disk use bounded
@@ -316,7 +339,7 @@ def upload(
         )
         if deleted.status_code != 204:
             raise RuntimeError(f"delete: {deleted.status_code} {deleted.text}")
-    return Run(config, size, seconds, (peak - before) * 1024)
+    return Run(config, size, seconds, (peak - before) * 1024, cpu)
 
 
 def check(config: str, response: httpx2.Response, size: int, length: int) -> None:
@@ -362,6 +385,10 @@ def report(
         "bare peak RSS increase |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cpu_rows = [
+        "| file | api | bare | bare-threaded | bare-hashed | api - bare | api / bare |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     ratios: dict[int, float] = {}
     verdicts: dict[int, str] = {}
     ratio_texts: list[str] = []
@@ -380,20 +407,30 @@ def report(
             f"{size} MiB **{ratios[size]:.2f}** ({fmt_interval(interval)}): **{verdicts[size]}**"
         )
         hashing_ceiling[size] = mb["bare-hashed"] / mb["bare"]
+        cpu = {c: statistics.median(r.cpu_ms for r in of(c, size)) for c in CONFIGS}
+        cpu_rows.append(
+            f"| {size} MiB | {cpu['api']:.2f} | {cpu['bare']:.2f} | {cpu['bare-threaded']:.2f} "
+            f"| {cpu['bare-hashed']:.2f} | {cpu['api'] - cpu['bare']:+.2f} | "
+            f"{cpu['api'] / cpu['bare']:.1f} |"
+        )
         rows.append(
             f"| {size} MiB | {mb['api']:.1f} | {mb['bare']:.1f} | **{ratios[size]:.2f}** | "
             f"{mb['bare-threaded']:.1f} | {mb['api'] / mb['bare-threaded']:.2f} | "
             f"{mb['bare-hashed']:.1f} | {mb['api'] / mb['bare-hashed']:.2f} | "
             f"{rss['api']:.1f} MiB | {max(rss[c] for c in CONFIGS if c != 'api'):.1f} MiB |"
         )
-    per_run = ["| file | config | MB/s of each run | peak RSS increase of each run (MiB) |"]
-    per_run.append("|---|---|---|---|")
+    per_run = [
+        "| file | config | MB/s of each run | server CPU ms of each run | "
+        "peak RSS increase of each run (MiB) |",
+        "|---|---|---|---|---|",
+    ]
     for size in SIZES_MIB:
         for config in CONFIGS:
             config_runs = of(config, size)
             speeds = ", ".join(f"{r.mb_per_s:.1f}" for r in config_runs)
+            cpus = ", ".join(f"{r.cpu_ms:.1f}" for r in config_runs)
             rss = ", ".join(f"{r.rss_increase / MIB:.1f}" for r in config_runs)
-            per_run.append(f"| {size} MiB | {config} | {speeds} | {rss} |")
+            per_run.append(f"| {size} MiB | {config} | {speeds} | {cpus} | {rss} |")
     overall = (
         "every size meets it"
         if all(v == "met" for v in verdicts.values())
@@ -439,6 +476,13 @@ def report(
             "rounds (each an api and a bare upload back to back; whole rounds, with "
             "replacement), i.e. how far this machine's noise moves it; a size meets the "
             "target only if all of its interval does.",
+            "",
+            "Server CPU per upload (ms, medians): the user + system time of all the "
+            "server's threads from the upload's first byte sent to its response read "
+            "(`/proc/<pid>/task/*/schedstat`). Throughput also counts waits (fsyncs, the "
+            "client, the loopback); this is what each server's own work costs.",
+            "",
+            *cpu_rows,
             "",
             f"For scale, bare-hashed / bare: {ceiling_list}. That is what hashing every "
             "byte costs on its own: the API owes each file's SHA-256, so on one CPU a "
@@ -544,7 +588,7 @@ def main() -> None:
                         runs.append(run)
                         print(
                             f"{size:3d} MiB round {round_number} {config:13} "
-                            f"{run.mb_per_s:7.1f} MB/s  peak RSS "
+                            f"{run.mb_per_s:7.1f} MB/s  CPU {run.cpu_ms:6.1f} ms  peak RSS "
                             f"+{run.rss_increase / MIB:.1f} MiB",
                             flush=True,
                         )
