@@ -1,6 +1,7 @@
 """The service itself as a separate process (``python -m app serve``), for tests that
 need what only a real server shows: its working directory, its memory, its logs."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,18 @@ from pathlib import Path
 import httpx2
 
 from deploy.stack.process import free_port, wait_for
+
+
+def server_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """A server's environment: SQLite and the data directory under ``tmp_path``, INFO
+    logs, then ``settings`` (APP_* variables); none of the caller's APP_* variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("APP_")} | {
+        "APP_ENV": "test",
+        "APP_DATA_DIR": str(tmp_path / "data"),
+        "APP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
+        "APP_LOG_LEVEL": "INFO",
+        **settings,
+    }
 
 
 @contextmanager

@@ -2,11 +2,13 @@
 
 import asyncio
 import io
+import json
 import logging
 import re
 import time
 from pathlib import Path
 
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
@@ -14,7 +16,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
+from app import migrate
 from app.db import create_engine
 from app.main import create_app
 from app.observability.logging import (
@@ -25,6 +30,7 @@ from app.observability.logging import (
     render_line,
 )
 from tests.api import PASSWORD, Api
+from tests.app_server import app_server, server_env
 from tests.conftest import make_settings
 from tests.logs import attach, records
 
@@ -92,6 +98,35 @@ def test_secrets_never_reach_the_logs(
     assert "[REDACTED]" in text
     # The reuse warning is there, attributed, but without the token.
     assert any(r["event"].startswith("refresh token reuse") for r in records(log_lines))
+
+
+def test_a_server_at_debug_logs_no_socket_query_cookie_or_message(tmp_path: Path) -> None:
+    """At DEBUG the websockets library logs each handshake line, header and frame through
+    the server's logger; a real server is needed to see it (TestClient has no server)."""
+    env = server_env(tmp_path, APP_LOG_LEVEL="DEBUG", APP_LOG_FORMAT="json")
+    migrate.upgrade(env["APP_DATABASE_URL"])
+    log = tmp_path / "server.log"
+    with app_server(tmp_path, env, log) as (base, _):
+        body = {"email": "ws@example.com", "username": "socketeer", "password": PASSWORD}
+        assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
+        token = httpx2.post(
+            f"{base}/api/v1/auth/token", data={"username": "socketeer", "password": PASSWORD}
+        ).json()["access_token"]
+        url = base.replace("http", "ws", 1) + "/api/v1/ws/chat/lobby"
+        headers = {"Authorization": f"Bearer {token}", "Cookie": "session=cookie-secret-789"}
+        # A token in the query string is refused, but the request line was read first.
+        with pytest.raises(InvalidStatus):
+            connect(f"{url}?token=query-secret-123", additional_headers=headers, proxy=None)
+        with connect(url, additional_headers=headers, proxy=None) as ws:
+            ws.send(json.dumps({"type": "message", "content": "private chat text 4242"}))
+            while json.loads(ws.recv(timeout=10))["type"] != "message":
+                pass
+    text = log.read_text()
+    assert '"level":"debug"' in text  # the server did log at DEBUG
+    assert '"route":"/api/v1/ws/chat/{room}","path":"/api/v1/ws/chat/lobby","status":101' in text
+    for secret in ("query-secret-123", "cookie-secret-789", "private chat text 4242"):
+        assert secret not in text
+    assert token.split(".")[2] not in text
 
 
 @pytest.mark.parametrize("log_format", ["json", "console"])

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import migrate
 from deploy.stack.process import MissingBinary, require_binary, wait_for
 from tests.api import PASSWORD
-from tests.app_server import app_server
+from tests.app_server import app_server, server_env
 
 MIB = 1024 * 1024
 FILE_SIZE = 200 * MIB
@@ -76,17 +76,6 @@ def as_the_server_sees_it(server: subprocess.Popen[bytes], path: Path) -> Path:
     return Path(f"/proc/{server.pid}/root") / path.relative_to("/")
 
 
-def server_env(tmp_path: Path, max_upload_bytes: int) -> dict[str, str]:
-    """A server's environment: SQLite and the data directory under ``tmp_path``."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("APP_")} | {
-        "APP_ENV": "test",
-        "APP_DATA_DIR": str(tmp_path / "data"),
-        "APP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
-        "APP_MAX_UPLOAD_BYTES": str(max_upload_bytes),
-        "APP_LOG_LEVEL": "INFO",
-    }
-
-
 @contextlib.contextmanager
 def upload_server(
     tmp_path: Path, max_upload_bytes: int, upload_volume_bytes: int | None = None
@@ -101,7 +90,7 @@ def upload_server(
         probe = subprocess.run([*wrapper, "true"], capture_output=True, text=True, check=False)
         if probe.returncode != 0:
             raise MissingBinary(f"no tmpfs in a private mount namespace here: {probe.stderr}")
-    env = server_env(tmp_path, max_upload_bytes)
+    env = server_env(tmp_path, APP_MAX_UPLOAD_BYTES=str(max_upload_bytes))
     migrate.upgrade(env["APP_DATABASE_URL"])
     with app_server(tmp_path, env, tmp_path / "server.log", wrapper) as (base, server):
         body = {"email": "up@example.com", "username": "uploader", "password": PASSWORD}
@@ -271,7 +260,7 @@ def test_a_crash_mid_upload_leaves_a_stage_that_a_later_start_removes(tmp_path: 
         os.utime(path, (hours_ago, hours_ago))
     fresh = uploads / ".upload-in-flight-elsewhere.tmp"  # another worker's, live
     fresh.write_bytes(b"arriving")
-    env = server_env(tmp_path, 64 * MIB)
+    env = server_env(tmp_path, APP_MAX_UPLOAD_BYTES=str(64 * MIB))
     with app_server(tmp_path, env, tmp_path / "restart.log") as (base, _):
         wait_for(lambda: not left.exists(), timeout=30, what="the stale stage to be removed")
         assert fresh.exists()

@@ -21,8 +21,10 @@ its bound logger and processor chain cost ~40 µs per line here, the same object
 directly a few µs (bench/RESULTS.md); a test keeps the two alike.
 """
 
+import importlib.util
 import logging
 import logging.config
+import os
 import re
 from collections.abc import Callable, MutableMapping
 from contextvars import ContextVar
@@ -241,15 +243,28 @@ def formatter(log_format: LogFormat) -> structlog.stdlib.ProcessorFormatter:
 
 
 class WithoutServerSocketLines(logging.Filter):
-    """Drops uvicorn's lines for WebSocket handshakes (``"WebSocket /path?query" 403``):
-    they print the query string, which may hold a token or a password, and HttpMiddleware
-    writes an access line for every socket instead (app/middleware.py)."""
+    """Drops what the server logs of WebSocket traffic: uvicorn's line for each handshake
+    (``"WebSocket /path?query" 403``) and, at DEBUG, the websockets library's trace of
+    every handshake line, header and frame, which it writes through uvicorn's logger.
+    They print query strings, cookies and messages, any of which may hold a token, a
+    password or a user's words; HttpMiddleware writes an access line for every socket
+    instead (app/middleware.py)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.DEBUG and record.pathname.startswith(_WEBSOCKETS_CODE):
+            return False
         return not (isinstance(record.msg, str) and record.msg.startswith(_SERVER_SOCKET_LINE))
 
 
 _SERVER_SOCKET_LINE = '%s - "WebSocket %s"'
+# Where the websockets library's code is (uvicorn's default WebSocket protocol), found
+# without importing it; a prefix no path has when it is not installed.
+_websockets = importlib.util.find_spec("websockets")
+_WEBSOCKETS_CODE = (
+    os.path.join(_websockets.submodule_search_locations[0], "")
+    if _websockets is not None and _websockets.submodule_search_locations
+    else "\0"
+)
 
 
 def dict_config(level: str, log_format: LogFormat) -> dict[str, Any]:
