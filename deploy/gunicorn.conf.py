@@ -13,11 +13,11 @@ compose, Kubernetes and the native stack:
 Metrics: prometheus_client picks its multiprocess backend when it is first imported, so
 ``PROMETHEUS_MULTIPROC_DIR`` is settled before anything imports it. The directory is
 emptied when the master starts (stale files from a previous run would add up), each
-worker gets a slot number in ``APP_WORKER_ID`` (reused by its replacement), and a dead
-worker's live gauges are removed in ``child_exit``.
+worker gets a slot number 0…workers-1 in ``APP_WORKER_ID`` (reused by its replacement and
+across reloads), and a dead worker's live gauges are removed in ``child_exit``.
 """
 
-import itertools
+import collections
 import os
 import shutil
 import tempfile
@@ -76,9 +76,11 @@ def on_starting(server: Arbiter) -> None:
 
 
 def pre_fork(server: Arbiter, worker: Worker) -> None:
-    # The lowest free slot: a replacement worker inherits the slot of the one it replaces.
-    taken = {getattr(other, "slot", None) for other in server.WORKERS.values()}
-    worker.slot = next(slot for slot in itertools.count() if slot not in taken)  # type: ignore[attr-defined]
+    # Of the slots 0…workers-1, the lowest that the fewest live workers hold: a replacement
+    # inherits the slot of the worker it replaces, and on a reload (HUP), which starts the
+    # new workers before it stops the old ones, each new worker takes one old worker's.
+    held = collections.Counter(getattr(other, "slot", None) for other in server.WORKERS.values())
+    worker.slot = min(range(server.num_workers), key=lambda slot: (held[slot], slot))  # type: ignore[attr-defined]
 
 
 def post_fork(server: Arbiter, worker: Worker) -> None:

@@ -186,6 +186,44 @@ def test_metrics_are_exact_across_workers_and_survive_a_killed_worker(
     )
 
 
+def test_a_reload_keeps_the_worker_slots_and_the_host_sampled(gunicorn: Gunicorn) -> None:
+    """On HUP gunicorn starts the new workers before it stops the old ones: the new ones
+    must take the old slots (bounded series, the same names on dashboards), and one of
+    them the host's sampling, or every host series would freeze at its last value."""
+    old = {worker.pid for worker in gunicorn.workers()}
+    gunicorn.process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: (
+            len(gunicorn.workers()) == 2
+            and not old & {worker.pid for worker in gunicorn.workers()}
+            and _ready(gunicorn)
+        ),
+        timeout=60,
+        what="gunicorn to replace both workers",
+        process=gunicorn.process,
+        log_path=gunicorn.log,
+    )
+    wait_for(
+        lambda: (
+            {labels["worker"] for labels in series(gunicorn.scrape(), "app_worker_open_fds")}
+            == {"0", "1"}
+        ),
+        timeout=10,
+        what="the new workers to report as slots 0 and 1",
+        process=gunicorn.process,
+    )
+    # The scrapes alone are traffic on the loopback, which the host counter includes.
+    received = value(gunicorn.scrape(), "app_host_network_bytes_total", direction="receive")
+    wait_for(
+        lambda: (
+            value(gunicorn.scrape(), "app_host_network_bytes_total", direction="receive") > received
+        ),
+        timeout=10,
+        what="a new worker to sample the host",
+        process=gunicorn.process,
+    )
+
+
 def test_system_series_are_not_multiplied_by_workers(gunicorn: Gunicorn) -> None:
     wait_for(
         lambda: len(series(gunicorn.scrape(), "app_worker_resident_memory_bytes")) == 2,

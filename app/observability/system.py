@@ -10,8 +10,11 @@ a timer and writes plain metrics that the multiprocess files carry:
   Gauges use ``livemostrecent`` (a dead worker's values disappear); CPU seconds are a
   counter incremented by deltas, which the multiprocess files sum into a monotonic series
   per slot across restarts.
-- Host series are written by worker 0 only, gauges with ``mostrecent``, so they are not
-  multiplied by the number of workers.
+- Host series are written by one worker at a time, gauges with ``mostrecent``, so they are
+  not multiplied by the number of workers: the one holding an exclusive lock on a file in
+  the multiprocess directory. The kernel releases it when that worker dies, whatever its
+  slot, and another worker takes it at its next sample (a slot number could not say which
+  worker is left after a reload or a scale-down).
 
 A sample that fails (a volume gone, a /proc file missing in some sandbox) is counted in
 ``app_system_sample_failures_total`` and sampling goes on: the error is logged when
@@ -19,6 +22,8 @@ failures start and the recovery when they stop, not once per interval.
 """
 
 import asyncio
+import contextlib
+import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,7 @@ from prometheus_client import Counter, Gauge
 
 from app.observability import WORKER_ID_ENV
 from app.observability.logging import get_logger
+from app.observability.metrics import multiprocess_enabled
 
 logger = get_logger(__name__)
 
@@ -121,9 +127,9 @@ class SystemSampler:
         self.data_dir = data_dir
         self.interval = interval_seconds
         self.worker = worker_id()
-        self.samples_host = self.worker == "0"
+        self.host_lease = HostLease()
         self.process = psutil.Process()
-        self.device = _device_of(data_dir) if self.samples_host else None
+        self.device = _device_of(data_dir)
         self.previous = _Previous()
         self.max_lag = 0.0
         self.failing = False
@@ -167,7 +173,7 @@ class SystemSampler:
         self.previous.cpu_seconds = cpu_seconds
         WORKER_LOOP_LAG.labels(worker).set(self.max_lag)
         self.max_lag = 0.0
-        if self.samples_host:
+        if self.host_lease.held():
             self._sample_host()
 
     def _sample_host(self) -> None:
@@ -207,6 +213,30 @@ class SystemSampler:
             if direction in previous:
                 counter.labels(*labels, direction).inc(max(value - previous[direction], 0))
             previous[direction] = value
+
+
+class HostLease:
+    """Whether this process is the one that samples the host (see the module).
+
+    Without a multiprocess directory the process is alone and always is. Once held, the
+    lock is kept until the process ends; it is never given back, so it never moves
+    between two live workers."""
+
+    LOCK_FILE = "host-sampler.lock"
+
+    def __init__(self) -> None:
+        self._held = not multiprocess_enabled()
+        self._fd: int | None = None
+
+    def held(self) -> bool:
+        if not self._held:
+            if self._fd is None:
+                path = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / self.LOCK_FILE
+                self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held = True
+        return self._held
 
 
 def _device_of(path: Path) -> str | None:
