@@ -2,11 +2,13 @@
 exceptions, WebSockets, content negotiation, access restriction, domain counters."""
 
 import io
+import os
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from fastapi import WebSocket
 from fastapi.testclient import TestClient
@@ -22,6 +24,7 @@ from starlette.routing import Route
 from app.main import create_app
 from app.observability import metrics
 from app.observability.http_metrics import RouteSeries
+from app.observability.system import block_device_of
 from app.settings import Settings
 from deploy.stack.process import wait_for
 from tests.api import Api, assert_problem
@@ -273,6 +276,21 @@ def test_system_metrics_in_a_single_process(client: TestClient) -> None:
     assert value(samples, "app_host_memory_bytes", state="total") > 0
     assert value(samples, "app_host_disk_bytes", volume="data", state="total") > 0
     assert len(series(samples, "app_host_load_average")) == 3
+
+
+def test_the_data_volume_is_found_by_its_device_number() -> None:
+    """Disk IO is read from psutil's per-disk counters, named as the kernel names devices
+    (``dm-0``, ``nvme0n1p2``), not as mount tables do (``/dev/mapper/vg-lv``,
+    ``/dev/root``), under which nothing would ever be found."""
+    checkout = Path(__file__).parent
+    device = os.stat(checkout).st_dev
+    if os.major(device) == 0:
+        pytest.skip("this checkout is on no block device (tmpfs, overlayfs): nothing to find")
+    name = block_device_of(checkout)
+    assert name in psutil.disk_io_counters(perdisk=True)
+    major, minor = Path(f"/sys/class/block/{name}/dev").read_text().split(":")
+    assert (int(major), int(minor)) == (os.major(device), os.minor(device))
+    assert block_device_of(Path("/proc")) is None  # no block device under it
 
 
 def test_a_failing_system_sample_is_counted_and_sampling_goes_on(

@@ -129,7 +129,7 @@ class SystemSampler:
         self.worker = worker_id()
         self.host_lease = HostLease()
         self.process = psutil.Process()
-        self.device = _device_of(data_dir)
+        self.device = block_device_of(data_dir)
         self.previous = _Previous()
         self.max_lag = 0.0
         self.failing = False
@@ -239,17 +239,15 @@ class HostLease:
         return self._held
 
 
-def _device_of(path: Path) -> str | None:
-    """The block device name (``vda``) under the filesystem of ``path``, when there is one."""
-    target = str(path.resolve())
-    best = None
-    for partition in psutil.disk_partitions(all=False):
-        mount = partition.mountpoint
-        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and (
-            best is None or len(mount) > len(best.mountpoint)
-        ):
-            best = partition
-    if best is None or not best.device.startswith("/dev/"):
+def block_device_of(path: Path) -> str | None:
+    """The kernel's name (``vda1``, ``dm-0``, ``nvme0n1p2``) of the block device holding
+    ``path``, as psutil's per-disk counters name it, when there is one: found from the
+    device number, as mount tables name it ``/dev/mapper/…`` or ``/dev/root``."""
+    try:
+        device = os.stat(path).st_dev
+        sysfs = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+        name = sysfs.resolve(strict=True).name
+        known = psutil.disk_io_counters(perdisk=True)
+    except OSError:  # no block device (tmpfs, overlayfs, NFS), or no /sys or /proc here
         return None
-    name = Path(best.device).name
-    return name if name in psutil.disk_io_counters(perdisk=True) else None
+    return name if name in known else None
