@@ -8,6 +8,7 @@ import hashlib
 import io
 import itertools
 import os
+import struct
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
-from PIL import ExifTags, Image, ImageSequence
+from PIL import ExifTags, Image, ImageCms, ImageSequence
 
 from app.backends import storage as storage_module
 from app.files import gif
@@ -217,6 +218,52 @@ def test_exif_and_gps_never_come_back(api: Api) -> None:
         assert not image.getexif()
         assert "exif" not in image.info
         assert b"SpyCam" not in served.content
+
+
+def malformed_exif() -> bytes:
+    """Big-endian EXIF whose first entry (0x0107, a SHORT) is stored as ASCII, then an
+    orientation: rotating the image rewrites the block, and Pillow's packing fails."""
+    entries = struct.pack(">HHI4s", 0x0107, 2, 2, b"X\0\0\0") + struct.pack(
+        ">HHIHH", 0x0112, 3, 1, 6, 0
+    )
+    return b"Exif\0\0MM\0*" + struct.pack(">I", 8) + struct.pack(">H", 2) + entries + bytes(4)
+
+
+def test_an_image_with_malformed_exif_is_422_alone_in_a_batch_too(api: Api) -> None:
+    alice = api.account("alice")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(buffer, "JPEG", exif=malformed_exif())
+    photo = buffer.getvalue()
+    response = upload(api, alice, "odd.jpg", photo, "image/jpeg")
+    assert_rejected_without_trace(api, alice, response, 422)
+    response = batch(api, alice, [("odd.jpg", photo, "image/jpeg"), ("ok.txt", TEXT, "text/plain")])
+    assert response.status_code == 207
+    assert [r["status"] for r in response.json()["results"]] == [422, 201]
+
+
+def test_jpeg_comments_never_come_back(api: Api) -> None:
+    alice = api.account("alice")
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), "red").save(buffer, "JPEG", comment=b"GPS 52.52N 13.40E")
+    meta = uploaded(upload(api, alice, "noted.jpg", buffer.getvalue(), "image/jpeg"))
+    for path in ("content", "thumbnail"):
+        served = api.client.get(f"/api/v1/files/{meta['id']}/{path}", headers=alice.headers)
+        assert "comment" not in Image.open(io.BytesIO(served.content)).info
+        assert b"52.52N" not in served.content
+
+
+def test_a_cmyk_jpeg_keeps_the_colour_space_its_profile_describes(api: Api) -> None:
+    alice = api.account("alice")
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    profile[16:20] = b"CMYK"  # the header's data colour space, as a print profile has it
+    buffer = io.BytesIO()
+    Image.new("CMYK", (300, 200), (0, 255, 255, 0)).save(buffer, "JPEG", icc_profile=bytes(profile))
+    meta = uploaded(upload(api, alice, "print.jpg", buffer.getvalue(), "image/jpeg"))
+    for path in ("content", "thumbnail"):
+        served = api.client.get(f"/api/v1/files/{meta['id']}/{path}", headers=alice.headers)
+        image = Image.open(io.BytesIO(served.content))
+        assert image.mode == "CMYK"
+        assert image.info["icc_profile"][16:20] == b"CMYK"
 
 
 def gif_with_metadata(payload: bytes) -> bytes:

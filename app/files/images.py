@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from app.files import gif
 
@@ -64,19 +64,25 @@ def process(path: Path, content_type: str, max_pixels: int) -> ProcessedImage:
                 thumbnail = upright.copy()
                 thumbnail.thumbnail(THUMBNAIL_SIZE)
                 return ProcessedImage(_encode(thumbnail, thumbnail_type(content_type)), cleaned)
+        except ImageRejected:
+            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected("bomb", "The image is too large to decode.") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except Exception as exc:
+            # Not only UnidentifiedImageError, OSError, SyntaxError and ValueError: Pillow's
+            # parsers let through whatever hostile bytes make them hit (struct.error from
+            # a malformed EXIF block, found by fuzzing), and the client sent those bytes.
             raise ImageRejected("invalid", "The image cannot be decoded.") from exc
 
 
 def _encode(image: Image.Image, content_type: str) -> bytes:
-    """Only pixels, ICC profile and PNG transparency are passed on: no EXIF, XMP or text."""
+    """Only pixels, ICC profile and PNG transparency are passed on: no EXIF, XMP or text.
+    The ICC profile describes the pixels' colour space, so CMYK stays CMYK."""
     options: dict[str, object] = {}
     if icc := image.info.get("icc_profile"):
         options["icc_profile"] = icc
     if content_type == "image/jpeg":
-        if image.mode not in ("RGB", "L"):
+        if image.mode not in ("RGB", "L", "CMYK"):
             image = image.convert("RGB")
         options["quality"] = LOSSY_QUALITY
     elif content_type == "image/webp":
@@ -87,5 +93,11 @@ def _encode(image: Image.Image, content_type: str) -> bytes:
         if (transparency := image.info.get("transparency")) is not None:
             options["transparency"] = transparency
     buffer = io.BytesIO()
-    image.save(buffer, PIL_FORMATS[content_type], **options)
+    # Without the source's metadata, which some encoders write back unless told not to
+    # (JPEG its comments): what is passed on is only what ``options`` holds.
+    metadata, image.info = image.info, {}
+    try:
+        image.save(buffer, PIL_FORMATS[content_type], **options)
+    finally:
+        image.info = metadata
     return buffer.getvalue()
