@@ -488,9 +488,12 @@ def test_text_that_opens_like_a_binary_format_is_text_and_an_animated_png_a_png(
     api: Api,
 ) -> None:
     alice = api.account("alice")
-    for opening in (b"ID3 tags are MP3 metadata", b"BMW parts", b"MThd", b"fLaC notes"):
-        meta = uploaded(upload(api, alice, "notes.txt", opening + b"\n" + TEXT, "text/plain"))
-        assert meta["content_type"] == "text/plain", opening
+    openings = (b"ID3 tags are MP3 metadata", b"BMW parts", b"MThd", b"fLaC notes")
+    # Short, and longer than the head the type is first guessed from (SNIFF_BYTES).
+    for opening, repeats in itertools.product(openings, (1, 1000)):
+        text = opening + b"\n" + TEXT * repeats
+        meta = uploaded(upload(api, alice, "notes.txt", text, "text/plain"))
+        assert meta["content_type"] == "text/plain", (opening, len(text))
     frames = [Image.new("RGB", (32, 24), colour) for colour in ("red", "blue")]
     buffer = io.BytesIO()
     frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], duration=100)

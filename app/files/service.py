@@ -60,7 +60,8 @@ class _IncomingFile:
     declared_type: str | None
     size: int = 0
     head: bytearray = field(default_factory=bytearray)
-    # None once the head shows a binary signature: the type is settled, text or not.
+    # None once the head shows an allowed binary type's signature: the type is settled,
+    # text or not. A refused type's is no proof (rules.detect: text may open like one).
     text: rules.TextProbe | None = field(default_factory=rules.TextProbe)
     error: AppError | None = None  # in a batch: this file failed, the others go on
 
@@ -70,7 +71,10 @@ class _IncomingFile:
             raise PayloadTooLarge(f"The file is larger than {self.max_bytes} bytes.")
         if len(self.head) < rules.SNIFF_BYTES:
             self.head += chunk[: rules.SNIFF_BYTES - len(self.head)]
-            if len(self.head) == rules.SNIFF_BYTES and rules.detect(bytes(self.head), False):
+            if (
+                len(self.head) == rules.SNIFF_BYTES
+                and rules.detect(bytes(self.head), False) in rules.EXTENSIONS
+            ):
                 self.text = None
         if self.text is not None:
             self.text.feed(chunk)
