@@ -345,6 +345,7 @@ def test_a_gif_broken_after_its_first_frame_is_422_and_leaves_nothing(api: Api) 
         ("x.txt", b"abc\x00def", "text/plain"),  # NUL: not text
         ("x.txt", b"\xff\xfe\xfa", "text/plain"),  # not UTF-8
         ("x.zip", b"PK\x03\x04" + bytes(100), "application/zip"),  # detected, not allowed
+        ("x.png", image_bytes("PNG"), "image/pjpeg"),  # another type's alias
     ],
 )
 def test_type_mismatches_are_415_and_leave_nothing(
@@ -353,6 +354,22 @@ def test_type_mismatches_are_415_and_leave_nothing(
     alice = api.account("alice")
     response = upload(api, alice, name, data, content_type)
     assert_rejected_without_trace(api, alice, response, 415)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "content_type"),
+    [
+        ("server.log", TEXT, "text/x-log"),  # Firefox and Chrome on Linux
+        ("photo.jpg", image_bytes("JPEG"), "image/pjpeg"),
+        ("photo.jpeg", image_bytes("JPEG"), "image/jpg"),
+        ("pic.png", image_bytes("PNG"), "image/x-png"),
+    ],
+)
+def test_types_declared_under_other_names_agree(
+    api: Api, name: str, data: bytes, content_type: str
+) -> None:
+    alice = api.account("alice")
+    assert uploaded(upload(api, alice, name, data, content_type))["size"] > 0
 
 
 def test_a_decompression_bomb_is_422_and_leaves_nothing(api: Api) -> None:

@@ -25,6 +25,14 @@ EXTENSIONS: dict[str, frozenset[str]] = {
     "text/plain": frozenset({".txt", ".text", ".log"}),
 }
 
+# Other names clients declare these types under: legacy ones (old Internet Explorer), and
+# what browsers on Linux take from shared-mime-info for a ".log" file.
+DECLARED_ALIASES: dict[str, frozenset[str]] = {
+    "image/jpeg": frozenset({"image/pjpeg", "image/jpg"}),
+    "image/png": frozenset({"image/x-png"}),
+    "text/plain": frozenset({"text/x-log"}),
+}
+
 
 class TextProbe:
     """Whether the whole upload is UTF-8 without NUL bytes, decided as the chunks pass
@@ -80,7 +88,7 @@ def check_type(detected: str | None, filename: str, declared: str | None) -> str
             f"The file name's extension does not match its {detected} content."
         )
     declared_type = (declared or GENERIC_TYPE).split(";", 1)[0].strip().lower()
-    if declared_type not in (detected, GENERIC_TYPE):
+    if declared_type not in (detected, GENERIC_TYPE, *DECLARED_ALIASES.get(detected, ())):
         raise UnsupportedMediaType(f"The declared {declared_type} does not match the content.")
     return detected
 
