@@ -742,6 +742,18 @@ def test_listing_is_paginated_and_private(api: Api) -> None:
     assert [item["id"] for item in page["items"]] == ids[1:2]
 
 
+def test_a_file_whose_blob_is_gone_is_404_not_500(api: Api) -> None:
+    """What a download sees when a DELETE removes the file after this request read its
+    row; and what an operator's lost volume looks like."""
+    alice = api.account("alice")
+    meta = uploaded(upload(api, alice, "pic.png", image_bytes("PNG"), "image/png"))
+    for blob in leftovers(api):
+        blob.unlink()
+    for path in ("content", "thumbnail"):
+        response = api.client.get(f"/api/v1/files/{meta['id']}/{path}", headers=alice.headers)
+        assert assert_problem(response, 404)["detail"] == "File not found."
+
+
 def test_delete_removes_row_blob_and_thumbnail(api: Api) -> None:
     alice = api.account("alice")
     meta = uploaded(upload(api, alice, "pic.png", image_bytes("PNG"), "image/png"))

@@ -1,5 +1,7 @@
+import os
 from pathlib import PurePosixPath
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Request, Response, status
 from starlette.responses import StreamingResponse
 
@@ -12,10 +14,12 @@ from app.files.deps import StorageDep, upload_limit
 from app.files.downloads import Download
 from app.files.multipart import FormBody
 from app.files.schemas import BatchItem, BatchRead, FileRead
+from app.observability.logging import get_logger
 from app.pagination import Page, PageParamsDep
 from app.settings import SettingsDep
 
 router = APIRouter(prefix="/files", tags=["files"])
+logger = get_logger(__name__)
 
 
 def multipart_body(file_schema: dict[str, object]) -> dict[str, object]:
@@ -30,15 +34,22 @@ def multipart_body(file_schema: dict[str, object]) -> dict[str, object]:
 BINARY = {"type": "string", "format": "binary"}
 
 
-def blob_response(storage: Storage, key: str, media_type: str, filename: str) -> Response:
+async def blob_response(storage: Storage, key: str, media_type: str, filename: str) -> Response:
     headers = {
         "Content-Disposition": rules.content_disposition(filename),
         "X-Content-Type-Options": "nosniff",
     }
     path = storage.local_path(key)
     if path is not None:
+        # Looked at before the response starts: a file deleted since its row was read (a
+        # DELETE racing this request) is then a 404, not a response that cannot start.
+        try:
+            stat_result = await anyio.to_thread.run_sync(os.stat, path)
+        except FileNotFoundError:
+            logger.warning("download: the file's blob is gone", key=key)
+            raise NotFound("File not found.") from None
         # Answers Range requests (206) and sends the file in chunks.
-        return Download(path, media_type=media_type, headers=headers)
+        return Download(path, media_type=media_type, headers=headers, stat_result=stat_result)
     return StreamingResponse(storage.read(key), media_type=media_type, headers=headers)
 
 
@@ -102,7 +113,9 @@ async def download_file(
     file_id: IdPath, user: CurrentUser, session: SessionDep, storage: StorageDep
 ) -> Response:
     record = await service.visible_file(session, user, file_id)
-    return blob_response(storage, record.storage_key, record.content_type, record.original_name)
+    return await blob_response(
+        storage, record.storage_key, record.content_type, record.original_name
+    )
 
 
 @router.get("/{file_id}/thumbnail", response_class=Response)
@@ -115,7 +128,7 @@ async def download_thumbnail(
     media_type = images.thumbnail_type(record.content_type)
     suffix = ".jpg" if media_type == "image/jpeg" else ".png"
     name = f"{PurePosixPath(record.original_name).stem}-thumbnail{suffix}"
-    return blob_response(storage, service.thumbnail_key(record.storage_key), media_type, name)
+    return await blob_response(storage, service.thumbnail_key(record.storage_key), media_type, name)
 
 
 @router.delete("/{file_id}", status_code=status.HTTP_204_NO_CONTENT)
