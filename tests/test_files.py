@@ -742,6 +742,21 @@ def test_listing_is_paginated_and_private(api: Api) -> None:
     assert [item["id"] for item in page["items"]] == ids[1:2]
 
 
+def test_listing_searches_names_and_descriptions(api: Api) -> None:
+    alice, bob = api.account("alice"), api.account("bob")
+    report = uploaded(upload(api, alice, "Q3-report.txt", TEXT, "text/plain"))
+    notes = uploaded(
+        upload(api, alice, "notes.txt", TEXT, "text/plain", description="Report draft")
+    )
+    uploaded(upload(api, alice, "other.txt", TEXT, "text/plain"))
+    uploaded(upload(api, bob, "report.txt", TEXT, "text/plain"))  # not alice's
+    found = api.client.get("/api/v1/files?q=REPORT", headers=alice.headers).json()
+    assert found["total"] == 2
+    assert [item["id"] for item in found["items"]] == [report["id"], notes["id"]]
+    nothing = api.client.get("/api/v1/files?q=100%25", headers=alice.headers).json()
+    assert (nothing["total"], nothing["items"]) == (0, [])  # "%" is no wildcard
+
+
 def test_a_file_whose_blob_is_gone_is_404_not_500(api: Api) -> None:
     """What a download sees when a DELETE removes the file after this request read its
     row; and what an operator's lost volume looks like."""

@@ -32,7 +32,7 @@ from app.files.models import StoredFile
 from app.files.schemas import MAX_DESCRIPTION_CHARS, FileRead
 from app.observability.logging import get_logger
 from app.observability.metrics import THUMBNAIL_DURATION, UPLOAD_BYTES, UPLOADS
-from app.pagination import Page, PageParams, fetch_page
+from app.pagination import Page, PageParams, fetch_page, matching
 from app.settings import Settings
 from app.users.models import Permission, User
 
@@ -365,7 +365,8 @@ async def sweep_stale_stages(storage: Storage) -> None:
 async def page(session: AsyncSession, owner: User, params: PageParams) -> Page[FileRead]:
     """The caller's own files, admins included: the list is a personal view."""
     query = select(StoredFile).where(StoredFile.owner_id == owner.id)
-    files, total = await fetch_page(session, query, StoredFile.id, params)
+    search = matching(params.q, StoredFile.original_name, StoredFile.description)
+    files, total = await fetch_page(session, query, StoredFile.id, params, search)
     return Page[FileRead].build(files, total, params)
 
 
