@@ -3,6 +3,7 @@
 its old data."""
 
 import asyncio
+import io
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,6 +28,7 @@ from deploy.stack.process import wait_for
 from deploy.stack.redis import RedisServer
 from tests.api import PASSWORD, Api, assert_problem
 from tests.conftest import make_settings
+from tests.logs import attach, records
 from tests.prom import parse, value
 
 
@@ -286,13 +288,15 @@ def test_logout_on_one_replica_revokes_the_access_token_on_the_other(
 
 
 def test_a_redis_connection_opened_while_the_database_is_down_is_dropped_not_pooled(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, log_lines: io.StringIO
 ) -> None:
     """Each new Redis connection first pushes the database's cache epoch into Redis. When
     the database cannot be read then, the connection must not be kept unsynced (a Redis
     back with old data would serve what a write changed meanwhile), the caller gets its
-    fallback rather than an error, and the broker's pump keeps trying rather than dying."""
+    fallback rather than an error, and the broker's pump keeps trying rather than dying,
+    saying so once rather than once a try."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"  # no tables yet: the read fails
+    attach(log_lines)
 
     async def main() -> None:
         engine = create_engine(url)
@@ -305,7 +309,7 @@ def test_a_redis_connection_opened_while_the_database_is_down_is_dropped_not_poo
         try:
             with pytest.raises(RedisUnavailable):
                 await redis.call(lambda client: client.get(EPOCH_KEY))
-            await asyncio.sleep(0.3)  # the pump's connections failed the same way
+            await asyncio.sleep(0.3)  # the pump's connections failed the same way, 6 times
             assert not pump.done()
 
             # The database comes back, a step ahead of Redis.
@@ -331,6 +335,39 @@ def test_a_redis_connection_opened_while_the_database_is_down_is_dropped_not_poo
             await engine.dispose()
 
     asyncio.run(main())
+    pump_lines = [r["event"] for r in records(log_lines) if r["event"].startswith("broker:")]
+    assert pump_lines == ["broker: redis subscription lost", "broker: redis subscription restored"]
+
+
+def test_the_cache_epoch_sync_logs_an_outage_once_not_once_a_round(
+    tmp_path: Path, redis_server: RedisServer, log_lines: io.StringIO
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"  # no tables yet: the read fails
+    settings = make_settings(
+        url, tmp_path, redis_url=redis_server.url(), cache_epoch_sync_seconds=0.02
+    )
+    attach(log_lines)
+
+    def sync_lines() -> list[str]:
+        return [r["event"] for r in records(log_lines) if r["event"].startswith("cache epoch")]
+
+    async def main() -> None:
+        engine = create_engine(url)
+        backends = create_backends(settings, create_sessionmaker(engine))
+        try:
+            await asyncio.sleep(0.3)  # some fifteen rounds with the database unreadable
+            assert sync_lines() == ["cache epoch sync failed"]
+            await asyncio.to_thread(migrate.upgrade, url)
+            for _ in range(100):
+                if len(sync_lines()) > 1:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await backends.close()
+            await engine.dispose()
+
+    asyncio.run(main())
+    assert sync_lines() == ["cache epoch sync failed", "cache epoch sync recovered"]
 
 
 def test_closing_the_backends_goes_on_past_a_task_that_failed(

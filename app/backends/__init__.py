@@ -23,6 +23,7 @@ from app.backends.ratelimit import RateLimiter
 from app.backends.redis import RedisBackend, RedisUnavailable
 from app.backends.revocation import MemoryRevocations, RedisRevocations, Revocations
 from app.observability.logging import get_logger
+from app.observability.outages import OutageLog
 from app.settings import Settings
 
 logger = get_logger(__name__)
@@ -90,6 +91,7 @@ def create_backends(settings: Settings, sessionmaker: async_sessionmaker[AsyncSe
 async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
     # Bounds how long a replica that never lost Redis keeps an old epoch after another
     # replica wrote while it could not reach Redis (a partition, not a restart).
+    outage = OutageLog(logger, "cache epoch sync failed", "cache epoch sync recovered")
     while True:
         await asyncio.sleep(seconds)
         try:
@@ -97,4 +99,6 @@ async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         except RedisUnavailable:
             pass
         except Exception:  # the database may be down too; try again next round
-            logger.warning("cache epoch sync failed", exc_info=True)
+            outage.failed()
+        else:
+            outage.succeeded()

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from app.backends.redis import RedisBackend, RedisUnavailable
 from app.observability.logging import get_logger
 from app.observability.metrics import REALTIME_DROPPED
+from app.observability.outages import OutageLog
 
 logger = get_logger(__name__)
 
@@ -97,16 +98,20 @@ class RedisBroker(LocalFanout):
 
     async def run(self) -> None:
         """The pump: Redis messages into local queues, reconnecting until cancelled."""
+        outage = OutageLog(
+            logger, "broker: redis subscription lost", "broker: redis subscription restored"
+        )
         while True:
             try:
                 async with self.redis.client.pubsub() as pubsub:
                     await pubsub.psubscribe(CHANNEL_PREFIX + "*")
+                    outage.succeeded()
                     async for message in pubsub.listen():
                         if message["type"] == "pmessage":
                             channel = message["channel"].decode()[len(CHANNEL_PREFIX) :]
                             self.deliver(channel, message["data"])
             except (RedisError, OSError) as exc:
-                logger.warning("broker: redis subscription lost", error=str(exc))
+                outage.failed(error=str(exc))
             await asyncio.sleep(self.reconnect_seconds)
 
 

@@ -35,6 +35,7 @@ from prometheus_client import Counter, Gauge
 from app.observability import WORKER_ID_ENV
 from app.observability.logging import get_logger
 from app.observability.metrics import multiprocess_enabled
+from app.observability.outages import OutageLog
 
 logger = get_logger(__name__)
 
@@ -132,7 +133,9 @@ class SystemSampler:
         self.device = block_device_of(data_dir)
         self.previous = _Previous()
         self.max_lag = 0.0
-        self.failing = False
+        self.outage = OutageLog(
+            logger, "system metrics: sampling failed", "system metrics: sampling recovered"
+        )
         SAMPLE_FAILURES.labels(self.worker)  # 0 until a sample fails, not a missing series
 
     async def run(self) -> None:
@@ -152,13 +155,9 @@ class SystemSampler:
             await anyio.to_thread.run_sync(self.sample)
         except Exception:
             SAMPLE_FAILURES.labels(self.worker).inc()
-            if not self.failing:
-                logger.warning("system metrics: sampling failed", exc_info=True)
-            self.failing = True
+            self.outage.failed()
         else:
-            if self.failing:
-                logger.info("system metrics: sampling recovered")
-            self.failing = False
+            self.outage.succeeded()
 
     def sample(self) -> None:
         worker = self.worker
