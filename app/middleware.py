@@ -8,8 +8,8 @@ than one per concern: every layer costs a coroutine and a wrapped ``send`` per m
 every request, and these concerns read the same request, amend the same response start
 and need the same status and timing (bench/RESULTS.md). Each concern keeps its own
 helper: the edge policy below, the metrics in observability/http_metrics.py, the access
-line in observability/access_log.py. Exceptions are counted as 500 and re-raised for the
-server to log.
+line in observability/access_log.py. Exceptions are counted as 500, logged with the
+request's context (which is gone by the time the server logs them) and re-raised.
 """
 
 import random
@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import problem_response
 from app.observability.access_log import log_request
 from app.observability.http_metrics import SeriesLookup, observe_websocket
-from app.observability.logging import request_id_var
+from app.observability.logging import log_unhandled, request_id_var
 from app.observability.metrics import multiprocess_enabled
 from app.observability.routes import route_template
 from app.observability.tracing import current_span_ids
@@ -124,6 +124,9 @@ class HttpMiddleware:
             else:
                 response = problem_response(scope, 400, "Invalid host header.")
                 await response(scope, receive, observed_send)
+        except Exception as exc:
+            log_unhandled(exc)
+            raise
         finally:
             elapsed = time.perf_counter() - start
             span_ids = current_span_ids() if self.traced else _NO_SPAN
@@ -161,8 +164,10 @@ class HttpMiddleware:
                 await observe_websocket(self.app, scope, receive, observed_send)
             else:
                 await observed_send({"type": "websocket.close", "code": 1008})
-        except BaseException:
+        except BaseException as exc:
             status = status or 500
+            if isinstance(exc, Exception):
+                log_unhandled(exc)
             raise
         finally:
             span_ids = current_span_ids() if self.traced else _NO_SPAN

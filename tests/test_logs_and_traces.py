@@ -1,10 +1,12 @@
 """Structured logs carry the request context and trace ids, and never secrets."""
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
 import re
+import sqlite3
 import time
 from pathlib import Path
 
@@ -127,6 +129,30 @@ def test_a_server_at_debug_logs_no_socket_query_cookie_or_message(tmp_path: Path
     for secret in ("query-secret-123", "cookie-secret-789", "private chat text 4242"):
         assert secret not in text
     assert token.split(".")[2] not in text
+
+
+def test_an_unhandled_error_is_logged_once_with_its_request_id(tmp_path: Path) -> None:
+    """The server logs an app's unhandled error after the request's context is gone; the
+    app logs it first, with the id the client got, and the server's copy is dropped."""
+    env = server_env(tmp_path, APP_LOG_FORMAT="json")
+    log = tmp_path / "server.log"
+    with app_server(tmp_path, env, log) as (base, _):
+        with contextlib.closing(sqlite3.connect(tmp_path / "app.db")) as database:
+            database.execute("DROP TABLE users")  # a schema problem: a 500, not a 503
+        response = httpx2.post(
+            f"{base}/api/v1/auth/token", data={"username": "someone", "password": PASSWORD}
+        )
+        assert response.status_code == 500
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    errors = [line for line in lines if "exception" in line]
+    assert len(errors) == 1, errors
+    assert errors[0]["event"] == "unhandled error"
+    assert errors[0]["request_id"] == response.headers["x-request-id"]
+    assert "no such table" in errors[0]["exception"]
+    access = [line for line in lines if line["event"] == "request"]
+    assert [(line["status"], line["request_id"]) for line in access] == [
+        (500, response.headers["x-request-id"])
+    ]
 
 
 @pytest.mark.parametrize("log_format", ["json", "console"])

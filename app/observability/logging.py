@@ -242,18 +242,34 @@ def formatter(log_format: LogFormat) -> structlog.stdlib.ProcessorFormatter:
     )
 
 
-class WithoutServerSocketLines(logging.Filter):
-    """Drops what the server logs of WebSocket traffic: uvicorn's line for each handshake
-    (``"WebSocket /path?query" 403``) and, at DEBUG, the websockets library's trace of
-    every handshake line, header and frame, which it writes through uvicorn's logger.
-    They print query strings, cookies and messages, any of which may hold a token, a
-    password or a user's words; HttpMiddleware writes an access line for every socket
-    instead (app/middleware.py)."""
+class WithoutServerDuplicates(logging.Filter):
+    """Drops the server's lines that the app writes better itself:
+
+    - what the server logs of WebSocket traffic: uvicorn's line for each handshake
+      (``"WebSocket /path?query" 403``) and, at DEBUG, the websockets library's trace of
+      every handshake line, header and frame, which it writes through uvicorn's logger.
+      They print query strings, cookies and messages, any of which may hold a token, a
+      password or a user's words; HttpMiddleware writes an access line for every socket.
+    - uvicorn's traceback of an error the app did not handle, which it logs after the
+      request's context is gone: ``log_unhandled`` logged it already, with that context.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.DEBUG and record.pathname.startswith(_WEBSOCKETS_CODE):
             return False
+        if record.exc_info and getattr(record.exc_info[1], _LOGGED_BY_APP, False):
+            return False
         return not (isinstance(record.msg, str) and record.msg.startswith(_SERVER_SOCKET_LINE))
+
+
+def log_unhandled(exc: Exception) -> None:
+    """Log the traceback of an error no handler answered, while the request's context
+    (its id, trace and span) is still bound, for the server's log to skip it."""
+    get_logger("app.errors").error("unhandled error", exc_info=exc)
+    setattr(exc, _LOGGED_BY_APP, True)
+
+
+_LOGGED_BY_APP = "_logged_by_app"
 
 
 _SERVER_SOCKET_LINE = '%s - "WebSocket %s"'
@@ -277,7 +293,7 @@ def dict_config(level: str, log_format: LogFormat) -> dict[str, Any]:
         "formatters": {
             "structlog": {"()": f"{__name__}.formatter", "log_format": log_format},
         },
-        "filters": {"no_socket_lines": {"()": f"{__name__}.WithoutServerSocketLines"}},
+        "filters": {"no_duplicates": {"()": f"{__name__}.WithoutServerDuplicates"}},
         "handlers": {
             "output": {"class": f"{__name__}.OutputHandler", "formatter": "structlog"},
         },
@@ -285,7 +301,7 @@ def dict_config(level: str, log_format: LogFormat) -> dict[str, Any]:
         "loggers": {
             "gunicorn.error": through_root,
             "uvicorn": through_root,
-            "uvicorn.error": through_root | {"filters": ["no_socket_lines"]},
+            "uvicorn.error": through_root | {"filters": ["no_duplicates"]},
             # The access line comes from access_log.py with the request context;
             # the servers' own access lines would duplicate it without that context.
             "gunicorn.access": quiet,
