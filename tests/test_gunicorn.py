@@ -151,6 +151,19 @@ def assert_exact_totals(samples: Samples, expected: int) -> None:
     assert not any(labels["route"] == "/ghost" for labels in series(samples, "http_requests_total"))
 
 
+def await_slots_0_and_1(server: Gunicorn) -> None:
+    """Until the live workers' series are exactly slots 0 and 1 (a dead one's go)."""
+    wait_for(
+        lambda: (
+            {labels["worker"] for labels in series(server.scrape(), "app_worker_open_fds")}
+            == {"0", "1"}
+        ),
+        timeout=10,
+        what="the worker series to be slots 0 and 1",
+        process=server.process,
+    )
+
+
 def test_metrics_are_exact_across_workers_and_survive_a_killed_worker(
     gunicorn: Gunicorn,
 ) -> None:
@@ -175,15 +188,7 @@ def test_metrics_are_exact_across_workers_and_survive_a_killed_worker(
     assert_exact_totals(samples, 2 * N)
 
     # The replacement took the dead worker's slot: still exactly workers 0 and 1.
-    wait_for(
-        lambda: (
-            {labels["worker"] for labels in series(gunicorn.scrape(), "app_worker_open_fds")}
-            == {"0", "1"}
-        ),
-        timeout=10,
-        what="both worker slots to report",
-        process=gunicorn.process,
-    )
+    await_slots_0_and_1(gunicorn)
 
 
 def test_a_reload_keeps_the_worker_slots_and_the_host_sampled(gunicorn: Gunicorn) -> None:
@@ -203,15 +208,7 @@ def test_a_reload_keeps_the_worker_slots_and_the_host_sampled(gunicorn: Gunicorn
         process=gunicorn.process,
         log_path=gunicorn.log,
     )
-    wait_for(
-        lambda: (
-            {labels["worker"] for labels in series(gunicorn.scrape(), "app_worker_open_fds")}
-            == {"0", "1"}
-        ),
-        timeout=10,
-        what="the new workers to report as slots 0 and 1",
-        process=gunicorn.process,
-    )
+    await_slots_0_and_1(gunicorn)
     # The scrapes alone are traffic on the loopback, which the host counter includes.
     received = value(gunicorn.scrape(), "app_host_network_bytes_total", direction="receive")
     wait_for(
