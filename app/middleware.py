@@ -26,7 +26,7 @@ from app.observability.access_log import log_request
 from app.observability.http_metrics import SeriesLookup, observe_websocket
 from app.observability.logging import log_unhandled, request_id_var
 from app.observability.metrics import multiprocess_enabled
-from app.observability.routes import route_template
+from app.observability.routes import app_path, route_template
 from app.observability.tracing import current_span_ids
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -80,7 +80,7 @@ class HttpMiddleware:
         client_request_id, hosts = _edge_headers(scope["headers"])
         request_id, token = _bind_request_id(scope, client_request_id)
         id_header = (_REQUEST_ID_NAME, request_id.encode())
-        path = scope["path"]
+        path = app_path(scope)
         no_store = path.startswith(NO_STORE_PREFIXES)
         max_body = None if path.startswith(STREAMED_BODY_PREFIXES) else self.max_body_bytes
         series = self.series(scope)
@@ -131,7 +131,9 @@ class HttpMiddleware:
             elapsed = time.perf_counter() - start
             span_ids = current_span_ids() if self.traced else _NO_SPAN
             trace_id = span_ids.get("trace_id") if self.exemplars else None
-            series.finish(status, elapsed, request_bytes, response_bytes, trace_id)
+            # The server drops a HEAD response's body: none of it was sent.
+            sent = 0 if scope["method"] == "HEAD" else response_bytes
+            series.finish(status, elapsed, request_bytes, sent, trace_id)
             log_request(scope, series.route, status, elapsed, span_ids)
             request_id_var.reset(token)
 

@@ -27,7 +27,7 @@ from app.observability.http_metrics import RouteSeries
 from app.observability.system import block_device_of
 from app.settings import Settings
 from deploy.stack.process import wait_for
-from tests.api import Api, assert_problem
+from tests.api import PASSWORD, Api, assert_problem
 from tests.conftest import make_settings
 from tests.logs import attach, records
 from tests.prom import Samples, parse, series, value
@@ -135,6 +135,47 @@ def test_root_path_mounts_and_exceptions(extended_app: TestClient) -> None:
     for labels in series(after, "http_requests_in_progress"):
         if labels["route"] != "/svc/metrics":
             assert value(after, "http_requests_in_progress", **labels) == 0
+
+
+def test_under_a_root_path_the_edge_policy_sees_the_app_path(
+    extended_app: TestClient, log_lines: io.StringIO
+) -> None:
+    """Servers put the root path in front of ``path``: the prefixes that choose the body
+    cap, ``no-store`` and the probes' quiet access lines are the app's paths."""
+    client = extended_app
+    attach(log_lines)
+    account = {"email": "root@example.com", "username": "rooted", "password": PASSWORD}
+    assert client.post("/svc/api/v1/auth/register", json=account).status_code == 201
+    token = client.post("/svc/api/v1/auth/token", data={**account, "username": "rooted"})
+    assert token.headers["cache-control"] == "no-store"
+    bearer = {"Authorization": f"Bearer {token.json()['access_token']}"}
+    # Over the 1 MiB cap of other bodies, within the uploads' own.
+    text = b"line of text\n" * 100_000
+    upload = client.post("/svc/api/v1/files", files={"file": ("big.txt", text)}, headers=bearer)
+    assert upload.status_code == 201, upload.text
+    client.get("/svc/health/live")
+    paths = [r.get("path") for r in records(log_lines) if r.get("logger") == "app.access"]
+    assert "/svc/api/v1/files" in paths
+    assert "/svc/health/live" not in paths  # at DEBUG, as without a root path
+
+
+def test_head_is_labelled_by_the_get_route_and_sends_no_body(extended_app: TestClient) -> None:
+    client = extended_app
+    before = scrape(client, "/svc")
+    assert client.head("/svc/api/v1/items").status_code == 200
+    # No HEAD (nor GET) route at this path: the GET route that serves it names it.
+    client.head("/svc/api/v1/files/batch")
+    after = scrape(client, "/svc")
+    labels = {"method": "HEAD", "route": "/svc/api/v1/items"}
+    for name in ("http_response_size_bytes_count", "http_response_size_bytes_sum"):
+        assert value(after, name, **labels) - value(before, name, **labels) == (
+            1 if name.endswith("count") else 0
+        )
+    route = "/svc/api/v1/files/{file_id}"
+    assert (
+        requests_total(after, "HEAD", route, "401") - requests_total(before, "HEAD", route, "401")
+        == 1
+    )
 
 
 def test_websockets_are_counted_separately(extended_app: TestClient) -> None:

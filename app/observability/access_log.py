@@ -14,6 +14,7 @@ from functools import partial
 from starlette.types import Scope
 
 from app.observability.logging import hold_line, is_enabled, render_line
+from app.observability.routes import app_path
 
 LOGGER = "app.access"
 QUIET_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
@@ -25,7 +26,7 @@ def log_request(
     """Queue the access line of a finished request: only what it needs is taken here; it
     is rendered later, with others (log_output.py)."""
     path = scope["path"]
-    level = "debug" if path in QUIET_PATHS else "info"
+    level = "debug" if app_path(scope) in QUIET_PATHS else "info"
     if not is_enabled(level):
         return
     client = scope.get("client")

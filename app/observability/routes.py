@@ -41,7 +41,9 @@ def route_template(scope: Scope) -> str:
     if cached is not None:
         return cached
     method = scope.get("method") if scope["type"] == "http" else None
-    template = _match(_table(scope.get("app")), _route_path(scope), method)
+    # HEAD is served by the GET route (HttpMiddleware calls the app so): named after it.
+    method = "GET" if method == "HEAD" else method
+    template = _match(_table(scope.get("app")), app_path(scope), method)
     result = UNMATCHED if template is None else scope.get("root_path", "") + template
     scope[_SCOPE_KEY] = result
     return result
@@ -50,7 +52,7 @@ def route_template(scope: Scope) -> str:
 def allowed_methods(scope: Scope) -> set[str]:
     """Every method the app's routes take at the request's path, for a 405's Allow header
     (the router names only those of the first route that matched the path)."""
-    path = _route_path(scope)
+    path = app_path(scope)
     return {
         method
         for entry in _table(scope.get("app"))
@@ -59,7 +61,8 @@ def allowed_methods(scope: Scope) -> set[str]:
     }
 
 
-def _route_path(scope: Scope) -> str:
+def app_path(scope: Scope) -> str:
+    """The request's path within the app: servers put ``root_path`` in front of it."""
     root_path = scope.get("root_path", "")
     path = scope["path"]
     return path[len(root_path) :] if root_path and path.startswith(root_path) else path
