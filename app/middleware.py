@@ -27,7 +27,7 @@ from app.observability.http_metrics import SeriesLookup, observe_websocket
 from app.observability.logging import log_unhandled, request_id_var
 from app.observability.metrics import multiprocess_enabled
 from app.observability.routes import app_path, route_template
-from app.observability.tracing import current_span_ids
+from app.observability.tracing import current_span_ids, is_sampled
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_NAME = b"x-request-id"
@@ -130,7 +130,7 @@ class HttpMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             span_ids = current_span_ids() if self.traced else _NO_SPAN
-            trace_id = span_ids.get("trace_id") if self.exemplars else None
+            trace_id = span_ids.get("trace_id") if self.exemplars and is_sampled() else None
             # The server drops a HEAD response's body: none of it was sent.
             sent = 0 if scope["method"] == "HEAD" else response_bytes
             series.finish(status, elapsed, request_bytes, sent, trace_id)

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry, Histogram, Summary, generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.samples import Exemplar
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -25,6 +26,7 @@ from app.main import create_app
 from app.observability import metrics
 from app.observability.http_metrics import RouteSeries
 from app.observability.system import block_device_of
+from app.observability.tracing import tracer_provider_from_env
 from app.settings import Settings
 from deploy.stack.process import wait_for
 from tests.api import PASSWORD, Api, assert_problem
@@ -268,20 +270,22 @@ def test_login_and_refresh_outcomes_are_counted(api: Api) -> None:
     assert delta("auth_token_refreshes_total", "invalid") == 1
 
 
-def test_openmetrics_with_trace_exemplars(database_url: str, tmp_path: Path) -> None:
+def items_exemplars(
+    database_url: str, tmp_path: Path, headers: dict[str, str]
+) -> tuple[list[Exemplar], InMemorySpanExporter]:
+    """The duration exemplars of GET /api/v1/items (the registry is the process's: other
+    tests' requests have theirs too) after one sent with ``headers``."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider()  # the SDK's default sampler: the caller's decision, or on
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     app = create_app(make_settings(database_url, tmp_path), tracer_provider=provider)
     with TestClient(app) as client:
-        client.get("/api/v1/items")
+        client.get("/api/v1/items", headers=headers)
         response = client.get(
             "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
         )
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.rstrip().endswith("# EOF")
-    server_span = next(s for s in exporter.get_finished_spans() if s.name == "GET /api/v1/items")
-    trace_id = format(server_span.context.trace_id, "032x")
     exemplars = [
         sample.exemplar
         for family in text_string_to_metric_families(response.text)
@@ -289,7 +293,50 @@ def test_openmetrics_with_trace_exemplars(database_url: str, tmp_path: Path) -> 
         for sample in family.samples
         if sample.exemplar and sample.labels.get("route") == "/api/v1/items"
     ]
+    return exemplars, exporter
+
+
+def test_openmetrics_with_trace_exemplars(database_url: str, tmp_path: Path) -> None:
+    exemplars, exporter = items_exemplars(database_url, tmp_path, {})
+    server_span = next(s for s in exporter.get_finished_spans() if s.name == "GET /api/v1/items")
+    trace_id = format(server_span.context.trace_id, "032x")
     assert trace_id in {exemplar.labels["trace_id"] for exemplar in exemplars}
+
+
+def test_no_exemplar_points_to_a_trace_that_was_not_sampled(
+    database_url: str, tmp_path: Path
+) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    # The caller did not sample this trace (flags 00): the service does not either.
+    traceparent = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-00"}
+    exemplars, exporter = items_exemplars(database_url, tmp_path, traceparent)
+    assert exporter.get_finished_spans() == ()  # nothing of it exported...
+    # ...so no exemplar may send someone looking for it.
+    assert trace_id not in {exemplar.labels["trace_id"] for exemplar in exemplars}
+
+
+@pytest.mark.parametrize(
+    ("variables", "name"),
+    [
+        ({}, "fastapi-ops-service"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout,team=pay"}, "checkout"),
+        ({"OTEL_SERVICE_NAME": "api", "OTEL_RESOURCE_ATTRIBUTES": "service.name=x"}, "api"),
+    ],
+)
+def test_the_service_name_follows_the_otel_variables(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], name: str
+) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # never reached
+    for key, setting in variables.items():
+        monkeypatch.setenv(key, setting)
+    provider = tracer_provider_from_env()
+    assert provider is not None
+    try:
+        assert provider.resource.attributes["service.name"] == name
+    finally:
+        provider.shutdown()
 
 
 def test_metrics_can_be_restricted_to_scraper_networks(database_url: str, tmp_path: Path) -> None:

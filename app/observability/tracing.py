@@ -34,9 +34,11 @@ def tracer_provider_from_env() -> TracerProvider | None:
     # Imported only when used: the exporter pulls in protobuf and an HTTP client.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    resource = Resource.create(
-        {SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", DEFAULT_SERVICE_NAME)}
-    )
+    # The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, in that order; the
+    # default name only stands in for none (attributes given here would override both).
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
@@ -58,6 +60,12 @@ def uninstrument_engines() -> None:
     # The instrumentor is a process-wide singleton: release it with the engine, so an
     # app created later in the same process (tests, reloads) instruments its own.
     SQLAlchemyInstrumentor().uninstrument()
+
+
+def is_sampled() -> bool:
+    """Whether the current span is recorded and exported: only such a trace may be an
+    exemplar's (an unsampled one's ids, in log lines, still join them across services)."""
+    return bool(trace.get_current_span().get_span_context().trace_flags.sampled)
 
 
 def current_span_ids() -> dict[str, str]:
