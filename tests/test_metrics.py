@@ -270,6 +270,29 @@ def test_login_and_refresh_outcomes_are_counted(api: Api) -> None:
     assert delta("auth_token_refreshes_total", "invalid") == 1
 
 
+def test_a_token_revoked_unused_is_invalid_not_reuse(api: Api, log_lines: io.StringIO) -> None:
+    """Reuse means a spent token came back (a copy is in other hands); one revoked by a
+    logout or a password change and never used is merely invalid, or every such client
+    would raise the security signal."""
+    alice, bob = api.account("alice"), api.account("bob")
+    attach(log_lines)
+    before = scrape(api.client)
+    logout = {"refresh_token": alice.tokens["refresh_token"]}
+    api.client.post("/api/v1/auth/logout", json=logout, headers=alice.headers)
+    change = {"current_password": PASSWORD, "password": "a new passphrase 42"}
+    assert api.client.patch("/api/v1/users/me", json=change, headers=bob.headers).is_success
+    for old in (alice.tokens["refresh_token"], bob.tokens["refresh_token"]):
+        assert_problem(api.client.post("/api/v1/auth/refresh", json={"refresh_token": old}), 401)
+    after = scrape(api.client)
+
+    def delta(outcome: str) -> float:
+        name = "auth_token_refreshes_total"
+        return value(after, name, outcome=outcome) - value(before, name, outcome=outcome)
+
+    assert (delta("invalid"), delta("reuse_detected")) == (2, 0)
+    assert not any("reuse" in r["event"] for r in records(log_lines))
+
+
 def items_exemplars(
     database_url: str, tmp_path: Path, headers: dict[str, str]
 ) -> tuple[list[Exemplar], InMemorySpanExporter]:

@@ -176,7 +176,9 @@ async def _rotate(session: AsyncSession, codec: TokenCodec, refresh_token: str) 
     if token is None:
         raise Unauthorized(INVALID_TOKEN)
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        # Already used or revoked: whoever holds it now is not the legitimate client.
+        if token.used_at is None:  # revoked unused (a logout, a new password): just stale
+            raise Unauthorized(INVALID_TOKEN)
+        # Spent already: whoever holds it now is not the legitimate client.
         await revoke_family(session, token.family_id)
         logger.warning("refresh token reuse: family revoked", user_id=token.user_id)
         raise TokenReuse(token.user_id)
