@@ -14,7 +14,7 @@ from typing import cast
 
 from app.backends.cache import Cache, CacheUnavailable
 from app.observability.logging import get_logger
-from app.observability.metrics import CACHE_REQUESTS
+from app.observability.metrics import CACHE_FILL_ERRORS, CACHE_REQUESTS
 
 logger = get_logger(__name__)
 
@@ -74,7 +74,9 @@ class ItemCache:
             try:
                 await self.cache.fill(key, slot, value, ttl)
             except CacheUnavailable:
-                CACHE_REQUESTS.labels("items", "error").inc()
+                # Not a lookup of its own (that one counted its miss): a Redis that reads
+                # but refuses writes (full, read-only) would keep every lookup a miss.
+                CACHE_FILL_ERRORS.labels("items").inc()
         return value
 
     async def _load_once(self, slot: str, fill: Loader) -> bytes | None:

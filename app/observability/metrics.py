@@ -83,6 +83,11 @@ TOKEN_REFRESHES = Counter(
 
 # Hooks for the cache, rate limiter, uploads and background tasks.
 CACHE_REQUESTS = Counter("cache_requests_total", "Cache lookups by result.", ["cache", "result"])
+CACHE_FILL_ERRORS = Counter(
+    "cache_fill_errors_total",
+    "Values loaded after a miss that the cache could not store.",
+    ["cache"],
+)
 RATE_LIMIT_REJECTIONS = Counter(
     "rate_limit_rejections_total", "Requests refused with 429.", ["limit"]
 )
