@@ -265,9 +265,25 @@ def test_login_and_refresh_outcomes_are_counted(api: Api) -> None:
 
     assert delta("auth_logins_total", "success") == 1
     assert delta("auth_logins_total", "invalid_credentials") == 2
+    assert delta("auth_logins_total", "locked") == 0
     assert delta("auth_token_refreshes_total", "success") == 1
     assert delta("auth_token_refreshes_total", "reuse_detected") == 1
     assert delta("auth_token_refreshes_total", "invalid") == 1
+
+
+def test_a_login_refused_for_a_spent_failure_budget_is_counted_as_locked(api: Api) -> None:
+    api.account("carol")
+    before = scrape(api.client)
+    for _ in range(5):  # the default budget: 5 failures in 15 minutes
+        assert_problem(api.login("carol", "wrong password"), 401)
+    assert_problem(api.login("carol", PASSWORD), 429)  # the right one, unchecked
+    after = scrape(api.client)
+
+    def delta(outcome: str) -> float:
+        name = "auth_logins_total"
+        return value(after, name, outcome=outcome) - value(before, name, outcome=outcome)
+
+    assert (delta("invalid_credentials"), delta("locked"), delta("success")) == (5, 1, 0)
 
 
 def test_a_token_revoked_unused_is_invalid_not_reuse(api: Api, log_lines: io.StringIO) -> None:

@@ -9,7 +9,14 @@ from app.auth.deps import CurrentUser, HasherDep, TokenCodecDep, access_claims, 
 from app.auth.schemas import LogoutRequest, RefreshRequest, TokenPair
 from app.db import SessionDep, WithoutNul
 from app.errors import Unauthorized
-from app.rate_limits import RatePolicyDep, account_budget, login_limit, register_limit
+from app.observability.metrics import LOGINS
+from app.rate_limits import (
+    RateLimited,
+    RatePolicyDep,
+    account_budget,
+    login_limit,
+    register_limit,
+)
 from app.realtime.deps import RealtimeDep
 from app.users.schemas import MAX_EMAIL_CHARS, UserCreate, UserRead
 
@@ -59,6 +66,9 @@ async def login(
             user = await service.authenticate(session, hasher, user, form.password)
     except Unauthorized:
         audit("login.failure", login=login)
+        raise
+    except RateLimited:  # the account's failure budget is spent: no guess was checked
+        LOGINS.labels("locked").inc()
         raise
     audit("login.success", actor_id=user.id, subject_id=user.id)
     return await service.issue_pair(session, codec, user)

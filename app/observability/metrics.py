@@ -107,7 +107,7 @@ BACKGROUND_TASKS = Counter(
 )
 
 # Pre-create known outcomes so alerts see a 0 instead of a missing series.
-for _outcome in ("success", "invalid_credentials"):
+for _outcome in ("success", "invalid_credentials", "locked"):
     LOGINS.labels(_outcome)
 for _outcome in ("success", "invalid", "reuse_detected"):
     TOKEN_REFRESHES.labels(_outcome)
