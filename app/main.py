@@ -72,6 +72,8 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # The server has cancelled the requests still running: uploads clean up first.
+        await files_service.drain_uploads(timeout_seconds=5)
         for task in loops:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -40,18 +40,30 @@ from app.settings import Settings
 _settings = Settings()
 
 
-class ServiceWorker(UvicornWorker):
-    """uvicorn's gunicorn worker, with the server options ``python -m app serve`` sets too."""
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+# A stopping worker (a deploy's SIGTERM, a max_requests recycle) stops telling the master it
+# is alive, and is killed after the shorter of these two. Before that, uvicorn cancels the
+# requests still running (uploads may run for minutes), so they clean up after themselves:
+# staged files removed, outcomes counted; killed, they would leave both undone.
+SHUTDOWN_SECONDS = max(1, min(timeout, graceful_timeout) - 5)
 
-    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {**UvicornWorker.CONFIG_KWARGS, **SERVER_OPTIONS}
+
+class ServiceWorker(UvicornWorker):
+    """uvicorn's gunicorn worker, with the server options ``python -m app serve`` sets too,
+    and a bounded graceful shutdown."""
+
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
+        **UvicornWorker.CONFIG_KWARGS,
+        **SERVER_OPTIONS,
+        "timeout_graceful_shutdown": SHUTDOWN_SECONDS,
+    }
 
 
 wsgi_app = "app.main:create_app()"
 worker_class = ServiceWorker
 bind = [os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")]
 workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "10000"))
 max_requests_jitter = max_requests // 10

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx2
 import psutil
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -23,6 +25,7 @@ from app.realtime.schemas import SERVER_MAX_FRAME_BYTES
 from deploy.stack.process import free_port, wait_for
 from tests.api import PASSWORD
 from tests.prom import Samples, parse, series, value
+from tests.uploads import MIB, half_sent_upload
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "gunicorn.conf.py"
@@ -219,6 +222,63 @@ def test_a_reload_keeps_the_worker_slots_and_the_host_sampled(gunicorn: Gunicorn
         what="a new worker to sample the host",
         process=gunicorn.process,
     )
+
+
+def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -> None:
+    """A deploy's SIGTERM (or a max_requests recycle) stops a worker while an upload that
+    may run for minutes is still arriving. The master kills a stopping worker after its
+    timeouts; the worker must cancel the upload first, so that the staged file goes and
+    the upload is counted, instead of both being left to the hourly sweep."""
+    database = tmp_path / "app.db"
+    migrate.upgrade(f"sqlite+aiosqlite:///{database}")
+    port = free_port()
+    env = gunicorn_env(
+        tmp_path,
+        APP_DATABASE_URL=f"sqlite+aiosqlite:///{database}",
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        WEB_CONCURRENCY="1",
+        GUNICORN_TIMEOUT="6",  # killed 6 s after it stops; uvicorn cancels after 1 s
+        GUNICORN_GRACEFUL_TIMEOUT="6",
+        APP_MAX_UPLOAD_BYTES=str(64 * MIB),
+    )
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            GUNICORN, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(
+            lambda: _answers(f"{base}/health/ready"),
+            timeout=60,
+            what="gunicorn",
+            process=process,
+            log_path=log,
+        )
+        body = {"email": "long@example.com", "username": "long", "password": PASSWORD}
+        assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
+        token = httpx2.post(
+            f"{base}/api/v1/auth/token", data={"username": "long", "password": PASSWORD}
+        ).json()["access_token"]
+        uploads = tmp_path / "data" / "uploads"
+        with half_sent_upload(base, token, uploads):
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert list(uploads.glob(".upload-*")) == []
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path / "prometheus"))
+    assert registry.get_sample_value("uploads_total", {"outcome": "aborted"}) == 1
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx2.get(url, timeout=2).status_code == 200
+    except httpx2.HTTPError:
+        return False
 
 
 def test_system_series_are_not_multiplied_by_workers(gunicorn: Gunicorn) -> None:

@@ -8,12 +8,10 @@
 import contextlib
 import hashlib
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx2
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,11 +20,10 @@ from app import migrate
 from deploy.stack.process import MissingBinary, require_binary, wait_for
 from tests.api import PASSWORD
 from tests.app_server import app_server, server_env
+from tests.uploads import BOUNDARY, MIB, file_chunks, half_sent_upload, multipart_body
 
-MIB = 1024 * 1024
 FILE_SIZE = 200 * MIB
 ALLOWED_GROWTH = 32 * MIB
-BOUNDARY = "memory-bound-boundary"
 
 
 def peak_rss(pid: int) -> int:
@@ -35,28 +32,6 @@ def peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM in /proc status")
-
-
-HEAD = (
-    f"--{BOUNDARY}\r\n"
-    'Content-Disposition: form-data; name="file"; filename="big.txt"\r\n'
-    "Content-Type: text/plain\r\n\r\n"
-).encode()
-
-
-def file_chunks(size: int) -> Iterator[bytes]:
-    """``size`` bytes of text (a whole number of MiB), 1 MiB at a time."""
-    line = b"streamed, never buffered\n"
-    chunk = (line * (MIB // len(line) + 1))[:MIB]
-    for _ in range(size // MIB):
-        yield chunk
-
-
-def multipart_body(size: int) -> Iterator[bytes]:
-    """A text file part of ``size`` bytes, produced 1 MiB at a time (never held whole)."""
-    yield HEAD
-    yield from file_chunks(size)
-    yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
 def on_a_volume_of_its_own(size: int, uploads: Path) -> list[str]:
@@ -126,28 +101,6 @@ def test_a_200_mb_upload_keeps_the_server_within_its_memory_bound(tmp_path: Path
         assert big.json()["sha256"] == expected.hexdigest()
         growth = peak_rss(server.pid) - idle
         assert growth < ALLOWED_GROWTH, f"peak RSS grew by {growth / MIB:.1f} MiB"
-
-
-@contextlib.contextmanager
-def half_sent_upload(base: str, token: str, uploads: Path) -> Iterator[socket.socket]:
-    """An upload of 32 MiB of which 5 MiB are sent, open until the block ends; entered
-    once the server has staged some of it."""
-    address = urlsplit(base)
-    with socket.create_connection((address.hostname, address.port)) as connection:
-        connection.sendall(
-            (
-                "POST /api/v1/files HTTP/1.1\r\n"
-                f"Host: {address.netloc}\r\n"
-                f"Authorization: Bearer {token}\r\n"
-                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                f"Content-Length: {32 * MIB}\r\n\r\n"
-            ).encode()
-            + HEAD
-        )
-        for chunk in file_chunks(5 * MIB):
-            connection.sendall(chunk)
-        wait_for(lambda: any(uploads.glob(".upload-*")), timeout=30, what="the upload to be staged")
-        yield connection
 
 
 def test_a_client_gone_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:

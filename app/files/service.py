@@ -7,11 +7,14 @@ neither a blob nor a row behind. A batch streams its files the same way, each in
 own staged blob; each file is accepted or refused on its own.
 """
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -93,6 +96,36 @@ class BatchResult:
     error: AppError | None = None
 
 
+# Uploads running in this process. A stopping worker's server cancels those it cannot wait
+# for, and may end the process as soon as the app's shutdown is over: the shutdown first
+# lets them finish cleaning up (drain_uploads), or their staged files and outcomes are lost.
+_running: set[asyncio.Task[object]] = set()
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _drained(handler: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    @functools.wraps(handler)
+    async def tracked(*args: P.args, **kwargs: P.kwargs) -> T:
+        task = cast(asyncio.Task[object], asyncio.current_task())  # a request runs in one
+        _running.add(task)
+        try:
+            return await handler(*args, **kwargs)
+        finally:
+            _running.discard(task)
+
+    return tracked
+
+
+async def drain_uploads(timeout_seconds: float) -> None:
+    """Wait, at most this long, for this event loop's uploads to end."""
+    loop = asyncio.get_running_loop()
+    running = {task for task in _running if task.get_loop() is loop}
+    if running:
+        await asyncio.wait(running, timeout=timeout_seconds)
+
+
+@_drained
 async def upload(
     session: AsyncSession,
     storage: Storage,
@@ -106,13 +139,14 @@ async def upload(
             if not files:
                 raise UnprocessableContent("The form has no 'file' part.")
             record = await _store(storage, settings, owner, files[0], description)
-    except (AppError, ClientDisconnect) as exc:
+    except (AppError, ClientDisconnect, asyncio.CancelledError) as exc:
         UPLOADS.labels(_outcome(exc)).inc()
         raise
     await _save(session, storage, [record])
     return record
 
 
+@_drained
 async def upload_batch(
     session: AsyncSession,
     storage: Storage,
@@ -143,7 +177,8 @@ async def upload_batch(
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await _delete_blobs(storage, [r.record for r in results if r.record is not None])
-        if isinstance(exc, AppError | ClientDisconnect):  # the form as a whole failed
+        # The form as a whole failed (abandoned, refused) rather than one of its files.
+        if isinstance(exc, AppError | ClientDisconnect | asyncio.CancelledError):
             UPLOADS.labels(_outcome(exc)).inc()
         raise
     await _save(session, storage, [r.record for r in results if r.record is not None])
@@ -332,9 +367,10 @@ async def _put(storage: Storage, key: str, data: bytes) -> None:
         await blob.commit(key)
 
 
-def _outcome(exc: AppError | ClientDisconnect) -> str:
-    """A bounded label for a refused or abandoned upload."""
-    if isinstance(exc, ClientDisconnect):
+def _outcome(exc: AppError | ClientDisconnect | asyncio.CancelledError) -> str:
+    """A bounded label for a refused or abandoned upload: abandoned by its client, or by a
+    worker that stopped under it (cancelled at the end of its graceful shutdown)."""
+    if isinstance(exc, ClientDisconnect | asyncio.CancelledError):
         return "aborted"
     if isinstance(exc, PayloadTooLarge):
         return "too_large"
