@@ -9,6 +9,7 @@ import io
 import itertools
 import os
 import struct
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -934,6 +935,29 @@ def test_writeback_is_asked_for_each_written_range_and_a_refusal_costs_nothing(
     assert [offset for offset, _ in ranges] == [0, *itertools.accumulate(n for _, n in ranges)][:-1]
     assert sum(length for _, length in ranges) == len(data)
     assert len(ranges) == 3
+
+
+def test_the_sweep_never_takes_the_stage_of_a_slow_live_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes arriving slowly gather below the write buffer without touching the file: an
+    upload sending less than a MiB an hour, alive all along, looked dead to the sweep."""
+    monkeypatch.setattr(storage_module, "STAGE_TOUCH_SECONDS", 0.0)  # an hour, shortened
+    storage = storage_module.LocalStorage(tmp_path / "blobs")
+    two_hours_ago = time.time() - 7200
+
+    async def slow_upload() -> int:
+        async with storage.stage() as blob:
+            await blob.write(b"first bytes\n")
+            (stage,) = (tmp_path / "blobs").glob(".upload-*")
+            os.utime(stage, (two_hours_ago, two_hours_ago))  # nothing written since
+            await blob.write(b"more, long after\n")  # still gathering, yet alive
+            removed = await storage.remove_stale_stages(older_than_seconds=3600)
+            await blob.commit("key")
+            return removed
+
+    assert anyio.run(slow_upload) == 0
+    assert (tmp_path / "blobs" / "key").read_bytes() == b"first bytes\nmore, long after\n"
 
 
 def test_a_commit_that_fails_after_the_rename_leaves_nothing(

@@ -75,7 +75,9 @@ class Storage(Protocol):
 
     async def remove_stale_stages(self, older_than_seconds: float) -> int:
         """Remove staged blobs untouched for that long, which only a process that died
-        mid-upload leaves (a failed or aborted upload discards its own); how many."""
+        mid-upload leaves (a failed or aborted upload discards its own, and a live one
+        touches its own at least every STAGE_TOUCH_SECONDS while bytes arrive); how
+        many."""
 
 
 def new_key() -> str:
@@ -93,6 +95,10 @@ _start_writeback = getattr(os, "posix_fadvise", None)  # not on macOS
 # Chunks are gathered up to this size before a write: one hop to a worker thread per
 # request chunk (often 64 KiB) cost ~15 % of upload throughput (bench/RESULTS.md).
 WRITE_BUFFER_BYTES = 1024 * 1024
+# A stage that is still receiving bytes is touched at least this often, even while they
+# only gather below WRITE_BUFFER_BYTES (a client sending slowly): what tells it from the
+# stage of a process that died (remove_stale_stages).
+STAGE_TOUCH_SECONDS = 60.0
 
 
 class _LocalStagedBlob:
@@ -112,6 +118,7 @@ class _LocalStagedBlob:
         self._writing: asyncio.Future[None] | None = None
         self._sha256 = hashlib.sha256()
         self._size = 0
+        self._touched = time.monotonic()
         self.committed = False
 
     async def local_file(self) -> Path:
@@ -127,6 +134,10 @@ class _LocalStagedBlob:
         self._pending_bytes += len(chunk)
         if self._pending_bytes >= WRITE_BUFFER_BYTES:
             await self._start_write()
+        elif time.monotonic() - self._touched >= STAGE_TOUCH_SECONDS:
+            # A metadata update on an open file: no need for a worker thread.
+            os.utime(self._file.fileno())
+            self._touched = time.monotonic()
 
     async def _start_write(self) -> None:
         """Hand the pending chunks to a worker thread, once the previous write is over."""
@@ -152,6 +163,7 @@ class _LocalStagedBlob:
         return chunks
 
     def _write(self, chunks: list[bytes]) -> None:
+        self._touched = time.monotonic()
         start = self._size
         with _full_is_storage_full():
             for chunk in chunks:
