@@ -89,6 +89,15 @@ def request_id_of(scope: Scope) -> str | None:
     return scope.get("state", {}).get("request_id")
 
 
+# Renamed by RFC 9110, as nginx's own problems (nginx/) and Python 3.13 name them; Python
+# 3.11 still has the old names.
+_RFC_9110_TITLES = {
+    413: "Content Too Large",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
+}
+
+
 def problem_response(
     scope: Scope,
     status: int,
@@ -97,7 +106,9 @@ def problem_response(
     headers: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
-    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    phrase = _RFC_9110_TITLES.get(status) or (
+        HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    )
     request_id = request_id_of(scope)
     body: dict[str, Any] = {
         "type": "about:blank",

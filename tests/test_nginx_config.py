@@ -3,13 +3,17 @@ image's entrypoint does for compose), are accepted by the real `nginx -t`."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from app.errors import problem_response
 from deploy.stack.nginx import NginxServer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rendered(server: NginxServer) -> str:
@@ -50,3 +54,16 @@ def test_upload_body_limits_follow_the_apps_cap(tmp_path: Path, cap: int) -> Non
     limits = re.findall(r"client_max_body_size (\d+);", site)
     # One file plus multipart framing; a batch of APP_MAX_BATCH_FILES (10) of those.
     assert limits == [str(cap + 65536), str((cap + 65536) * 10)]
+
+
+def test_nginx_problems_are_titled_as_the_apps() -> None:
+    """A client reads one problem shape whoever answers: nginx's own 413, 429, 503 and
+    404 carry the titles the app gives the same statuses (RFC 9110's names)."""
+    template = (ROOT / "nginx" / "templates" / "snippets" / "problems.conf.template").read_text()
+    answers = re.findall(r"return (\d{3}) '(\{.*\})';", template)
+    assert len(answers) == 4
+    scope = {"type": "http", "state": {}}
+    for status, body in answers:
+        nginx_title = json.loads(body.replace("$edge_request_id", "id"))["title"]
+        app_title = json.loads(problem_response(scope, int(status)).body)["title"]
+        assert nginx_title == app_title, status
