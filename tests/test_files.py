@@ -24,6 +24,7 @@ from PIL import ExifTags, Image, ImageCms, ImageSequence
 from app.backends import storage as storage_module
 from app.files import gif
 from app.files.downloads import MAX_RANGES, byte_ranges
+from app.files.rules import GENERIC_TYPE as GENERIC
 from app.files.rules import TextProbe, content_disposition, sanitize_filename
 from app.main import create_app
 from tests.api import Account, Api, assert_problem
@@ -893,19 +894,45 @@ def test_upload_outcomes_are_counted(api: Api) -> None:
         samples = parse(api.client.get("/metrics").text)
         return {
             outcome: value(samples, "uploads_total", outcome=outcome)
-            for outcome in ("ok", "bad_type", "bomb")
+            for outcome in ("ok", "bad_type", "bomb", "invalid")
         }
 
     before = outcomes()
     uploaded(upload(api, alice, "notes.txt", TEXT, "text/plain"))
     upload(api, alice, "fake.png", TEXT, "image/png")
     upload(api, alice, "bomb.png", huge_png(20_000, 20_000), "image/png")
+    # No file's type was checked: the request's own is wrong.
+    not_a_form = api.client.post("/api/v1/files", json={"file": "x"}, headers=alice.headers)
+    assert_problem(not_a_form, 415)
     after = outcomes()
     assert {key: after[key] - before[key] for key in after} == {
         "ok": 1,
         "bad_type": 1,
         "bomb": 1,
+        "invalid": 1,
     }
+
+
+def test_a_file_input_left_empty_is_no_file(api: Api) -> None:
+    """Browsers send a file input nobody filled as a part with an empty file name and no
+    content: no file to check the type of (it was a 415, for a name without extension)."""
+    alice = api.account("alice")
+    empty = raw_upload(api, alice, b'form-data; name="file"; filename=""', b"")
+    assert assert_problem(empty, 422)["detail"] == "The form has no 'file' part."
+    named_nothing = raw_upload(api, alice, b'form-data; name="file"; filename=""', b"data")
+    assert_problem(named_nothing, 400)
+    parts = (
+        b'form-data; name="file"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n' + TEXT,
+        b'form-data; name="file"; filename=""\r\nContent-Type: ' + GENERIC.encode() + b"\r\n\r\n",
+    )
+    body = b"".join(f"--{BOUNDARY}\r\nContent-Disposition: ".encode() + p + b"\r\n" for p in parts)
+    batch_with_one_left_empty = api.client.post(
+        "/api/v1/files/batch",
+        content=body + f"--{BOUNDARY}--\r\n".encode(),
+        headers=alice.headers | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+    )
+    assert batch_with_one_left_empty.status_code == 207
+    assert [r["status"] for r in batch_with_one_left_empty.json()["results"]] == [201]
 
 
 def test_writeback_is_asked_for_each_written_range_and_a_refusal_costs_nothing(

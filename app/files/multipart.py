@@ -15,6 +15,10 @@ from starlette.requests import Request
 from app.errors import AppError, PayloadTooLarge, UnsupportedMediaType
 
 
+class NotMultipart(UnsupportedMediaType):
+    """415 for the request's own type: no file's type was checked."""
+
+
 class MalformedBody(AppError):
     """400: the body is not the multipart/form-data it claims to be."""
 
@@ -58,7 +62,7 @@ class FormBody:
 def boundary_of(content_type: str) -> bytes:
     kind, options = parse_options_header(content_type)
     if kind != b"multipart/form-data":
-        raise UnsupportedMediaType("Send the file as multipart/form-data.")
+        raise NotMultipart("Send the file as multipart/form-data.")
     boundary = options.get(b"boundary")
     if not boundary:
         raise MalformedBody("The multipart body has no boundary.")

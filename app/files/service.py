@@ -282,13 +282,15 @@ async def _receive(
     """
     files: list[_IncomingFile] = []
     description: bytearray | None = None
-    current: _IncomingFile | bytearray | None = None
+    current: _IncomingFile | bytearray | _NoFileChosen | None = None
     limit = max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     events = multipart.events(body, limit)
     async with contextlib.aclosing(events):
         async for event in events:
             if isinstance(event, multipart.PartStart):
-                if event.name == "file" and event.filename is not None:
+                if event.name == "file" and event.filename == "":
+                    current = _NO_FILE_CHOSEN
+                elif event.name == "file" and event.filename is not None:
                     if len(files) == max_files:
                         raise multipart.MalformedBody(f"At most {max_files} file(s) per request.")
                     blob = await stages.enter_async_context(storage.stage())
@@ -308,6 +310,9 @@ async def _receive(
             elif isinstance(event, bytes):
                 if isinstance(current, _IncomingFile):
                     await _feed(current, event, abort=max_files == 1)
+                elif isinstance(current, _NoFileChosen):
+                    if event:
+                        raise multipart.MalformedBody("A 'file' part has content but no name.")
                 elif current is not None:
                     current += event
                     # 4 bytes per character at most in UTF-8: stop buffering early.
@@ -316,6 +321,14 @@ async def _receive(
             else:
                 current = None
     return files, _description(description)
+
+
+class _NoFileChosen:
+    """A ``file`` part with an empty file name: what a browser sends for a file input left
+    empty. It is no file (the form may have others); with content, it is malformed."""
+
+
+_NO_FILE_CHOSEN = _NoFileChosen()
 
 
 async def _feed(incoming: _IncomingFile, chunk: bytes, *, abort: bool) -> None:
@@ -377,7 +390,7 @@ def _outcome(exc: AppError | ClientDisconnect | asyncio.CancelledError) -> str:
         return "too_large"
     if isinstance(exc, InsufficientStorage):
         return "no_space"
-    if exc.status_code == 415:
+    if exc.status_code == 415 and not isinstance(exc, multipart.NotMultipart):
         return "bad_type"
     if isinstance(exc.__cause__, images.ImageRejected):
         return exc.__cause__.reason
