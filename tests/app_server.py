@@ -45,7 +45,7 @@ def app_server(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(
-            lambda: _answers(f"{base}/health/live"),
+            lambda: answers(f"{base}/health/live"),
             timeout=60,
             what="python -m app serve",
             process=server,
@@ -57,7 +57,8 @@ def app_server(
         server.wait(timeout=30)
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 now."""
     try:
         return httpx2.get(url, timeout=1).status_code == 200
     except httpx2.HTTPError:

@@ -24,6 +24,7 @@ from app import migrate
 from app.realtime.schemas import SERVER_MAX_FRAME_BYTES
 from deploy.stack.process import free_port, wait_for
 from tests.api import PASSWORD
+from tests.app_server import answers
 from tests.prom import Samples, parse, series, value
 from tests.uploads import MIB, half_sent_upload
 
@@ -71,8 +72,10 @@ def gunicorn_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def gunicorn(tmp_path: Path) -> Iterator[Gunicorn]:
+def launched(tmp_path: Path, **extra: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """gunicorn started with the shipped config on a migrated SQLite database under
+    ``tmp_path`` and a free port, plus ``extra`` settings: the process, its base URL and
+    its log."""
     database = tmp_path / "app.db"
     migrate.upgrade(f"sqlite+aiosqlite:///{database}")
     port = free_port()
@@ -80,9 +83,18 @@ def gunicorn(tmp_path: Path) -> Iterator[Gunicorn]:
         tmp_path,
         APP_DATABASE_URL=f"sqlite+aiosqlite:///{database}",
         GUNICORN_BIND=f"127.0.0.1:{port}",
-        APP_METRICS_ALLOWED_NETWORKS="127.0.0.0/8",
-        APP_SYSTEM_METRICS_INTERVAL_SECONDS="0.5",
+        **extra,
     )
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            GUNICORN, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    return process, f"http://127.0.0.1:{port}", log
+
+
+@pytest.fixture
+def gunicorn(tmp_path: Path) -> Iterator[Gunicorn]:
     # Left over from "a previous run": must be wiped, or it would inflate the totals.
     (tmp_path / "prometheus").mkdir()
     subprocess.run(
@@ -93,16 +105,16 @@ def gunicorn(tmp_path: Path) -> Iterator[Gunicorn]:
             "'http_requests_total', '', ['method', 'route', 'status'])"
             ".labels('GET', '/ghost', '200').inc(1000)",
         ],
-        env=env,
+        env=gunicorn_env(tmp_path),
         check=True,
     )
     assert list((tmp_path / "prometheus").iterdir())
-    log = tmp_path / "gunicorn.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            GUNICORN, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
-    server = Gunicorn(process, f"http://127.0.0.1:{port}", log)
+    process, base, log = launched(
+        tmp_path,
+        APP_METRICS_ALLOWED_NETWORKS="127.0.0.0/8",
+        APP_SYSTEM_METRICS_INTERVAL_SECONDS="0.5",
+    )
+    server = Gunicorn(process, base, log)
     try:
         wait_for(
             lambda: _ready(server) and len(server.workers()) == 2,
@@ -119,10 +131,7 @@ def gunicorn(tmp_path: Path) -> Iterator[Gunicorn]:
 
 def _ready(server: Gunicorn) -> bool:
     # /health/ready, not /health/live: the probes must not add to the counted traffic.
-    try:
-        return httpx2.get(f"{server.base_url}/health/ready", timeout=2).status_code == 200
-    except httpx2.HTTPError:
-        return False
+    return answers(f"{server.base_url}/health/ready")
 
 
 def send_traffic(server: Gunicorn, start: int) -> None:
@@ -229,27 +238,16 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -
     may run for minutes is still arriving. The master kills a stopping worker after its
     timeouts; the worker must cancel the upload first, so that the staged file goes and
     the upload is counted, instead of both being left to the hourly sweep."""
-    database = tmp_path / "app.db"
-    migrate.upgrade(f"sqlite+aiosqlite:///{database}")
-    port = free_port()
-    env = gunicorn_env(
+    process, base, log = launched(
         tmp_path,
-        APP_DATABASE_URL=f"sqlite+aiosqlite:///{database}",
-        GUNICORN_BIND=f"127.0.0.1:{port}",
         WEB_CONCURRENCY="1",
         GUNICORN_TIMEOUT="6",  # killed 6 s after it stops; uvicorn cancels after 1 s
         GUNICORN_GRACEFUL_TIMEOUT="6",
         APP_MAX_UPLOAD_BYTES=str(64 * MIB),
     )
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "gunicorn.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            GUNICORN, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
     try:
         wait_for(
-            lambda: _answers(f"{base}/health/ready"),
+            lambda: answers(f"{base}/health/ready"),
             timeout=60,
             what="gunicorn",
             process=process,
@@ -272,13 +270,6 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path / "prometheus"))
     assert registry.get_sample_value("uploads_total", {"outcome": "aborted"}) == 1
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx2.get(url, timeout=2).status_code == 200
-    except httpx2.HTTPError:
-        return False
 
 
 def test_system_series_are_not_multiplied_by_workers(gunicorn: Gunicorn) -> None:
