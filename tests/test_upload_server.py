@@ -7,13 +7,16 @@
 
 import contextlib
 import hashlib
+import io
 import os
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import migrate
@@ -101,6 +104,33 @@ def test_a_200_mb_upload_keeps_the_server_within_its_memory_bound(tmp_path: Path
         assert big.json()["sha256"] == expected.hexdigest()
         growth = peak_rss(server.pid) - idle
         assert growth < ALLOWED_GROWTH, f"peak RSS grew by {growth / MIB:.1f} MiB"
+
+
+def test_images_uploaded_at_once_are_decoded_one_at_a_time(tmp_path: Path) -> None:
+    """A 40-megapixel image (under 1 MB as a JPEG) holds ~160 MB while it is decoded.
+    Four arriving together must not hold four times that (a memory bound)."""
+    buffer = io.BytesIO()
+    gradient = Image.linear_gradient("L").resize((6300, 6300)).convert("RGB")
+    gradient.save(buffer, "JPEG", quality=85)
+    photo = buffer.getvalue()
+    assert len(photo) < MIB
+
+    def upload_photo(base: str, token: str) -> int:
+        return httpx2.post(
+            f"{base}/api/v1/files",
+            files={"file": ("big.jpg", photo, "image/jpeg")},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120,
+        ).status_code
+
+    with upload_server(tmp_path, 64 * MIB) as (base, server, token):
+        assert upload_photo(base, token) == 201  # one decode's worth, plus the code paths
+        after_one = peak_rss(server.pid)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            statuses = list(pool.map(lambda _: upload_photo(base, token), range(4)))
+        assert statuses == [201] * 4
+        growth = peak_rss(server.pid) - after_one
+    assert growth < 64 * MIB, f"peak RSS grew by {growth / MIB:.0f} MiB past one decode's"
 
 
 def test_a_client_gone_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar, cast
@@ -116,6 +117,23 @@ def _drained(handler: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             _running.discard(task)
 
     return tracked
+
+
+# A decoded image holds up to ~4 bytes per pixel (160 MB at the default cap): without a
+# bound of their own, images would be decoded as many at a time as the thread pool has
+# threads (40), enough to have a worker killed for its memory. One limiter per event loop,
+# that is per worker process (and per app in tests, which run each in a loop of its own).
+_image_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _image_limiter(concurrency: int) -> anyio.CapacityLimiter:
+    loop = asyncio.get_running_loop()
+    limiter = _image_limiters.get(loop)
+    if limiter is None:
+        limiter = _image_limiters[loop] = anyio.CapacityLimiter(concurrency)
+    return limiter
 
 
 async def drain_uploads(timeout_seconds: float) -> None:
@@ -245,7 +263,7 @@ async def _store(
     committed: list[str] = []
     try:
         if detected in images.PIL_FORMATS:
-            processed = await _process_image(incoming.blob, detected, settings.max_image_pixels)
+            processed = await _process_image(incoming.blob, detected, settings)
             await _put(storage, thumbnail_key(key), processed.thumbnail)
             committed.append(thumbnail_key(key))
             await _put(storage, key, processed.cleaned)
@@ -363,12 +381,18 @@ def _description_too_long() -> UnprocessableContent:
 
 
 async def _process_image(
-    blob: StagedBlob, content_type: str, max_pixels: int
+    blob: StagedBlob, content_type: str, settings: Settings
 ) -> images.ProcessedImage:
     started = time.perf_counter()
     try:
         path = await blob.local_file()
-        return await anyio.to_thread.run_sync(images.process, path, content_type, max_pixels)
+        return await anyio.to_thread.run_sync(
+            images.process,
+            path,
+            content_type,
+            settings.max_image_pixels,
+            limiter=_image_limiter(settings.image_concurrency),
+        )
     except images.ImageRejected as exc:
         raise UnprocessableContent(exc.detail) from exc
     finally:
