@@ -20,6 +20,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import migrate
+from deploy.stack.postgres import PostgresServer
 from deploy.stack.process import MissingBinary, require_binary, wait_for
 from tests.api import PASSWORD
 from tests.app_server import app_server, server_env
@@ -131,6 +132,38 @@ def test_images_uploaded_at_once_are_decoded_one_at_a_time(tmp_path: Path) -> No
         assert statuses == [201] * 4
         growth = peak_rss(server.pid) - after_one
     assert growth < 64 * MIB, f"peak RSS grew by {growth / MIB:.0f} MiB past one decode's"
+
+
+def test_uploads_still_arriving_hold_no_database_connection(
+    tmp_path: Path, postgres: PostgresServer, postgres_template: str
+) -> None:
+    """Authenticating an upload reads its user. Were that transaction kept while the body
+    arrives, slow uploads (a poor link, or a client trickling bytes on purpose) would hold
+    the pool, and every other request would wait for a connection, then fail with a 503."""
+    name = f"uploads_{os.getpid()}"
+    postgres.create_database(name, template=postgres_template)
+    env = server_env(
+        tmp_path,
+        APP_DATABASE_URL=postgres.url(name),
+        APP_DB_POOL_SIZE="1",  # one connection: the first stalled upload would take it
+        APP_DB_MAX_OVERFLOW="0",
+        APP_DB_POOL_TIMEOUT_SECONDS="2",
+        APP_MAX_UPLOAD_BYTES=str(64 * MIB),
+    )
+    uploads = tmp_path / "data" / "uploads"
+    try:
+        with app_server(tmp_path, env, tmp_path / "server.log") as (base, _):
+            body = {"email": "slow@example.com", "username": "slow", "password": PASSWORD}
+            assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
+            token = httpx2.post(
+                f"{base}/api/v1/auth/token", data={"username": "slow", "password": PASSWORD}
+            ).json()["access_token"]
+            bearer = {"Authorization": f"Bearer {token}"}
+            with half_sent_upload(base, token, uploads), half_sent_upload(base, token, uploads):
+                me = httpx2.get(f"{base}/api/v1/users/me", headers=bearer, timeout=30)
+                assert me.status_code == 200, me.text
+    finally:
+        postgres.drop_database(name)
 
 
 def test_a_client_gone_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:

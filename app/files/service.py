@@ -152,6 +152,7 @@ async def upload(
     owner: User,
     body: multipart.FormBody,
 ) -> StoredFile:
+    await _release_connection(session)
     try:
         async with _full_storage_refused(), contextlib.AsyncExitStack() as stages:
             files, description = await _receive(stages, storage, body, settings, max_files=1)
@@ -175,6 +176,7 @@ async def upload_batch(
 ) -> list[BatchResult]:
     """Each file succeeds or fails on its own; a malformed or oversized form, or a full
     storage, fails whole."""
+    await _release_connection(session)
     results: list[BatchResult] = []
     try:
         async with _full_storage_refused(), contextlib.AsyncExitStack() as stages:
@@ -202,6 +204,15 @@ async def upload_batch(
         raise
     await _save(session, storage, [r.record for r in results if r.record is not None])
     return results
+
+
+async def _release_connection(session: AsyncSession) -> None:
+    """End the transaction that authenticating the caller began, before the body is read:
+    it holds a pooled database connection, and a body may take minutes to arrive (a slow
+    link, or a client trickling bytes on purpose), so a few dozen uploads would hold the
+    whole pool and every other request would wait for it. The row is written later in a
+    transaction of its own; ``expire_on_commit=False`` keeps the user loaded meanwhile."""
+    await session.commit()
 
 
 @contextlib.asynccontextmanager
