@@ -374,6 +374,14 @@ def test_types_declared_under_other_names_agree(
     assert uploaded(upload(api, alice, name, data, content_type))["size"] > 0
 
 
+def test_a_declared_type_refused_is_not_echoed(api: Api) -> None:
+    alice = api.account("alice")
+    hostile = "text/html<script>alert(1)</script>"
+    body = assert_problem(upload(api, alice, "notes.txt", TEXT, hostile), 415)
+    assert "<script>" not in body["detail"]
+    assert body["detail"] == "The part's declared type does not match its text/plain content."
+
+
 def test_a_decompression_bomb_is_422_and_leaves_nothing(api: Api) -> None:
     alice = api.account("alice")
     bomb = huge_png(20_000, 20_000)
@@ -913,26 +921,36 @@ def test_upload_outcomes_are_counted(api: Api) -> None:
     }
 
 
+def posted_form(api: Api, owner: Account, route: str, *parts: bytes) -> Response:
+    """A hand-built form of these parts (each its Content-Disposition value onwards)."""
+    body = b"".join(f"--{BOUNDARY}\r\nContent-Disposition: ".encode() + p + b"\r\n" for p in parts)
+    return api.client.post(
+        route,
+        content=body + f"--{BOUNDARY}--\r\n".encode(),
+        headers=owner.headers | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+    )
+
+
 def test_a_file_input_left_empty_is_no_file(api: Api) -> None:
     """Browsers send a file input nobody filled as a part with an empty file name and no
-    content: no file to check the type of (it was a 415, for a name without extension)."""
+    content: no file to check the type of (it was a 415, for a name without extension).
+    It still counts as a file input: a form cannot have the server parse parts without end."""
     alice = api.account("alice")
-    empty = raw_upload(api, alice, b'form-data; name="file"; filename=""', b"")
+    left_empty = b'form-data; name="file"; filename=""\r\nContent-Type: ' + GENERIC.encode()
+    left_empty += b"\r\n\r\n"
+    a_file = b'form-data; name="file"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n'
+    a_file += TEXT
+    empty = posted_form(api, alice, "/api/v1/files", left_empty)
     assert assert_problem(empty, 422)["detail"] == "The form has no 'file' part."
     named_nothing = raw_upload(api, alice, b'form-data; name="file"; filename=""', b"data")
     assert_problem(named_nothing, 400)
-    parts = (
-        b'form-data; name="file"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n' + TEXT,
-        b'form-data; name="file"; filename=""\r\nContent-Type: ' + GENERIC.encode() + b"\r\n\r\n",
-    )
-    body = b"".join(f"--{BOUNDARY}\r\nContent-Disposition: ".encode() + p + b"\r\n" for p in parts)
-    batch_with_one_left_empty = api.client.post(
-        "/api/v1/files/batch",
-        content=body + f"--{BOUNDARY}--\r\n".encode(),
-        headers=alice.headers | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
-    )
-    assert batch_with_one_left_empty.status_code == 207
-    assert [r["status"] for r in batch_with_one_left_empty.json()["results"]] == [201]
+    batch = posted_form(api, alice, "/api/v1/files/batch", a_file, left_empty)
+    assert batch.status_code == 207
+    assert [r["status"] for r in batch.json()["results"]] == [201]
+    assert_problem(posted_form(api, alice, "/api/v1/files", left_empty, a_file), 400)
+    too_many = posted_form(api, alice, "/api/v1/files/batch", *[left_empty] * 10, a_file)
+    assert_problem(too_many, 400)
+    assert len(leftovers(api)) == 1  # the batch's file; the refused forms left nothing
 
 
 def test_writeback_is_asked_for_each_written_range_and_a_refusal_costs_nothing(

@@ -89,7 +89,10 @@ def check_type(detected: str | None, filename: str, declared: str | None) -> str
         )
     declared_type = (declared or GENERIC_TYPE).split(";", 1)[0].strip().lower()
     if declared_type not in (detected, GENERIC_TYPE, *DECLARED_ALIASES.get(detected, ())):
-        raise UnsupportedMediaType(f"The declared {declared_type} does not match the content.")
+        # Not echoed: it is the client's input (the content's type is the server's finding).
+        raise UnsupportedMediaType(
+            f"The part's declared type does not match its {detected} content."
+        )
     return detected
 
 

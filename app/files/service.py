@@ -312,16 +312,19 @@ async def _receive(
     files: list[_IncomingFile] = []
     description: bytearray | None = None
     current: _IncomingFile | bytearray | _NoFileChosen | None = None
+    file_parts = 0  # inputs left empty included: each costs parsing, if not storage
     limit = max_files * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     events = multipart.events(body, limit)
     async with contextlib.aclosing(events):
         async for event in events:
             if isinstance(event, multipart.PartStart):
+                if event.name == "file" and event.filename is not None:
+                    if file_parts == max_files:
+                        raise multipart.MalformedBody(f"At most {max_files} file(s) per request.")
+                    file_parts += 1
                 if event.name == "file" and event.filename == "":
                     current = _NO_FILE_CHOSEN
                 elif event.name == "file" and event.filename is not None:
-                    if len(files) == max_files:
-                        raise multipart.MalformedBody(f"At most {max_files} file(s) per request.")
                     blob = await stages.enter_async_context(storage.stage())
                     current = _IncomingFile(
                         blob,
