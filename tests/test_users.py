@@ -1,5 +1,7 @@
 """Self-service profile, admin user management, RBAC and the admin guard rails."""
 
+import time
+
 import pytest
 
 from tests.api import PASSWORD, Api, assert_problem
@@ -164,6 +166,20 @@ def test_admin_deletes_a_user_and_their_items(api: Api) -> None:
     assert_problem(api.client.get(f"/api/v1/users/{alice.id}", headers=admin.headers), 404)
     assert_problem(api.client.get(f"/api/v1/items/{item['id']}"), 404)
     assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
+
+
+def test_a_deleted_users_token_never_passes_for_the_account_given_its_id(api: Api) -> None:
+    """SQLite gives the next account the highest row id again once its holder is deleted:
+    the deleted user's access token, still unexpired, must not authenticate the new one."""
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    assert api.client.delete(f"/api/v1/users/{alice.id}", headers=admin.headers).status_code == 204
+    time.sleep(1.1)  # a token's iat is in whole seconds: the next account comes after it
+    mallory = api.account("mallory")
+    if api.settings.is_sqlite:
+        assert mallory.id == alice.id  # the case at hand; PostgreSQL never reuses an id
+    assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
+    me = api.client.get("/api/v1/users/me", headers=mallory.headers)
+    assert me.json()["username"] == "mallory"
 
 
 def test_flags_are_json_booleans_and_ids_plain_digits(api: Api) -> None:

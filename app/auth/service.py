@@ -241,6 +241,12 @@ async def user_from_access_claims(
     except ValueError as exc:
         raise Unauthorized(INVALID_TOKEN) from exc
     user = await session.scalar(_USER_BY_ID, {"user_id": user_id})
-    if user is None or not user.is_active:
+    if user is None or not user.is_active or _issued_before(claims, user):
         raise Unauthorized(INVALID_TOKEN)
     return user
+
+
+def _issued_before(claims: dict[str, Any], user: User) -> bool:
+    """Whether the token predates the account: it was a deleted user's, whose id SQLite
+    gave the next account (it reuses the highest row id; PostgreSQL never does)."""
+    return int(claims["iat"]) < int(user.created_at.timestamp())
