@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import problem_response
 from app.observability.access_log import log_request
 from app.observability.http_metrics import SeriesLookup, observe_websocket
-from app.observability.logging import log_unhandled, request_id_var
+from app.observability.logging import log_unhandled, note_handshake_refused, request_id_var
 from app.observability.metrics import multiprocess_enabled
 from app.observability.routes import app_path, route_template
 from app.observability.tracing import current_span_ids, is_sampled
@@ -159,6 +159,7 @@ class HttpMiddleware:
                     status = 403
                 elif kind == "websocket.http.response.start":
                     status = message["status"]
+                    note_handshake_refused()
             return send(message)
 
         try:

@@ -131,6 +131,35 @@ def test_a_server_at_debug_logs_no_socket_query_cookie_or_message(tmp_path: Path
     assert token.split(".")[2] not in text
 
 
+def test_a_websocket_refused_with_429_logs_no_server_error(tmp_path: Path) -> None:
+    """A handshake answered with an HTTP response (here the rate limit's 429) is complete;
+    uvicorn logs it as an app that "returned without completing handshake" all the same.
+    An ERROR per refused reconnect would page whoever alerts on errors."""
+    env = server_env(tmp_path, APP_LOG_FORMAT="json", APP_RATE_LIMIT_DEFAULT="2/minute")
+    migrate.upgrade(env["APP_DATABASE_URL"])
+    log = tmp_path / "server.log"
+    with app_server(tmp_path, env, log) as (base, _):
+        body = {"email": "ws429@example.com", "username": "often", "password": PASSWORD}
+        assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
+        token = httpx2.post(
+            f"{base}/api/v1/auth/token", data={"username": "often", "password": PASSWORD}
+        ).json()["access_token"]
+        url = base.replace("http", "ws", 1) + "/api/v1/ws/chat/lobby"
+        headers = {"Authorization": f"Bearer {token}"}
+        answers = []
+        for _ in range(4):
+            try:
+                with connect(url, additional_headers=headers, proxy=None):
+                    answers.append(101)
+            except InvalidStatus as exc:
+                answers.append(exc.response.status_code)
+        assert set(answers) == {101, 429}
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line for line in lines if line["level"] == "error"] == []
+    logged = [line["status"] for line in lines if line.get("route") == "/api/v1/ws/chat/{room}"]
+    assert logged.count(429) == answers.count(429)
+
+
 def test_an_unhandled_error_is_logged_once_with_its_request_id(tmp_path: Path) -> None:
     """The server logs an app's unhandled error after the request's context is gone; the
     app logs it first, with the id the client got, and the server's copy is dropped."""

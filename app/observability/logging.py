@@ -252,12 +252,19 @@ class WithoutServerDuplicates(logging.Filter):
       password or a user's words; HttpMiddleware writes an access line for every socket.
     - uvicorn's traceback of an error the app did not handle, which it logs after the
       request's context is gone: ``log_unhandled`` logged it already, with that context.
+    - uvicorn's error that a WebSocket app "returned without completing handshake" when
+      the app refused the handshake with an HTTP response (a 429, a 403), which is a
+      completed handshake: uvicorn forgets to mark it so (encode/uvicorn PR #3138).
+      HttpMiddleware notes the refusal (``note_handshake_refused``) in the connection's
+      context, which uvicorn's log call runs in; any other such error is kept.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.DEBUG and record.pathname.startswith(_WEBSOCKETS_CODE):
             return False
         if record.exc_info and getattr(record.exc_info[1], _LOGGED_BY_APP, False):
+            return False
+        if record.msg == _NO_HANDSHAKE and _handshake_refused.get():
             return False
         return not (isinstance(record.msg, str) and record.msg.startswith(_SERVER_SOCKET_LINE))
 
@@ -270,6 +277,14 @@ def log_unhandled(exc: Exception) -> None:
 
 
 _LOGGED_BY_APP = "_logged_by_app"
+_NO_HANDSHAKE = "ASGI callable returned without completing handshake."
+_handshake_refused: ContextVar[bool] = ContextVar("handshake_refused", default=False)
+
+
+def note_handshake_refused() -> None:
+    """The WebSocket handshake being served was answered with an HTTP response. Left set:
+    the server logs after the app has returned, in the same context."""
+    _handshake_refused.set(True)
 
 
 _SERVER_SOCKET_LINE = '%s - "WebSocket %s"'
