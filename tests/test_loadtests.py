@@ -136,3 +136,40 @@ def test_a_missed_latency_threshold_fails_the_run_and_says_where(stack: RunningS
     reads = {("GET", "/api/v1/items"), ("GET", "/api/v1/items/{item_id}")}
     assert reads <= breached, run.stderr[-3000:]
     assert not {name for _, name in breached if name.startswith("/api/v1/auth/")}
+
+
+# Run in a process of its own: importing Locust monkey-patches the interpreter (gevent).
+_REFUSED_CHAT = """
+import json, sys
+sys.path.insert(0, "loadtests")
+from locust.env import Environment
+import locustfile
+
+class RefusingSocket:
+    closed = False
+    def send(self, data): pass
+    def recv(self, timeout=None):
+        return json.dumps({"type": "error", "detail": "Too many messages; wait 3 s."})
+    def close(self): self.closed = True
+
+locustfile.ChatUser.host = "http://127.0.0.1:9"
+environment = Environment(user_classes=[locustfile.ChatUser])
+failures = []
+environment.events.request.add_listener(lambda **event: failures.append(event["exception"]))
+user = locustfile.ChatUser(environment)
+socket = RefusingSocket()
+user.socket, user.sockets_opened, user.room = socket, 1, "load-0"
+user.chat()
+kept = user.socket is socket and not socket.closed
+print(json.dumps({"kept": kept, "failures": [type(f).__name__ for f in failures]}))
+"""
+
+
+def test_a_refused_chat_message_is_a_failure_on_a_socket_kept() -> None:
+    """The service's message limit answers an error event on a healthy socket. Closing it
+    made the next task open another, which logs in again: a rate limit turned into a storm
+    of logins (each an argon2 hash) that measured the wrong path."""
+    result = subprocess.run(
+        [sys.executable, "-c", _REFUSED_CHAT], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(result.stdout) == {"kept": True, "failures": ["MessageRefused"]}
