@@ -4,6 +4,8 @@ exceptions, WebSockets, content negotiation, access restriction, domain counters
 import io
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -377,6 +379,29 @@ def test_the_service_name_follows_the_otel_variables(
         assert provider.resource.attributes["service.name"] == name
     finally:
         provider.shutdown()
+
+
+def test_a_scrape_passes_over_a_file_a_worker_is_still_creating(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prometheus_client creates a worker's file empty and sizes it just after: a scrape in
+    between (workers starting, every max_requests recycle) was a 500 for the whole scrape."""
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from prometheus_client import Counter; Counter('ready_total', '').inc(3)",
+        ],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+        check=True,
+    )
+    (directory / "counter_999999.db").touch()  # a worker's file, not sized yet
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert value(parse(response.text), "ready_total") == 3
 
 
 def test_metrics_can_be_restricted_to_scraper_networks(database_url: str, tmp_path: Path) -> None:

@@ -6,11 +6,14 @@ and formats thousands of lines, so it runs in a thread, not on the event loop. A
 can be limited to scraper networks with ``APP_METRICS_ALLOWED_NETWORKS``.
 """
 
+import glob
 import ipaddress
+import os
+from collections.abc import Iterable
 
 import anyio
 from fastapi import APIRouter, Request, Response
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -35,8 +38,34 @@ def _registry() -> CollectorRegistry:
     if not multiprocess_enabled():
         return REGISTRY
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    FilesReadyCollector(registry)
     return registry
+
+
+class FilesReadyCollector(MultiProcessCollector):
+    """MultiProcessCollector that skips the files a worker is still creating.
+
+    prometheus_client creates a worker's file empty and sizes it just after; a scrape that
+    read it in between failed with ``struct.error`` (a 500 for the whole scrape), as it did
+    when workers started (every max_requests recycle). An empty file holds no value yet,
+    so nothing is lost by passing it over; the next scrape reads it."""
+
+    def collect(self) -> Iterable[Metric]:
+        return self.merge(
+            [path for path in glob.glob(os.path.join(self._path, "*.db")) if _sized(path)],
+            accumulate=True,
+        )
+
+
+def _sized(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= _HEADER_BYTES
+    except OSError:  # gone: a dead worker's live gauges are removed
+        return False
+
+
+# What mmap_dict writes first: the used size and a pad, 4 bytes each.
+_HEADER_BYTES = 8
 
 
 def _client_in(
