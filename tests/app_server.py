@@ -11,7 +11,9 @@ from pathlib import Path
 
 import httpx2
 
+from app import migrate
 from deploy.stack.process import free_port, wait_for
+from tests.api import PASSWORD
 
 
 def server_env(tmp_path: Path, **settings: str) -> dict[str, str]:
@@ -57,9 +59,27 @@ def app_server(
         server.wait(timeout=30)
 
 
+@contextmanager
+def sqlite_server(tmp_path: Path, log: Path, **settings: str) -> Iterator[str]:
+    """``app_server`` on a migrated SQLite database (``server_env``); yields the base URL."""
+    env = server_env(tmp_path, **settings)
+    migrate.upgrade(env["APP_DATABASE_URL"])
+    with app_server(tmp_path, env, log) as (base, _):
+        yield base
+
+
 def answers(url: str) -> bool:
     """Whether ``url`` answers 200 now."""
     try:
         return httpx2.get(url, timeout=1).status_code == 200
     except httpx2.HTTPError:
         return False
+
+
+def signed_up(base: str, username: str) -> str:
+    """Register ``username`` (password ``tests.api.PASSWORD``) on the server at ``base``
+    and log in: the access token."""
+    body = {"email": f"{username}@example.com", "username": username, "password": PASSWORD}
+    assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
+    login = {"username": username, "password": PASSWORD}
+    return httpx2.post(f"{base}/api/v1/auth/token", data=login).json()["access_token"]

@@ -24,7 +24,7 @@ from app import migrate
 from app.realtime.schemas import SERVER_MAX_FRAME_BYTES
 from deploy.stack.process import free_port, wait_for
 from tests.api import PASSWORD
-from tests.app_server import answers
+from tests.app_server import answers, signed_up
 from tests.prom import Samples, parse, series, value
 from tests.uploads import MIB, half_sent_upload
 
@@ -253,11 +253,7 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -
             process=process,
             log_path=log,
         )
-        body = {"email": "long@example.com", "username": "long", "password": PASSWORD}
-        assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
-        token = httpx2.post(
-            f"{base}/api/v1/auth/token", data={"username": "long", "password": PASSWORD}
-        ).json()["access_token"]
+        token = signed_up(base, "long")
         uploads = tmp_path / "data" / "uploads"
         with half_sent_upload(base, token, uploads):
             process.send_signal(signal.SIGTERM)

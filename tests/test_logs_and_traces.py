@@ -21,7 +21,6 @@ from sqlalchemy.exc import DBAPIError
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from app import migrate
 from app.db import create_engine
 from app.main import create_app
 from app.observability.logging import (
@@ -32,7 +31,7 @@ from app.observability.logging import (
     render_line,
 )
 from tests.api import PASSWORD, Api
-from tests.app_server import app_server, server_env
+from tests.app_server import app_server, server_env, signed_up, sqlite_server
 from tests.conftest import make_settings
 from tests.logs import attach, records
 
@@ -105,15 +104,9 @@ def test_secrets_never_reach_the_logs(
 def test_a_server_at_debug_logs_no_socket_query_cookie_or_message(tmp_path: Path) -> None:
     """At DEBUG the websockets library logs each handshake line, header and frame through
     the server's logger; a real server is needed to see it (TestClient has no server)."""
-    env = server_env(tmp_path, APP_LOG_LEVEL="DEBUG", APP_LOG_FORMAT="json")
-    migrate.upgrade(env["APP_DATABASE_URL"])
     log = tmp_path / "server.log"
-    with app_server(tmp_path, env, log) as (base, _):
-        body = {"email": "ws@example.com", "username": "socketeer", "password": PASSWORD}
-        assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
-        token = httpx2.post(
-            f"{base}/api/v1/auth/token", data={"username": "socketeer", "password": PASSWORD}
-        ).json()["access_token"]
+    with sqlite_server(tmp_path, log, APP_LOG_LEVEL="DEBUG", APP_LOG_FORMAT="json") as base:
+        token = signed_up(base, "socketeer")
         url = base.replace("http", "ws", 1) + "/api/v1/ws/chat/lobby"
         headers = {"Authorization": f"Bearer {token}", "Cookie": "session=cookie-secret-789"}
         # A token in the query string is refused, but the request line was read first.
@@ -135,15 +128,10 @@ def test_a_websocket_refused_with_429_logs_no_server_error(tmp_path: Path) -> No
     """A handshake answered with an HTTP response (here the rate limit's 429) is complete;
     uvicorn logs it as an app that "returned without completing handshake" all the same.
     An ERROR per refused reconnect would page whoever alerts on errors."""
-    env = server_env(tmp_path, APP_LOG_FORMAT="json", APP_RATE_LIMIT_DEFAULT="2/minute")
-    migrate.upgrade(env["APP_DATABASE_URL"])
     log = tmp_path / "server.log"
-    with app_server(tmp_path, env, log) as (base, _):
-        body = {"email": "ws429@example.com", "username": "often", "password": PASSWORD}
-        assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
-        token = httpx2.post(
-            f"{base}/api/v1/auth/token", data={"username": "often", "password": PASSWORD}
-        ).json()["access_token"]
+    settings = {"APP_LOG_FORMAT": "json", "APP_RATE_LIMIT_DEFAULT": "2/minute"}
+    with sqlite_server(tmp_path, log, **settings) as base:
+        token = signed_up(base, "often")
         url = base.replace("http", "ws", 1) + "/api/v1/ws/chat/lobby"
         headers = {"Authorization": f"Bearer {token}"}
         answers = []

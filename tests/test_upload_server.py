@@ -22,8 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import migrate
 from deploy.stack.postgres import PostgresServer
 from deploy.stack.process import MissingBinary, require_binary, wait_for
-from tests.api import PASSWORD
-from tests.app_server import app_server, server_env
+from tests.app_server import app_server, server_env, signed_up
 from tests.uploads import BOUNDARY, MIB, file_chunks, half_sent_upload, multipart_body
 
 FILE_SIZE = 200 * MIB
@@ -72,11 +71,7 @@ def upload_server(
     env = server_env(tmp_path, APP_MAX_UPLOAD_BYTES=str(max_upload_bytes))
     migrate.upgrade(env["APP_DATABASE_URL"])
     with app_server(tmp_path, env, tmp_path / "server.log", wrapper) as (base, server):
-        body = {"email": "up@example.com", "username": "uploader", "password": PASSWORD}
-        assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
-        token = httpx2.post(
-            f"{base}/api/v1/auth/token", data={"username": "uploader", "password": PASSWORD}
-        ).json()["access_token"]
+        token = signed_up(base, "uploader")
         yield base, server, token
 
 
@@ -153,11 +148,7 @@ def test_uploads_still_arriving_hold_no_database_connection(
     uploads = tmp_path / "data" / "uploads"
     try:
         with app_server(tmp_path, env, tmp_path / "server.log") as (base, _):
-            body = {"email": "slow@example.com", "username": "slow", "password": PASSWORD}
-            assert httpx2.post(f"{base}/api/v1/auth/register", json=body).status_code == 201
-            token = httpx2.post(
-                f"{base}/api/v1/auth/token", data={"username": "slow", "password": PASSWORD}
-            ).json()["access_token"]
+            token = signed_up(base, "slow")
             bearer = {"Authorization": f"Bearer {token}"}
             with half_sent_upload(base, token, uploads), half_sent_upload(base, token, uploads):
                 me = httpx2.get(f"{base}/api/v1/users/me", headers=bearer, timeout=30)
