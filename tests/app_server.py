@@ -46,13 +46,7 @@ def app_server(
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(
-            lambda: answers(f"{base}/health/live"),
-            timeout=60,
-            what="python -m app serve",
-            process=server,
-            log_path=log,
-        )
+        await_answer(f"{base}/health/live", server, log, "python -m app serve")
         yield base, server
     finally:
         server.send_signal(signal.SIGINT)
@@ -66,6 +60,11 @@ def sqlite_server(tmp_path: Path, log: Path, **settings: str) -> Iterator[str]:
     migrate.upgrade(env["APP_DATABASE_URL"])
     with app_server(tmp_path, env, log) as (base, _):
         yield base
+
+
+def await_answer(url: str, server: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    """Until ``url`` answers 200; a server that exits first fails with its log."""
+    wait_for(lambda: answers(url), timeout=60, what=what, process=server, log_path=log)
 
 
 def answers(url: str) -> bool:

@@ -24,7 +24,7 @@ from app import migrate
 from app.realtime.schemas import SERVER_MAX_FRAME_BYTES
 from deploy.stack.process import free_port, wait_for
 from tests.api import PASSWORD
-from tests.app_server import answers, signed_up
+from tests.app_server import answers, await_answer, signed_up
 from tests.prom import Samples, parse, series, value
 from tests.uploads import MIB, half_sent_upload
 
@@ -246,13 +246,7 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -
         APP_MAX_UPLOAD_BYTES=str(64 * MIB),
     )
     try:
-        wait_for(
-            lambda: answers(f"{base}/health/ready"),
-            timeout=60,
-            what="gunicorn",
-            process=process,
-            log_path=log,
-        )
+        await_answer(f"{base}/health/ready", process, log, "gunicorn")
         token = signed_up(base, "long")
         uploads = tmp_path / "data" / "uploads"
         with half_sent_upload(base, token, uploads):

@@ -98,50 +98,62 @@ class BatchResult:
     error: AppError | None = None
 
 
-# Uploads running in this process. A stopping worker's server cancels those it cannot wait
-# for, and may end the process as soon as the app's shutdown is over: the shutdown first
-# lets them finish cleaning up (drain_uploads), or their staged files and outcomes are lost.
-_running: set[asyncio.Task[object]] = set()
+@dataclass
+class _LoopUploads:
+    """What the uploads of one event loop share: of one worker process (of one app, in
+    tests, which run each in a loop of its own)."""
+
+    # The uploads running. A stopping worker's server cancels those it cannot wait for,
+    # and may end the process as soon as the app's shutdown is over: the shutdown first
+    # lets them finish cleaning up (drain_uploads), or their staged files and outcomes
+    # are lost.
+    running: set[asyncio.Task[object]] = field(default_factory=set)
+    # A decoded image holds up to ~4 bytes per pixel (160 MB at the default cap): without
+    # a bound of their own, images would be decoded as many at a time as the thread pool
+    # has threads (40), enough to have a worker killed for its memory.
+    image_limiter: anyio.CapacityLimiter | None = None
+
+
+_loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopUploads] = (
+    weakref.WeakKeyDictionary()
+)
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+def _this_loop() -> _LoopUploads:
+    loop = asyncio.get_running_loop()
+    uploads = _loops.get(loop)
+    if uploads is None:
+        uploads = _loops[loop] = _LoopUploads()
+    return uploads
 
 
 def _drained(handler: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     @functools.wraps(handler)
     async def tracked(*args: P.args, **kwargs: P.kwargs) -> T:
+        running = _this_loop().running
         task = cast(asyncio.Task[object], asyncio.current_task())  # a request runs in one
-        _running.add(task)
+        running.add(task)
         try:
             return await handler(*args, **kwargs)
         finally:
-            _running.discard(task)
+            running.discard(task)
 
     return tracked
 
 
-# A decoded image holds up to ~4 bytes per pixel (160 MB at the default cap): without a
-# bound of their own, images would be decoded as many at a time as the thread pool has
-# threads (40), enough to have a worker killed for its memory. One limiter per event loop,
-# that is per worker process (and per app in tests, which run each in a loop of its own).
-_image_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _image_limiter(concurrency: int) -> anyio.CapacityLimiter:
-    loop = asyncio.get_running_loop()
-    limiter = _image_limiters.get(loop)
-    if limiter is None:
-        limiter = _image_limiters[loop] = anyio.CapacityLimiter(concurrency)
-    return limiter
+    uploads = _this_loop()
+    if uploads.image_limiter is None:
+        uploads.image_limiter = anyio.CapacityLimiter(concurrency)
+    return uploads.image_limiter
 
 
 async def drain_uploads(timeout_seconds: float) -> None:
     """Wait, at most this long, for this event loop's uploads to end."""
-    loop = asyncio.get_running_loop()
-    running = {task for task in _running if task.get_loop() is loop}
-    if running:
-        await asyncio.wait(running, timeout=timeout_seconds)
+    if running := _this_loop().running:
+        await asyncio.wait(set(running), timeout=timeout_seconds)
 
 
 @_drained
@@ -159,7 +171,7 @@ async def upload(
             if not files:
                 raise UnprocessableContent("The form has no 'file' part.")
             record = await _store(storage, settings, owner, files[0], description)
-    except (AppError, ClientDisconnect, asyncio.CancelledError) as exc:
+    except _COUNTED as exc:
         UPLOADS.labels(_outcome(exc)).inc()
         raise
     await _save(session, storage, [record])
@@ -199,7 +211,7 @@ async def upload_batch(
         with anyio.CancelScope(shield=True):
             await _delete_blobs(storage, [r.record for r in results if r.record is not None])
         # The form as a whole failed (abandoned, refused) rather than one of its files.
-        if isinstance(exc, AppError | ClientDisconnect | asyncio.CancelledError):
+        if isinstance(exc, _COUNTED):
             UPLOADS.labels(_outcome(exc)).inc()
         raise
     await _save(session, storage, [r.record for r in results if r.record is not None])
@@ -322,9 +334,9 @@ async def _receive(
                     if file_parts == max_files:
                         raise multipart.MalformedBody(f"At most {max_files} file(s) per request.")
                     file_parts += 1
-                if event.name == "file" and event.filename == "":
-                    current = _NO_FILE_CHOSEN
-                elif event.name == "file" and event.filename is not None:
+                    if event.filename == "":
+                        current = _NO_FILE_CHOSEN
+                        continue
                     blob = await stages.enter_async_context(storage.stage())
                     current = _IncomingFile(
                         blob,
@@ -417,6 +429,11 @@ async def _put(storage: Storage, key: str, data: bytes) -> None:
     async with storage.stage() as blob:
         await blob.write(data)
         await blob.commit(key)
+
+
+# What ends an upload with an outcome of its own: refused, or abandoned (by its client, or
+# by a worker that stopped under it, cancelled at the end of its graceful shutdown).
+_COUNTED = (AppError, ClientDisconnect, asyncio.CancelledError)
 
 
 def _outcome(exc: AppError | ClientDisconnect | asyncio.CancelledError) -> str:
