@@ -17,13 +17,14 @@ import re
 import time
 from collections.abc import Awaitable, Iterable
 from contextvars import Token
+from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import problem_response
-from app.observability.access_log import log_request
-from app.observability.http_metrics import SeriesLookup, observe_websocket
+from app.observability.access_log import level_of, log_request
+from app.observability.http_metrics import RouteSeries, SeriesLookup, observe_websocket
 from app.observability.logging import log_unhandled, note_handshake_refused, request_id_var
 from app.observability.metrics import multiprocess_enabled
 from app.observability.routes import app_path, route_template
@@ -50,6 +51,20 @@ STREAMED_BODY_PREFIXES = ("/api/v1/files",)
 # Response headers that, when the app set them, the merge must look at one by one.
 _MERGED = frozenset({name for name, _ in SECURITY_HEADERS} | {_REQUEST_ID_NAME, _CACHE_CONTROL})
 _NO_SPAN: dict[str, str] = {}
+# Distinct (method, path) pairs whose RequestPlan is remembered per process; beyond that,
+# it is worked out on each request, as for the first request of each pair.
+PLAN_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    """What HttpMiddleware does with a request that depends on its method and path alone:
+    worked out once per (method, path), as that costs a walk of the route table."""
+
+    series: RouteSeries
+    no_store: bool
+    max_body: int | None  # None where the routes cap bodies themselves
+    log_level: str
 
 
 class HttpMiddleware:
@@ -68,6 +83,7 @@ class HttpMiddleware:
         self.max_body_bytes = max_body_bytes
         self.hosts = HostPolicy(allowed_hosts)
         self.series = SeriesLookup()
+        self.plans: dict[tuple[str, str, str], RequestPlan] = {}
         self.traced = traced
         self.exemplars = traced and not multiprocess_enabled()
 
@@ -80,10 +96,9 @@ class HttpMiddleware:
         client_request_id, hosts = _edge_headers(scope["headers"])
         request_id, token = _bind_request_id(scope, client_request_id)
         id_header = (_REQUEST_ID_NAME, request_id.encode())
-        path = app_path(scope)
-        no_store = path.startswith(NO_STORE_PREFIXES)
-        max_body = None if path.startswith(STREAMED_BODY_PREFIXES) else self.max_body_bytes
-        series = self.series(scope)
+        key = (scope["method"], scope["path"], scope.get("root_path", ""))
+        plan = self.plans.get(key) or self._plan(scope, key)
+        no_store, max_body, series = plan.no_store, plan.max_body, plan.series
         series.start()
         start = time.perf_counter()
         status = 500
@@ -134,8 +149,20 @@ class HttpMiddleware:
             # The server drops a HEAD response's body: none of it was sent.
             sent = 0 if scope["method"] == "HEAD" else response_bytes
             series.finish(status, elapsed, request_bytes, sent, trace_id)
-            log_request(scope, series.route, status, elapsed, span_ids)
+            log_request(scope, plan.log_level, series.route, status, elapsed, span_ids)
             request_id_var.reset(token)
+
+    def _plan(self, scope: Scope, key: tuple[str, str, str]) -> RequestPlan:
+        path = app_path(scope)
+        plan = RequestPlan(
+            series=self.series(scope),
+            no_store=path.startswith(NO_STORE_PREFIXES),
+            max_body=None if path.startswith(STREAMED_BODY_PREFIXES) else self.max_body_bytes,
+            log_level=level_of(path),
+        )
+        if len(self.plans) < PLAN_CACHE_SIZE:  # clients choose paths and methods
+            self.plans[key] = plan
+        return plan
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A socket gets the access line of its handshake too, written when it closes:
@@ -175,7 +202,8 @@ class HttpMiddleware:
         finally:
             span_ids = current_span_ids() if self.traced else _NO_SPAN
             seconds = time.perf_counter() - start
-            log_request(scope, route_template(scope), status or 499, seconds, span_ids)
+            level = level_of(app_path(scope))
+            log_request(scope, level, route_template(scope), status or 499, seconds, span_ids)
             request_id_var.reset(token)
 
 

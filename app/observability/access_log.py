@@ -14,19 +14,21 @@ from functools import partial
 from starlette.types import Scope
 
 from app.observability.logging import hold_line, is_enabled, render_line
-from app.observability.routes import app_path
 
 LOGGER = "app.access"
 QUIET_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
 
 
+def level_of(path: str) -> str:
+    """The level of the access lines of ``path`` (the path within the app)."""
+    return "debug" if path in QUIET_PATHS else "info"
+
+
 def log_request(
-    scope: Scope, route: str, status: int, seconds: float, span_ids: dict[str, str]
+    scope: Scope, level: str, route: str, status: int, seconds: float, span_ids: dict[str, str]
 ) -> None:
-    """Queue the access line of a finished request: only what it needs is taken here; it
-    is rendered later, with others (log_output.py)."""
-    path = scope["path"]
-    level = "debug" if app_path(scope) in QUIET_PATHS else "info"
+    """Queue the access line of a finished request (``level``: its path's ``level_of``):
+    only what it needs is taken here; it is rendered later, with others (log_output.py)."""
     if not is_enabled(level):
         return
     client = scope.get("client")
@@ -38,7 +40,7 @@ def log_request(
             level,
             scope.get("method", "GET"),  # a websocket's handshake is a GET
             route,
-            path,
+            scope["path"],
             status,
             seconds,
             client[0] if client else None,

@@ -17,9 +17,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.observability import metrics
 from app.observability.routes import route_template
 
-# Distinct (method, path) pairs remembered per process; beyond that, lookups walk the
-# route table as the first request of each pair does.
-SERIES_CACHE_SIZE = 4096
 # The methods that get a label of their own; clients choose the method, so any other
 # (TRACE, PROPFIND, made-up ones…) shares OTHER, or each would add series on every route.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -134,25 +131,19 @@ def _record_to_files(
 
 
 class SeriesLookup:
-    """The RouteSeries of a request, by method and route template, remembered by path too:
-    one dict hit instead of a regex walk of the route table on every request. Bounded,
-    since clients choose paths and methods."""
+    """The RouteSeries of a request, by method and route template: ``labels()`` is paid
+    once per series. HttpMiddleware remembers each path's series, so this runs once per
+    (method, path), not per request."""
 
     def __init__(self) -> None:
         self.by_labels: dict[tuple[str, str], RouteSeries] = {}
-        self.by_path: dict[tuple[str, str, str], RouteSeries] = {}
 
     def __call__(self, scope: Scope) -> RouteSeries:
         method = scope["method"]
-        key = (method, scope["path"], scope.get("root_path", ""))
-        series = self.by_path.get(key)
+        labels = (method if method in METHODS else OTHER_METHOD, route_template(scope))
+        series = self.by_labels.get(labels)
         if series is None:
-            labels = (method if method in METHODS else OTHER_METHOD, route_template(scope))
-            series = self.by_labels.get(labels)
-            if series is None:
-                series = self.by_labels[labels] = RouteSeries(*labels)
-            if len(self.by_path) < SERIES_CACHE_SIZE:
-                self.by_path[key] = series
+            series = self.by_labels[labels] = RouteSeries(*labels)
         return series
 
 
