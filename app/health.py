@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from app.backends.redis import RedisBackend
+from app.observability.tracing import untraced
 from app.settings import SettingsDep
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,11 @@ async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     """503 without the database; 200 "degraded" without Redis, which the service survives
     (reads fall back to the database, limits to per-process counters)."""
     timeout = settings.health_timeout_seconds
-    checks: dict[str, CheckState] = {
-        "database": await _check_database(request, timeout),
-        "redis": await _check_redis(request.app.state.backends.redis, timeout),
-    }
+    with untraced():  # probes come every few seconds: not worth a trace each
+        checks: dict[str, CheckState] = {
+            "database": await _check_database(request, timeout),
+            "redis": await _check_redis(request.app.state.backends.redis, timeout),
+        }
     if checks["database"] != "ok":
         status, code = "unavailable", 503
     elif checks["redis"] == "unavailable":

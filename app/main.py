@@ -47,13 +47,11 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     engine = create_engine(url, settings)
     provider: TracerProvider | None = application.state.tracer_provider
     if provider is not None:
-        tracing.instrument_engine(engine, provider)
+        tracing.instrument_clients(engine, provider)
     application.state.engine = engine
     application.state.sessionmaker = create_sessionmaker(engine)
     backends = create_backends(settings, application.state.sessionmaker)
     application.state.backends = backends
-    if provider is not None and backends.redis is not None:
-        tracing.instrument_redis(backends.redis.client, provider)
     application.state.rate_policy = RatePolicy(backends.limiter, settings)
     application.state.jobs = jobs = BackgroundJobs()
     application.state.mailer = Mailer(settings)
@@ -65,10 +63,11 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     application.state.tokens = TokenCodec(settings)
     sampler = SystemSampler(settings.data_dir, settings.system_metrics_interval_seconds)
     # Each catches its own errors: they end only when cancelled.
-    loops = [
-        asyncio.create_task(sampler.run(), name="system-metrics"),
-        asyncio.create_task(files_service.sweep_stale_stages(storage), name="staging-sweep"),
-    ]
+    with tracing.untraced():
+        loops = [
+            asyncio.create_task(sampler.run(), name="system-metrics"),
+            asyncio.create_task(files_service.sweep_stale_stages(storage), name="staging-sweep"),
+        ]
     try:
         yield
     finally:
@@ -84,7 +83,7 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         await backends.close()
         await engine.dispose()
         if provider is not None:
-            tracing.uninstrument_engines()
+            tracing.uninstrument_clients()
             provider.shutdown()
         # Access lines held back for a moment are written before the process stops.
         flush_all()

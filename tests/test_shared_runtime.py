@@ -4,6 +4,7 @@ its old data."""
 
 import asyncio
 import io
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from sqlalchemy import update
 
 from app import migrate
@@ -252,24 +254,36 @@ def test_production_refuses_in_process_backends_with_several_workers() -> None:
         )
 
 
-def test_redis_commands_are_traced(
+def test_redis_and_database_calls_are_traced_within_requests_only(
     database_url: str, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    settings = make_settings(database_url, tmp_path, redis_url=redis_server.url())
+    settings = make_settings(
+        database_url, tmp_path, redis_url=redis_server.url(), cache_epoch_sync_seconds=0.02
+    )
     with TestClient(create_app(settings, tracer_provider=provider)) as client:
+        assert client.get("/health/ready").json()["checks"] == {"database": "ok", "redis": "ok"}
         assert client.get("/api/v1/items").status_code == 200
-    request = next(s for s in exporter.get_finished_spans() if s.name == "GET /api/v1/items")
-    in_trace = [
-        span
-        for span in exporter.get_finished_spans()
-        if span.context.trace_id == request.context.trace_id
-    ]
-    systems = {span.attributes.get("db.system") for span in in_trace}
-    assert "redis" in systems  # the cache lookup
-    assert {"sqlite", "postgresql"} & systems  # the miss went to the database
+        refused = client.post("/api/v1/auth/token", data={"username": "x", "password": "wrong1234"})
+        assert refused.status_code == 401
+        time.sleep(0.2)  # the epoch sync's Redis and database calls, ten rounds of them
+    spans = exporter.get_finished_spans()
+
+    def in_trace_of(name: str) -> set[str | None]:
+        request = next(span for span in spans if span.name == name)
+        in_trace = [span for span in spans if span.context.trace_id == request.context.trace_id]
+        return {span.attributes.get("db.system") for span in in_trace}
+
+    items = in_trace_of("GET /api/v1/items")
+    assert "redis" in items  # the cache lookup
+    assert {"sqlite", "postgresql"} & items  # the miss went to the database
+    assert "redis" in in_trace_of("POST /api/v1/auth/token")  # the shared rate limits
+    # Probes and periodic jobs start no traces: every trace is a request's.
+    requests = {span.context.trace_id for span in spans if span.kind is SpanKind.SERVER}
+    orphans = {span.name for span in spans if span.context.trace_id not in requests}
+    assert not orphans
 
 
 def test_logout_on_one_replica_revokes_the_access_token_on_the_other(

@@ -24,6 +24,7 @@ from app.backends.redis import RedisBackend, RedisUnavailable
 from app.backends.revocation import MemoryRevocations, RedisRevocations, Revocations
 from app.observability.logging import get_logger
 from app.observability.outages import OutageLog
+from app.observability.tracing import untraced
 from app.settings import Settings
 
 logger = get_logger(__name__)
@@ -79,12 +80,14 @@ def create_backends(settings: Settings, sessionmaker: async_sessionmaker[AsyncSe
         leases=Leases(redis),
         redis=redis,
     )
-    backends.tasks = [
-        asyncio.create_task(broker.run(), name="broker-pump"),
-        asyncio.create_task(
-            _every(settings.cache_epoch_sync_seconds, cache.sync_epoch), name="cache-epoch-sync"
-        ),
-    ]
+    with untraced():
+        backends.tasks = [
+            asyncio.create_task(broker.run(), name="broker-pump"),
+            asyncio.create_task(
+                _every(settings.cache_epoch_sync_seconds, cache.sync_epoch),
+                name="cache-epoch-sync",
+            ),
+        ]
     return backends
 
 

@@ -25,8 +25,7 @@ import importlib.util
 import logging
 import logging.config
 import os
-import re
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -36,30 +35,10 @@ import structlog
 from structlog.types import EventDict, Processor, WrappedLogger
 
 from app.observability.log_output import LineOutput, open_output
+from app.observability.redaction import marked, may_hold_secrets, redact_mapping
 from app.observability.tracing import current_span_ids
 
 LogFormat = Literal["json", "console"]
-REDACTED = "[REDACTED]"
-SENSITIVE_KEYS = frozenset(
-    {
-        "password",
-        "current_password",
-        "new_password",
-        "token",
-        "access_token",
-        "refresh_token",
-        "authorization",
-        "cookie",
-        "set-cookie",
-        "secret",
-        "secret_key",
-        "client_secret",
-    }
-)
-_CREDENTIALS = re.compile(
-    r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"  # JWTs (header starts '{"')
-    r"|(?i:bearer|basic)\s+[A-Za-z0-9._~+/=-]+"
-)
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -167,54 +146,7 @@ def add_trace_context(_: WrappedLogger, __: str, event_dict: EventDict) -> Event
 
 
 def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    return _redact_mapping(event_dict) if _may_hold_secrets(event_dict) else event_dict
-
-
-def _may_hold_secrets(event_dict: EventDict) -> bool:
-    """False when redaction would change nothing: no sensitive key, only plain values and
-    strings, none with a credential marker. One pass and one joined search instead of a
-    call per value: this runs on every line."""
-    strings = []
-    for value in event_dict.values():
-        kind = type(value)
-        if kind is str:
-            strings.append(value)
-        elif kind not in _PLAIN:
-            return True
-    if not SENSITIVE_KEYS.isdisjoint(map(str.lower, event_dict)):
-        return True
-    # NUL-joined: a marker cannot span two values.
-    return _marked("\0".join(strings).lower())
-
-
-def _marked(lowered: str) -> bool:
-    return "eyj" in lowered or "bearer" in lowered or "basic" in lowered
-
-
-def _redact_mapping(mapping: MutableMapping[str, Any]) -> Any:
-    for key, value in mapping.items():
-        if key.lower() in SENSITIVE_KEYS:
-            mapping[key] = REDACTED
-        elif type(value) not in _PLAIN:
-            mapping[key] = _redact_value(value)
-    return mapping
-
-
-# Values that cannot hold a credential; skipped without a call (this runs on every line).
-_PLAIN = frozenset({int, float, bool, type(None)})
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        # Cheap substring tests first: the regex runs only on strings that could match.
-        if _marked(value.lower()):
-            return _CREDENTIALS.sub(REDACTED, value)
-        return value
-    if isinstance(value, dict):
-        return _redact_mapping(dict(value))
-    if isinstance(value, list | tuple):
-        return type(value)(_redact_value(item) for item in value)
-    return value
+    return redact_mapping(event_dict) if may_hold_secrets(event_dict) else event_dict
 
 
 _TIMESTAMP = structlog.processors.TimeStamper(fmt="iso", utc=True)
@@ -377,8 +309,8 @@ def render_line(
     from this code (paths, ids…), NUL-separated: the only places a credential can hide,
     searched at once, because the chain's generic check costs more than the whole line.
     """
-    if _marked(untrusted.lower()):
-        _redact_mapping(event_dict)
+    if marked(untrusted.lower()):
+        redact_mapping(event_dict)
     event_dict["level"] = method_name
     event_dict["logger"] = logger_name
     moment = datetime.fromtimestamp(timestamp, UTC)
