@@ -20,10 +20,12 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
 from PIL import ExifTags, Image, ImageCms, ImageSequence
+from starlette.types import Message
 
 from app.backends import storage as storage_module
 from app.files import gif
 from app.files.downloads import MAX_RANGES, byte_ranges
+from app.files.router import blob_response
 from app.files.rules import GENERIC_TYPE as GENERIC
 from app.files.rules import TextProbe, content_disposition, sanitize_filename
 from app.main import create_app
@@ -765,6 +767,35 @@ def test_listing_searches_names_and_descriptions(api: Api) -> None:
     assert [item["id"] for item in found["items"]] == [report["id"], notes["id"]]
     nothing = api.client.get("/api/v1/files?q=100%25", headers=alice.headers).json()
     assert (nothing["total"], nothing["items"]) == (0, [])  # "%" is no wildcard
+
+
+def test_a_download_whose_file_is_deleted_as_it_starts_is_sent_whole(tmp_path: Path) -> None:
+    """A DELETE racing a download: the file is unlinked once the route has answered, before
+    the response starts. It was opened by then, so every byte still goes out (Starlette's
+    FileResponse opened the path after sending the status line: a 200 without a body)."""
+    storage = storage_module.LocalStorage(tmp_path)
+    path = storage.local_path("key")
+    assert path is not None
+    data = os.urandom(300_000)  # several of FileResponse's chunks
+    path.write_bytes(data)
+    sent: list[Message] = []
+
+    async def download() -> None:
+        response = await blob_response(storage, "key", "application/octet-stream", "x.bin")
+        path.unlink()
+        scope = {"type": "http", "method": "GET", "headers": [], "asgi": {"spec_version": "2.4"}}
+
+        async def receive() -> Message:
+            raise AssertionError("not read")
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await response(scope, receive, send)
+
+    anyio.run(download)
+    assert sent[0]["status"] == 200
+    assert b"".join(message.get("body", b"") for message in sent[1:]) == data
 
 
 def test_a_file_whose_blob_is_gone_is_404_not_500(api: Api) -> None:

@@ -1,5 +1,10 @@
 """The response that serves a stored file, Range requests included.
 
+The file is opened before the response starts and sent from that handle: Starlette's
+FileResponse opens its path only once the status line is out, so a file deleted in
+between (a DELETE racing the download) became a 200 that sent nothing. An open file stays
+readable after its unlink, so the download completes.
+
 Starlette's FileResponse serves ranges (206, ``multipart/byteranges`` for several) but
 parses the Range header in ways RFC 9110 §14 does not: it refuses a range unit it does not
 know (the RFC says ignore it), refuses a whole header when one of its ranges starts past
@@ -8,9 +13,15 @@ unlike every other error of the service. So the parsing is done here, by ``byte_
 and FileResponse only sends what it returns.
 """
 
+import os
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import BinaryIO
 
+import anyio
 from starlette.responses import FileResponse
+from starlette.types import Receive, Scope, Send
 
 from app.errors import AppError, UnsatisfiableRange
 
@@ -67,8 +78,31 @@ def byte_ranges(header: str, size: int) -> list[tuple[int, int]]:
 
 
 class Download(FileResponse):
-    """FileResponse with the service's Range parsing. Its errors are raised before the
-    response starts, so the app's error handler answers them as problem+json."""
+    """FileResponse sending ``file``, opened by the caller (see the module), with the
+    service's Range parsing. Its errors are raised before the response starts, so the
+    app's error handler answers them as problem+json. It closes ``file`` when done."""
+
+    def __init__(self, file: BinaryIO, *, media_type: str, headers: dict[str, str]) -> None:
+        super().__init__(
+            file.name, media_type=media_type, headers=headers, stat_result=os.fstat(file.fileno())
+        )
+        self.file = file
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Never sent by path (the server's pathsend extension): the path may be gone.
+        extensions = scope.get("extensions") or {}
+        if "http.response.pathsend" in extensions:
+            extensions = {k: v for k, v in extensions.items() if k != "http.response.pathsend"}
+            scope = {**scope, "extensions": extensions}
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.file.close()  # a HEAD, or a failure before the body, never read it
+
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        # Where FileResponse would open the path: the handle opened beforehand instead.
+        yield anyio.AsyncFile(self.file)
 
     @classmethod
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:

@@ -1,4 +1,3 @@
-import os
 from pathlib import PurePosixPath
 
 import anyio.to_thread
@@ -41,15 +40,13 @@ async def blob_response(storage: Storage, key: str, media_type: str, filename: s
     }
     path = storage.local_path(key)
     if path is not None:
-        # Looked at before the response starts: a file deleted since its row was read (a
-        # DELETE racing this request) is then a 404, not a response that cannot start.
         try:
-            stat_result = await anyio.to_thread.run_sync(os.stat, path)
-        except FileNotFoundError:
+            file = await anyio.to_thread.run_sync(open, path, "rb")
+        except FileNotFoundError:  # deleted since its row was read, or lost with its volume
             logger.warning("download: the file's blob is gone", key=key)
             raise NotFound("File not found.") from None
         # Answers Range requests (206) and sends the file in chunks.
-        return Download(path, media_type=media_type, headers=headers, stat_result=stat_result)
+        return Download(file, media_type=media_type, headers=headers)
     return StreamingResponse(storage.read(key), media_type=media_type, headers=headers)
 
 
@@ -112,7 +109,7 @@ async def read_file(file_id: IdPath, user: CurrentUser, session: SessionDep) -> 
 async def download_file(
     file_id: IdPath, user: CurrentUser, session: SessionDep, storage: StorageDep
 ) -> Response:
-    record = await service.visible_file(session, user, file_id)
+    record = await service.file_to_send(session, user, file_id)
     return await blob_response(
         storage, record.storage_key, record.content_type, record.original_name
     )
@@ -122,7 +119,7 @@ async def download_file(
 async def download_thumbnail(
     file_id: IdPath, user: CurrentUser, session: SessionDep, storage: StorageDep
 ) -> Response:
-    record = await service.visible_file(session, user, file_id)
+    record = await service.file_to_send(session, user, file_id)
     if not record.has_thumbnail:
         raise NotFound("This file has no thumbnail.")
     media_type = images.thumbnail_type(record.content_type)

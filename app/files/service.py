@@ -219,11 +219,12 @@ async def upload_batch(
 
 
 async def _release_connection(session: AsyncSession) -> None:
-    """End the transaction that authenticating the caller began, before the body is read:
-    it holds a pooled database connection, and a body may take minutes to arrive (a slow
-    link, or a client trickling bytes on purpose), so a few dozen uploads would hold the
-    whole pool and every other request would wait for it. The row is written later in a
-    transaction of its own; ``expire_on_commit=False`` keeps the user loaded meanwhile."""
+    """End the transaction that authenticating the caller began, before bytes move: it
+    holds a pooled database connection, and an upload's body may take minutes to arrive
+    (a slow link, or a client trickling bytes on purpose), a download as long to leave,
+    so a few dozen of them would hold the whole pool and every other request would wait
+    for it. ``expire_on_commit=False`` keeps the rows loaded; an upload writes its own
+    in a transaction of its own."""
     await session.commit()
 
 
@@ -482,6 +483,15 @@ async def visible_file(session: AsyncSession, actor: User, file_id: int) -> Stor
         record.owner_id != actor.id and not actor.has_permission(Permission.MANAGE_ANY_FILE)
     ):
         raise NotFound("File not found.")
+    return record
+
+
+async def file_to_send(session: AsyncSession, actor: User, file_id: int) -> StoredFile:
+    """``visible_file``, with the database connection released: the download that follows
+    may stream for minutes to a slow client, as an upload may arrive (see
+    ``_release_connection``)."""
+    record = await visible_file(session, actor, file_id)
+    await _release_connection(session)
     return record
 
 
