@@ -7,23 +7,31 @@
 
 import contextlib
 import hashlib
+import http.client
 import io
+import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import anyio
 import httpx2
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import migrate
+from app.cli import create_superuser
 from deploy.stack.postgres import PostgresServer
 from deploy.stack.process import MissingBinary, require_binary, wait_for
+from tests.api import PASSWORD
 from tests.app_server import app_server, server_env, signed_up
-from tests.uploads import BOUNDARY, MIB, file_chunks, half_sent_upload, multipart_body
+from tests.conftest import make_settings
+from tests.uploads import BOUNDARY, HEAD, MIB, file_chunks, half_sent_upload, multipart_body
 
 FILE_SIZE = 200 * MIB
 ALLOWED_GROWTH = 32 * MIB
@@ -133,12 +141,28 @@ def test_images_uploaded_at_once_are_decoded_one_at_a_time(tmp_path: Path) -> No
     assert growth < 64 * MIB, f"peak RSS grew by {growth / MIB:.0f} MiB past one decode's"
 
 
-def test_uploads_still_arriving_hold_no_database_connection(
+@contextlib.contextmanager
+def stalled_download(base: str, token: str, file_id: int) -> Iterator[None]:
+    """A download whose client reads its first bytes, then nothing until the block ends."""
+    address = urlsplit(base)
+    with socket.create_connection((address.hostname, address.port)) as connection:
+        connection.sendall(
+            (
+                f"GET /api/v1/files/{file_id}/content HTTP/1.1\r\n"
+                f"Host: {address.netloc}\r\nAuthorization: Bearer {token}\r\n\r\n"
+            ).encode()
+        )
+        assert connection.recv(12) == b"HTTP/1.1 200"
+        yield
+
+
+def test_uploads_arriving_and_downloads_leaving_hold_no_database_connection(
     tmp_path: Path, postgres: PostgresServer, postgres_template: str
 ) -> None:
-    """Authenticating an upload reads its user. Were that transaction kept while the body
-    arrives, slow uploads (a poor link, or a client trickling bytes on purpose) would hold
-    the pool, and every other request would wait for a connection, then fail with a 503."""
+    """Authenticating an upload or a download reads its user, and a download its file's
+    row. Were that transaction kept while the bytes move, slow clients (a poor link, or a
+    client trickling bytes on purpose) would hold the pool, and every other request would
+    wait for a connection, then fail with a 503."""
     name = f"uploads_{os.getpid()}"
     postgres.create_database(name, template=postgres_template)
     env = server_env(
@@ -155,6 +179,11 @@ def test_uploads_still_arriving_hold_no_database_connection(
             token = signed_up(base, "slow")
             bearer = {"Authorization": f"Bearer {token}"}
             with half_sent_upload(base, token, uploads), half_sent_upload(base, token, uploads):
+                me = httpx2.get(f"{base}/api/v1/users/me", headers=bearer, timeout=30)
+                assert me.status_code == 200, me.text
+            # Far more than the sockets' buffers hold: the server waits on the client.
+            file_id = text_upload(base, token, 32 * MIB).json()["id"]
+            with stalled_download(base, token, file_id), stalled_download(base, token, file_id):
                 me = httpx2.get(f"{base}/api/v1/users/me", headers=bearer, timeout=30)
                 assert me.status_code == 200, me.text
     finally:
@@ -175,6 +204,44 @@ def test_a_client_gone_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:
             f"{base}/api/v1/files", headers={"Authorization": f"Bearer {token}"}
         ).json()
         assert listing["total"] == 0
+
+
+def test_an_upload_whose_account_is_deleted_meanwhile_is_a_401_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    uploads = tmp_path / "data" / "uploads"
+    env = server_env(tmp_path, APP_MAX_UPLOAD_BYTES=str(64 * MIB))
+    migrate.upgrade(env["APP_DATABASE_URL"])
+    settings = make_settings(env["APP_DATABASE_URL"], tmp_path / "data")
+    anyio.run(create_superuser, settings, "root@example.com", "root", PASSWORD)
+    with app_server(tmp_path, env, tmp_path / "server.log") as (base, _):
+        token = signed_up(base, "leaving")
+        bearer = {"Authorization": f"Bearer {token}"}
+        user_id = httpx2.get(f"{base}/api/v1/users/me", headers=bearer).json()["id"]
+        login = {"username": "root", "password": PASSWORD}
+        root = httpx2.post(f"{base}/api/v1/auth/token", data=login).json()["access_token"]
+        before = uploads_by_outcome(base)
+        with half_sent_upload(base, token, uploads) as connection:
+            deleted = httpx2.delete(
+                f"{base}/api/v1/users/{user_id}", headers={"Authorization": f"Bearer {root}"}
+            )
+            assert deleted.status_code == 204
+            tail = f"\r\n--{BOUNDARY}--\r\n".encode()
+            left = 32 * MIB - len(HEAD) - 5 * MIB - len(tail)
+            for sent in range(0, left, MIB):
+                connection.sendall(b"a" * min(MIB, left - sent))
+            connection.sendall(tail)
+            response = http.client.HTTPResponse(connection)
+            response.begin()
+            body = json.loads(response.read())
+        assert (response.status, response.getheader("Content-Type")) == (
+            401,
+            "application/problem+json",
+        )
+        assert body["detail"] == "The account no longer exists."
+        assert list(uploads.iterdir()) == []
+        after = uploads_by_outcome(base)
+        assert after.get("aborted", 0) == before.get("aborted", 0) + 1
 
 
 def text_upload(base: str, token: str, size: int, name: str = "x.txt") -> httpx2.Response:

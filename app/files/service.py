@@ -20,6 +20,7 @@ from typing import ParamSpec, TypeVar, cast
 import anyio
 import anyio.to_thread
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import ClientDisconnect
 
@@ -29,6 +30,7 @@ from app.errors import (
     InsufficientStorage,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     UnprocessableContent,
 )
 from app.files import images, multipart, rules
@@ -247,9 +249,12 @@ async def _save(session: AsyncSession, storage: Storage, records: list[StoredFil
     try:
         session.add_all(records)
         await session.commit()
-    except BaseException:
+    except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await _delete_blobs(storage, records)
+        if isinstance(exc, IntegrityError):  # the owner was deleted while the body arrived
+            UPLOADS.labels("aborted").inc(len(records))
+            raise Unauthorized("The account no longer exists.") from None
         raise
     UPLOAD_BYTES.inc(sum(record.size for record in records))
     UPLOADS.labels("ok").inc(len(records))
