@@ -3,7 +3,9 @@
 Every value comes from the environment, so this one file serves the container image,
 compose, Kubernetes and the native stack:
 
-- ``WEB_CONCURRENCY`` workers (default: the CPU count), ``GUNICORN_BIND`` (default
+- ``WEB_CONCURRENCY`` workers (default: the CPUs this process may run on; the count is
+  passed on to the settings, which refuse in-process backends with several workers),
+  ``GUNICORN_BIND`` (default
   ``0.0.0.0:8000``), ``GUNICORN_TIMEOUT``, ``GUNICORN_GRACEFUL_TIMEOUT``,
   ``GUNICORN_KEEPALIVE`` (keep it above the proxy's upstream keep-alive timeout),
   ``GUNICORN_MAX_REQUESTS`` (+ 10 % jitter so workers do not recycle together);
@@ -37,16 +39,20 @@ from app.observability.logging import dict_config
 from app.server import SERVER_OPTIONS
 from app.settings import Settings
 
+# Settled before the settings are read: they are validated for this many workers.
+workers = int(os.environ.get("WEB_CONCURRENCY") or len(os.sched_getaffinity(0)))
+os.environ["WEB_CONCURRENCY"] = str(workers)
 _settings = Settings()
 
 
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 # A stopping worker (a deploy's SIGTERM, a max_requests recycle) stops telling the master it
-# is alive, and is killed after the shorter of these two. Before that, uvicorn cancels the
-# requests still running (uploads may run for minutes), so they clean up after themselves:
-# staged files removed, outcomes counted; killed, they would leave both undone.
-SHUTDOWN_SECONDS = max(1, min(timeout, graceful_timeout) - 5)
+# is alive, and is killed after the shorter of these two (a timeout of 0 is none). Before
+# that, uvicorn cancels the requests still running (uploads may run for minutes), so they
+# clean up after themselves: staged files removed, outcomes counted; killed, they would
+# leave both undone.
+SHUTDOWN_SECONDS = max(1, min(timeout or graceful_timeout, graceful_timeout) - 5)
 
 
 class ServiceWorker(UvicornWorker):
@@ -63,7 +69,6 @@ class ServiceWorker(UvicornWorker):
 wsgi_app = "app.main:create_app()"
 worker_class = ServiceWorker
 bind = [os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")]
-workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "10000"))
 max_requests_jitter = max_requests // 10

@@ -4,6 +4,8 @@ multiplied nor keyed by pid, and the logs are single-format JSON without secrets
 
 import json
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -373,3 +375,49 @@ def test_check_config_and_refusal_of_unsafe_production(tmp_path: Path) -> None:
     )
     assert refused.returncode != 0
     assert "APP_SECRET_KEY is required" in refused.stderr
+
+
+def test_production_checks_count_the_default_workers(tmp_path: Path) -> None:
+    """Without WEB_CONCURRENCY gunicorn runs a worker per CPU: the settings must be checked
+    for that many, or in-process caches and rate limits would split between workers."""
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2:
+        pytest.skip("one CPU here: the default is one worker, which needs no Redis")
+    env = gunicorn_env(
+        tmp_path,
+        APP_ENV="production",
+        APP_SECRET_KEY=secrets.token_urlsafe(48),
+        APP_DATABASE_URL="postgresql+asyncpg://app@db/app",
+    )
+    del env["WEB_CONCURRENCY"]
+    refused = subprocess.run(
+        [*GUNICORN, "--check-config"], env=env, capture_output=True, text=True, check=False
+    )
+    assert refused.returncode != 0
+    assert "APP_REDIS_URL is required with more than one worker" in refused.stderr
+    printed = subprocess.run(
+        [*GUNICORN, "--print-config"],
+        env=env | {"APP_REDIS_URL": "redis://cache:6379/0"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert re.search(rf"^workers\s+= {cpus}$", printed.stdout, re.MULTILINE), printed.stdout
+
+
+@pytest.mark.parametrize(
+    ("timeout", "graceful", "window"),
+    [("30", "30", 25), ("10", "30", 5), ("0", "30", 25), ("30", "3", 1)],
+)
+def test_running_requests_are_cancelled_before_the_worker_is_killed(
+    tmp_path: Path, timeout: str, graceful: str, window: int
+) -> None:
+    """A stopping worker is killed after the shorter of the two timeouts (a heartbeat
+    timeout of 0 is none); uvicorn cancels what still runs 5 s before, so uploads clean up."""
+    env = gunicorn_env(tmp_path, GUNICORN_TIMEOUT=timeout, GUNICORN_GRACEFUL_TIMEOUT=graceful)
+    printed = subprocess.run(
+        [sys.executable, "-c", f"import runpy; print(runpy.run_path({str(CONFIG)!r})"
+         "['ServiceWorker'].CONFIG_KWARGS['timeout_graceful_shutdown'])"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert int(printed.stdout) == window
