@@ -1,15 +1,19 @@
 """The metrics middleware and /metrics in one process: route labels, statuses,
 exceptions, WebSockets, content negotiation, access restriction, domain counters."""
 
+import asyncio
+import contextlib
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx2
 import psutil
 import pytest
 from fastapi import WebSocket
@@ -17,21 +21,23 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry, Histogram, Summary, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, Summary, generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.samples import Exemplar
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from app import migrate
 from app.main import create_app
 from app.observability import metrics
 from app.observability.http_metrics import RouteSeries
-from app.observability.system import block_device_of
+from app.observability.system import HOST_CPU, SystemSampler, block_device_of
 from app.observability.tracing import tracer_provider_from_env
 from app.settings import Settings
 from deploy.stack.process import wait_for
 from tests.api import PASSWORD, Api, assert_problem
+from tests.app_server import app_server, server_env
 from tests.conftest import make_settings
 from tests.logs import attach, records
 from tests.prom import Samples, parse, series, value
@@ -465,9 +471,18 @@ def test_a_failing_system_sample_is_counted_and_sampling_goes_on(
         def failures() -> float:
             return value(scrape(client), "app_system_sample_failures_total", worker="0")
 
+        def received() -> float:
+            return value(scrape(client), "app_host_network_bytes_total", direction="receive")
+
         before = failures()  # the registry is the process's: other tests' samples count
+        received_before = received()
         shutil.rmtree(data_dir)
         wait_for(lambda: failures() >= before + 3, timeout=10, what="three failed samples")
+        # The rest of the host is still sampled.
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            with socket.create_connection(server.getsockname()) as client_end:
+                client_end.sendall(b"x" * 65536)  # loopback traffic, in the host's counters
+            wait_for(lambda: received() > received_before, timeout=10, what="network samples")
         data_dir.mkdir()
         wait_for(lambda: len(sampler_events()) == 2, timeout=10, what="sampling to recover")
         settled = failures()
@@ -477,6 +492,58 @@ def test_a_failing_system_sample_is_counted_and_sampling_goes_on(
         "system metrics: sampling failed",
         "system metrics: sampling recovered",
     ]
+
+
+def registry_value(name: str, **labels: str) -> Callable[[], float | None]:
+    """Reads a sample of this process's registry (the sampler's series are module-level)."""
+    return lambda: REGISTRY.get_sample_value(name, labels)
+
+
+def test_a_worker_is_charged_all_its_cpu_time(tmp_path: Path) -> None:
+    """Its start (imports, the app's set-up) included, which a first sample taken as a mere
+    baseline left out: most of a short-lived worker's CPU time."""
+    env = server_env(tmp_path, APP_SYSTEM_METRICS_INTERVAL_SECONDS="0.1")
+    migrate.upgrade(env["APP_DATABASE_URL"])
+    with app_server(tmp_path, env, tmp_path / "server.log") as (base, server):
+        time.sleep(0.5)  # idle sampling intervals: what it uses meanwhile is next to nothing
+        samples = parse(httpx2.get(f"{base}/metrics").text)
+        times = psutil.Process(server.pid).cpu_times()
+    exported = value(samples, "app_worker_cpu_seconds_total", worker="0")
+    assert exported >= 0.9 * (times.user + times.system), (exported, times)
+
+
+def test_an_event_loop_stall_stays_visible_for_several_scrapes(tmp_path: Path) -> None:
+    """Prometheus scrapes every 15 s: a stall shown for one 5 s sampling interval only was
+    missed two times in three."""
+    sampler = SystemSampler(tmp_path, interval_seconds=0.02)
+    lag = registry_value("app_worker_event_loop_lag_seconds", worker="0")
+
+    async def stall_then_idle() -> float | None:
+        task = asyncio.create_task(sampler.run())
+        await asyncio.sleep(0.1)
+        time.sleep(1.5)  # noqa: ASYNC251 - the stall: the loop blocked, as by CPU-bound work
+        await asyncio.sleep(0.6)  # a few samples later
+        shown = lag()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return shown
+
+    shown = asyncio.run(stall_then_idle())
+    assert shown is not None
+    assert shown >= 1.0
+
+
+def test_the_host_cpu_is_not_reported_from_a_first_reading(tmp_path: Path) -> None:
+    """psutil's first utilisation reading compares with nothing (it is 0.0): written, it
+    showed an idle host after every start or takeover of the host sampling."""
+    utilisation = registry_value("app_host_cpu_utilisation_ratio")
+    sampler = SystemSampler(tmp_path, interval_seconds=60)
+    HOST_CPU.set(0.5)
+    sampler.sample()
+    assert utilisation() == 0.5
+    sampler.sample()
+    assert utilisation() != 0.5
 
 
 def test_request_series_update_like_the_public_methods() -> None:

@@ -25,6 +25,8 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,9 @@ from app.observability.outages import OutageLog
 logger = get_logger(__name__)
 
 LAG_PROBE_SECONDS = 0.25
+# The lag gauge shows the largest delay over this long, several scrape intervals: over
+# one sampling interval only, most stalls were gone before Prometheus came by.
+LAG_WINDOW_SECONDS = 60.0
 
 WORKER_RSS = Gauge(
     "app_worker_resident_memory_bytes",
@@ -61,7 +66,7 @@ WORKER_THREADS = Gauge(
 )
 WORKER_LOOP_LAG = Gauge(
     "app_worker_event_loop_lag_seconds",
-    "Largest event-loop delay seen during the last sampling interval.",
+    "Largest event-loop delay seen in the last minute.",
     ["worker"],
     multiprocess_mode="livemostrecent",
 )
@@ -116,9 +121,10 @@ def worker_id() -> str:
 
 @dataclass
 class _Previous:
-    """Last cumulative readings, so counters are incremented by deltas."""
+    """Last cumulative readings, so counters are incremented by deltas. A worker's CPU
+    time counts from 0 (its start): a forked worker's own begins there."""
 
-    cpu_seconds: float | None = None
+    cpu_seconds: float = 0.0
     disk: dict[str, float] = field(default_factory=dict)
     network: dict[str, float] = field(default_factory=dict)
 
@@ -132,23 +138,31 @@ class SystemSampler:
         self.process = psutil.Process()
         self.device = block_device_of(data_dir)
         self.previous = _Previous()
+        self.lags: deque[tuple[float, float]] = deque()  # (when, largest lag) per interval
         self.max_lag = 0.0
+        self.cpu_primed = False
         self.outage = OutageLog(
             logger, "system metrics: sampling failed", "system metrics: sampling recovered"
         )
         SAMPLE_FAILURES.labels(self.worker)  # 0 until a sample fails, not a missing series
 
     async def run(self) -> None:
-        """Sample now and then every interval, until cancelled."""
+        """Sample now and then every interval, until cancelled; the worker's CPU time once
+        more then, so what it used since the last sample is counted too."""
         loop = asyncio.get_running_loop()
         next_sample = loop.time()
-        while True:
-            if loop.time() >= next_sample:
-                await self._sample_once()
-                next_sample = loop.time() + self.interval
-            before = loop.time()
-            await asyncio.sleep(LAG_PROBE_SECONDS)
-            self.max_lag = max(self.max_lag, loop.time() - before - LAG_PROBE_SECONDS)
+        try:
+            while True:
+                if loop.time() >= next_sample:
+                    await self._sample_once()
+                    next_sample = loop.time() + self.interval
+                before = loop.time()
+                await asyncio.sleep(LAG_PROBE_SECONDS)
+                self.max_lag = max(self.max_lag, loop.time() - before - LAG_PROBE_SECONDS)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # counted while sampling went on
+                self._sample_cpu()
+            raise
 
     async def _sample_once(self) -> None:
         try:
@@ -160,23 +174,49 @@ class SystemSampler:
             self.outage.succeeded()
 
     def sample(self) -> None:
-        worker = self.worker
-        with self.process.oneshot():
-            WORKER_RSS.labels(worker).set(self.process.memory_info().rss)
-            WORKER_FDS.labels(worker).set(self.process.num_fds())
-            WORKER_THREADS.labels(worker).set(self.process.num_threads())
-            times = self.process.cpu_times()
-        cpu_seconds = times.user + times.system
-        if self.previous.cpu_seconds is not None:
-            WORKER_CPU.labels(worker).inc(max(cpu_seconds - self.previous.cpu_seconds, 0.0))
-        self.previous.cpu_seconds = cpu_seconds
-        WORKER_LOOP_LAG.labels(worker).set(self.max_lag)
-        self.max_lag = 0.0
+        """One sample of every series. A part that fails (the data volume gone) leaves the
+        others sampled; its error is raised once they are."""
+        parts = [self._sample_worker, self._sample_cpu, self._sample_lag, self._sample_host_cpu]
         if self.host_lease.held():
-            self._sample_host()
+            parts += [self._sample_host, self._sample_disk, self._sample_network]
+        errors = []
+        for part in parts:
+            try:
+                part()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _sample_worker(self) -> None:
+        with self.process.oneshot():
+            WORKER_RSS.labels(self.worker).set(self.process.memory_info().rss)
+            WORKER_FDS.labels(self.worker).set(self.process.num_fds())
+            WORKER_THREADS.labels(self.worker).set(self.process.num_threads())
+
+    def _sample_cpu(self) -> None:
+        times = self.process.cpu_times()
+        cpu_seconds = times.user + times.system
+        WORKER_CPU.labels(self.worker).inc(max(cpu_seconds - self.previous.cpu_seconds, 0.0))
+        self.previous.cpu_seconds = cpu_seconds
+
+    def _sample_lag(self) -> None:
+        now = time.monotonic()
+        self.lags.append((now, self.max_lag))
+        self.max_lag = 0.0
+        while self.lags[0][0] < now - LAG_WINDOW_SECONDS:
+            self.lags.popleft()
+        WORKER_LOOP_LAG.labels(self.worker).set(max(lag for _, lag in self.lags))
+
+    def _sample_host_cpu(self) -> None:
+        # Read by every worker, so that one taking the host over compares with a reading
+        # an interval old; psutil's first one compares with nothing (it is 0.0).
+        utilisation = psutil.cpu_percent(interval=None) / 100
+        if self.cpu_primed and self.host_lease.held():
+            HOST_CPU.set(utilisation)
+        self.cpu_primed = True
 
     def _sample_host(self) -> None:
-        HOST_CPU.set(psutil.cpu_percent(interval=None) / 100)
         for period, value in zip(("1m", "5m", "15m"), os.getloadavg(), strict=True):
             HOST_LOAD.labels(period).set(value)
         memory = psutil.virtual_memory()
@@ -185,6 +225,8 @@ class SystemSampler:
         swap = psutil.swap_memory()
         for state in ("total", "used"):
             HOST_SWAP.labels(state).set(getattr(swap, state))
+
+    def _sample_disk(self) -> None:
         disk = psutil.disk_usage(str(self.data_dir))
         for state in ("total", "used", "free"):
             HOST_DISK.labels("data", state).set(getattr(disk, state))
@@ -197,6 +239,8 @@ class SystemSampler:
                     {"read": counters.read_bytes, "write": counters.write_bytes},
                     "data",
                 )
+
+    def _sample_network(self) -> None:
         network = psutil.net_io_counters()
         self._increment(
             HOST_NETWORK,
