@@ -140,6 +140,8 @@ class HttpMiddleware:
                 response = problem_response(scope, 400, "Invalid host header.")
                 await response(scope, receive, observed_send)
         except Exception as exc:
+            # Also after the response started: its client got a cut-off body, not a 2xx.
+            status = 500
             log_unhandled(exc)
             raise
         finally:
@@ -190,10 +192,8 @@ class HttpMiddleware:
             return send(message)
 
         try:
-            if self.hosts.allows(hosts):
-                await observe_websocket(self.app, scope, receive, observed_send)
-            else:
-                await observed_send({"type": "websocket.close", "code": 1008})
+            app = self.app if self.hosts.allows(hosts) else _refuse_websocket
+            await observe_websocket(app, scope, receive, observed_send)
         except BaseException as exc:
             status = status or 500
             if isinstance(exc, Exception):
@@ -205,6 +205,10 @@ class HttpMiddleware:
             level = level_of(app_path(scope))
             log_request(scope, level, route_template(scope), status or 499, seconds, span_ids)
             request_id_var.reset(token)
+
+
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "websocket.close", "code": 1008})
 
 
 def _edge_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, list[bytes]]:

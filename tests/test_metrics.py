@@ -10,13 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx2
 import psutil
 import pytest
-from fastapi import WebSocket
+from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram, Summary, g
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.samples import Exemplar
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from app import migrate
@@ -114,6 +114,14 @@ def extended_app(settings: Settings) -> Iterator[TestClient]:
     async def explode(kind: str) -> None:
         raise RuntimeError(kind)
 
+    @app.get("/explode-midway")
+    async def explode_midway() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"the first part, "
+            raise RuntimeError("and no more")
+
+        return StreamingResponse(body())
+
     @app.websocket("/ws-test/{room}")
     async def echo(websocket: WebSocket, room: str) -> None:
         await websocket.accept()
@@ -131,6 +139,8 @@ def test_root_path_mounts_and_exceptions(extended_app: TestClient) -> None:
     # As behind a proxy that serves the app under /svc: paths include the root path.
     assert client.get("/svc/sub/things/7").text == "thing"
     assert_problem(client.get("/svc/explode/now"), 500)
+    cut_off = client.get("/svc/explode-midway")
+    assert (cut_off.status_code, cut_off.content) == (200, b"the first part, ")
     client.get("/svc/api/v1/items")
     after = scrape(client, "/svc")
 
@@ -141,6 +151,8 @@ def test_root_path_mounts_and_exceptions(extended_app: TestClient) -> None:
 
     assert delta("/svc/sub/things/{n}", "200") == 1
     assert delta("/svc/explode/{kind}", "500") == 1
+    # Counted as what its client got: a 200 cut off, not a 200.
+    assert (delta("/svc/explode-midway", "500"), delta("/svc/explode-midway", "200")) == (1, 0)
     assert delta("/svc/api/v1/items", "200") == 1
     for labels in series(after, "http_requests_in_progress"):
         if labels["route"] != "/svc/metrics":
@@ -212,6 +224,23 @@ def test_websockets_are_counted_separately(extended_app: TestClient) -> None:
             == 2
         )
     assert not any(labels["route"] == route for labels in series(after, "http_requests_total"))
+
+
+def test_a_websocket_refused_for_its_host_is_counted(database_url: str, tmp_path: Path) -> None:
+    """As its HTTP counterpart is (a 400): websocket_connections_total counts sockets
+    accepted or refused."""
+    settings = make_settings(database_url, tmp_path, allowed_hosts="api.example.com")
+    route = "/api/v1/ws/notifications"
+    with TestClient(create_app(settings), base_url="http://api.example.com") as client:
+        before = value(scrape(client), "websocket_connections_total", route=route)
+        with (
+            pytest.raises(WebSocketDisconnect) as refused,
+            client.websocket_connect(route, headers={"Host": "evil.example.com"}),
+        ):
+            pass
+        after = value(scrape(client), "websocket_connections_total", route=route)
+    assert refused.value.code == 1008
+    assert after - before == 1
 
 
 def test_the_service_websockets_are_labelled_with_their_route(api: Api) -> None:
