@@ -1,5 +1,5 @@
 """The list envelope every collection endpoint answers with, its query parameters, and
-the one query helper that fills it (count + page in a stable order)."""
+the one query helper that fills it (a page in a stable order, and the total)."""
 
 from collections.abc import Sequence
 from typing import Annotated, Any, Generic, Self, TypeVar
@@ -63,8 +63,16 @@ async def fetch_page(
     params: PageParams,
     search: ColumnElement[bool] | None = None,
 ) -> tuple[list[M], int]:
+    """One page of ``query`` and the number of rows it has in all, from one statement: as
+    two, a row written between them made a page hold more rows than its total said."""
     if search is not None:
         query = query.where(search)
+    page = query.add_columns(func.count().over()).order_by(order_by)
+    rows = (await session.execute(page.offset(params.skip).limit(params.limit))).all()
+    if rows:
+        return [row[0] for row in rows], rows[0][1]
+    if params.skip == 0:
+        return [], 0
+    # Past the last page: no row to carry the count.
     total = await session.scalar(select(func.count()).select_from(query.subquery()))
-    rows = await session.scalars(query.order_by(order_by).offset(params.skip).limit(params.limit))
-    return list(rows), total or 0
+    return [], total or 0

@@ -1,7 +1,9 @@
 """Items: CRUD, the list envelope, search, validation, ownership and mass assignment."""
 
 import pytest
+from sqlalchemy import Connection, event, insert, select
 
+from app.items.models import Item
 from tests.api import Api, assert_problem
 
 
@@ -92,6 +94,8 @@ def test_list_envelope_paging_and_limits(api: Api) -> None:
     page = api.client.get("/api/v1/items?skip=1&limit=3").json()
     assert (page["total"], page["skip"], page["limit"]) == (5, 1, 3)
     assert [item["id"] for item in page["items"]] == ids[1:4]
+    past_the_end = api.client.get("/api/v1/items?skip=7").json()
+    assert (past_the_end["items"], past_the_end["total"]) == ([], 5)
     assert api.client.get("/api/v1/items").json()["limit"] == 20
     assert api.client.get("/api/v1/items?limit=100").status_code == 200
     for query in ("limit=0", "limit=101", "skip=-1", "limit=abc"):
@@ -184,3 +188,28 @@ def test_unknown_items(api: Api) -> None:
         )
         assert_problem(response, 404)
     assert_problem(api.client.get(f"/api/v1/items/{2**31}"), 422)
+
+
+def test_a_page_and_its_total_agree_while_rows_are_written(api: Api) -> None:
+    """Another client adds an item while a page is read: the page held one item more than
+    its total said when they came from two statements with the write in between."""
+    alice = api.account("alice")
+    for _ in range(3):
+        api.create_item(alice)
+    engine = api.client.app.state.engine.sync_engine  # type: ignore[attr-defined]
+    columns = [column for column in Item.__table__.columns if column.name != "id"]
+    copy = insert(Item.__table__).from_select(columns, select(*columns).order_by(Item.id).limit(1))
+    reads: list[str] = []
+
+    def another_client_writes(connection: Connection, *_: object) -> None:
+        reads.append("read")
+        if len(reads) == 1:
+            connection.execute(copy)
+
+    event.listen(engine, "after_cursor_execute", another_client_writes)
+    try:
+        page = api.client.get("/api/v1/items", params={"limit": 100}).json()
+    finally:
+        event.remove(engine, "after_cursor_execute", another_client_writes)
+    assert reads  # the list was read from the database, not a cache
+    assert page["total"] == len(page["items"])
