@@ -84,6 +84,10 @@ class UnsatisfiableRange(AppError):
     status_code = HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
 
 
+class PreconditionFailed(AppError):
+    status_code = HTTPStatus.PRECONDITION_FAILED
+
+
 def request_id_of(scope: Scope) -> str | None:
     """The id HttpMiddleware (app/middleware.py) put in the request state, if it ran."""
     return scope.get("state", {}).get("request_id")

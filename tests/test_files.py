@@ -673,6 +673,50 @@ def test_range_requests_are_answered_with_206(api: Api) -> None:
     assert partial.headers["content-range"] == f"bytes 0-9/{len(PDF)}"
 
 
+def test_conditional_downloads_follow_rfc_9110(api: Api) -> None:
+    """A client whose copy is current gets a 304 without the file; a failed If-Match or
+    If-Unmodified-Since is a 412 problem; anything else gets the file."""
+    alice = api.account("alice")
+    meta = uploaded(upload(api, alice, "report.pdf", PDF, "application/pdf"))
+    path = f"/api/v1/files/{meta['id']}/content"
+    first = api.client.get(path, headers=alice.headers)
+    etag, last_modified = first.headers["etag"], first.headers["last-modified"]
+    long_ago = "Sun, 06 Nov 1994 08:49:37 GMT"
+
+    def status(method: str = "GET", **conditions: str) -> Response:
+        headers = {name.replace("_", "-"): value for name, value in conditions.items()}
+        return api.client.request(method, path, headers=alice.headers | headers)
+
+    for current in (
+        {"If_None_Match": etag},
+        {"If_None_Match": f'"other", W/{etag}'},
+        {"If_None_Match": "*"},
+        {"If_Modified_Since": last_modified},
+    ):
+        not_modified = status(**current)
+        assert (not_modified.status_code, not_modified.content) == (304, b""), current
+        assert not_modified.headers["etag"] == etag
+        assert status("HEAD", **current).status_code == 304, current
+    for stale in (
+        {"If_None_Match": '"other"'},
+        {"If_Modified_Since": long_ago},
+        {"If_Modified_Since": "not a date"},  # ignored
+        {"If_Match": etag},
+        {"If_Match": "*"},
+        {"If_Unmodified_Since": last_modified},
+    ):
+        sent = status(**stale)
+        assert (sent.status_code, sent.content) == (200, PDF), stale
+    for failed in (
+        {"If_Match": '"other"'},
+        {"If_Match": f"W/{etag}"},
+        {"If_Unmodified_Since": long_ago},
+    ):
+        assert_problem(status(**failed), 412)
+    # If-None-Match wins over If-Modified-Since (RFC 9110 section 13.2.2).
+    assert status(If_None_Match='"other"', If_Modified_Since=last_modified).status_code == 200
+
+
 def test_a_bad_range_is_a_problem_and_an_unknown_range_unit_is_ignored(api: Api) -> None:
     alice = api.account("alice")
     meta = uploaded(upload(api, alice, "report.pdf", PDF, "application/pdf"))

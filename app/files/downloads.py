@@ -11,19 +11,25 @@ know (the RFC says ignore it), refuses a whole header when one of its ranges sta
 the end (the RFC: satisfiable when any range is), and answers refusals in text/plain
 unlike every other error of the service. So the parsing is done here, by ``byte_ranges``,
 and FileResponse only sends what it returns.
+
+FileResponse sends validators (ETag, Last-Modified) but ignores the conditional headers
+that use them; ``precondition`` answers them (RFC 9110 section 13.2.2): a client whose
+copy is current gets a 304 without the file, a failed If-Match a 412.
 """
 
 import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
 import anyio
-from starlette.responses import FileResponse
+from starlette.datastructures import Headers
+from starlette.responses import FileResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from app.errors import AppError, UnsatisfiableRange
+from app.errors import AppError, PreconditionFailed, UnsatisfiableRange
 
 # As Starlette: a header with more ranges than this is ignored (the whole file is sent),
 # rather than answered with as many parts.
@@ -77,6 +83,45 @@ def byte_ranges(header: str, size: int) -> list[tuple[int, int]]:
     return merged
 
 
+def precondition(request: Headers, method: str, etag: str, last_modified: str) -> int | None:
+    """What the request's conditional headers make of a file with these validators: 412
+    (a precondition failed), 304 (the client's copy is current), or None (send it)."""
+    safe = method in ("GET", "HEAD")
+    modified = _http_date(last_modified) or 0.0
+    if_match, if_none_match = request.get("if-match"), request.get("if-none-match")
+    if if_match is not None and not _lists(if_match, etag, weak=False):
+        return 412
+    unmodified_since = _http_date(request.get("if-unmodified-since"))
+    if if_match is None and unmodified_since is not None and modified > unmodified_since:
+        return 412
+    if if_none_match is not None and _lists(if_none_match, etag, weak=True):
+        return 304 if safe else 412
+    modified_since = _http_date(request.get("if-modified-since"))
+    if if_none_match is None and safe and modified_since is not None:
+        return 304 if modified <= modified_since else None
+    return None
+
+
+def _lists(header: str, etag: str, *, weak: bool) -> bool:
+    """Whether an If-Match / If-None-Match header names ``etag`` (a strong one), by the
+    weak comparison (a W/ tag matches too) or the strong one."""
+    if header.strip() == "*":
+        return True
+    tags = [tag.strip() for tag in header.split(",")]
+    return etag in tags or (weak and f"W/{etag}" in tags)
+
+
+def _http_date(value: str | None) -> float | None:
+    """Seconds since the epoch; None for no date or an invalid one (then the header is
+    ignored, RFC 9110 section 13.1.3)."""
+    if value is None:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
 class Download(FileResponse):
     """FileResponse sending ``file``, opened by the caller (see the module), with the
     service's Range parsing. Its errors are raised before the response starts, so the
@@ -95,9 +140,21 @@ class Download(FileResponse):
             extensions = {k: v for k, v in extensions.items() if k != "http.response.pathsend"}
             scope = {**scope, "extensions": extensions}
         try:
+            decision = precondition(
+                Headers(scope=scope),
+                scope.get("method", "GET"),
+                self.headers["etag"],
+                self.headers["last-modified"],
+            )
+            if decision == 412:
+                raise PreconditionFailed("The file does not meet the request's preconditions.")
+            if decision == 304:
+                validators = {name: self.headers[name] for name in ("etag", "last-modified")}
+                await Response(status_code=304, headers=validators)(scope, receive, send)
+                return
             await super().__call__(scope, receive, send)
         finally:
-            self.file.close()  # a HEAD, or a failure before the body, never read it
+            self.file.close()  # a HEAD, a 304, or a failure before the body never read it
 
     @asynccontextmanager
     async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
