@@ -115,6 +115,12 @@ def test_search_matches_title_and_description_literally(api: Api) -> None:
     # '%' is a literal, not a LIKE wildcard.
     literal = api.client.get("/api/v1/items", params={"q": "100%"}).json()
     assert [item["title"] for item in literal["items"]] == ["100% cotton"]
+    # Beyond ASCII too, on SQLite and PostgreSQL alike.
+    api.create_item(alice, title="ÉTÉ sale", description=None)
+    api.create_item(alice, title="Dessert", description="crème brûlée")
+    for query, title in (("été", "ÉTÉ sale"), ("Été", "ÉTÉ sale"), ("CRÈME BRÛ", "Dessert")):
+        matches = api.client.get("/api/v1/items", params={"q": query}).json()["items"]
+        assert [item["title"] for item in matches] == [title], query
 
 
 def test_owner_updates_and_deletes(api: Api) -> None:

@@ -167,6 +167,9 @@ class PostgresServer(ProgramServer):
             "--auth=trust",
             "--encoding=UTF8",
             "--locale=C",
+            # Unicode case mapping for lower()/ILIKE (case-insensitive searches), with the
+            # C locale's byte order kept for sorting.
+            "--lc-ctype=C.UTF-8",
             # The cluster is thrown away after the run; syncing it to disk is wasted time.
             "--no-sync",
         ]  # fmt: skip
