@@ -39,7 +39,10 @@ Diagnostics, not part of the target:
 After the wrk rounds, the same apps (all but ``service-*``) are measured once more in
 process: their ASGI interface called in a loop, without HTTP, in a process of each
 configuration's own pinned to CPU 0 — a low-noise diagnostic of the middleware alone,
-reported beside the target, not instead of it.
+reported beside the target, not instead of it. Last, where valgrind is installed, the
+instructions each of those apps executes per request, counted by valgrind (cachegrind,
+no cache simulation) over two runs of N and 2N requests: deterministic, so free of the
+machine's noise, but blind to what an instruction costs (cache misses, the kernel).
 
 Run from the repository root: ``.venv/bin/python bench/http_overhead.py``.
 """
@@ -468,6 +471,64 @@ def report_in_process(cpu: dict[str, list[float]], requests: int) -> str:
     )
 
 
+def instructions(config: str, requests: int, workdir: Path) -> float:
+    """User-space instructions per request of ``config`` driven in process (``drive``),
+    counted by valgrind: the difference between runs of ``requests`` and twice as many,
+    whose start, import and warm-up (the same in both) it cancels. Hash seeds are fixed
+    so that the two runs differ in nothing else."""
+    totals = []
+    for count in (requests, 2 * requests):
+        data_dir = workdir / f"instructions-{config}-{count}"
+        data_dir.mkdir()
+        command = [
+            "valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+            sys.executable, str(Path(__file__).resolve()),
+            "_drive", config, str(count), str(data_dir), str(data_dir / "cpu_us"),
+        ]  # fmt: skip
+        ran = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+            env=clean_env(PYTHONHASHSEED="0"),
+            check=True,
+        )
+        found = re.search(r"I\s+refs:\s+([\d,]+)", ran.stderr)
+        if found is None:
+            raise RuntimeError(f"no instruction count from valgrind:\n{ran.stderr[-2000:]}")
+        totals.append(int(found.group(1).replace(",", "")))
+    return (totals[1] - totals[0]) / requests
+
+
+def report_instructions(counts: dict[str, float], requests: int) -> str:
+    overhead = {config: count - counts["bare"] for config, count in counts.items()}
+    rows = [
+        "| config | instructions/req | over bare |",
+        "|---|---:|---:|",
+        *(
+            f"| {config} | {count:,.0f} | {overhead[config]:+,.0f} |"
+            for config, count in counts.items()
+        ),
+    ]
+    return "\n".join(
+        [
+            "Instructions (diagnostic, not the target): the in-process apps under valgrind "
+            f"(cachegrind, no cache simulation), user-space instructions of a run of "
+            f"{2 * requests:,} requests minus one of {requests:,}, divided by {requests:,}. "
+            "Deterministic (the same code gives the same count, whatever else the machine "
+            "does), so it says without noise how much work each stack adds; it does not "
+            "say what that work costs in time (cache misses, the kernel's part of writing "
+            "the access lines), which is what the CPU µs above measure.",
+            "",
+            *rows,
+            "",
+            f"**In instructions: (full - bare) / (instrumentator - bare) = "
+            f"{overhead['full']:,.0f} / {overhead['instrumentator']:,.0f} = "
+            f"{fmt_ratio(overhead['full'], overhead['instrumentator'])}**.",
+        ]
+    )
+
+
 def target_ratio(rounds: Sequence[Round]) -> float | None:
     """(full - bare) / (instrumentator - bare) of the medians; rounds hold (bare, full,
     instrumentator)."""
@@ -545,6 +606,13 @@ def main() -> None:
         default=20000,
         help="requests per in-process run (the diagnostic without HTTP); 0 skips it",
     )
+    parser.add_argument(
+        "--instruction-requests",
+        type=int,
+        default=1000,
+        help="N of the instruction counts under valgrind (runs of N and 2N requests); "
+        "0 skips them, as does a machine without valgrind",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
     configs = [config.strip() for config in args.configs.split(",") if config.strip()]
@@ -582,6 +650,11 @@ def main() -> None:
                 cpu_us = in_process(config, args.in_process_requests, workdir, round_number)
                 in_process_cpu[config].append(cpu_us)
                 print(f"in process, round {round_number} {config:22} {cpu_us:7.1f} µs/req")
+        counted = args.instruction_requests and shutil.which("valgrind")
+        instruction_counts = {}
+        for config in driven if counted else ():
+            instruction_counts[config] = instructions(config, args.instruction_requests, workdir)
+            print(f"instructions {config:22} {instruction_counts[config]:,.0f} per request")
         for config in driven if args.in_process_requests else ():
             lines = _access_lines(workdir / f"drive-{config}.log")
             # The warm-up's lines are in the log too.
@@ -603,6 +676,8 @@ def main() -> None:
     text = report(runs, configs, args, started, load)
     if args.in_process_requests:
         text += "\n\n" + report_in_process(in_process_cpu, args.in_process_requests)
+    if instruction_counts:
+        text += "\n\n" + report_instructions(instruction_counts, args.instruction_requests)
     text += f"\n\nTotal time: {time.monotonic() - begin:.0f} s.\n"
     print()
     print(text)
