@@ -35,7 +35,7 @@ from prometheus_client import multiprocess
 from uvicorn_worker import UvicornWorker
 
 from app.observability import WORKER_ID_ENV
-from app.observability.logging import dict_config
+from app.observability.logging import capture_warnings, dict_config
 from app.server import SERVER_OPTIONS
 from app.settings import Settings
 
@@ -84,6 +84,7 @@ accesslog = None  # the app writes one structured access line per request
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 logconfig_dict = dict_config(_settings.log_level, _settings.effective_log_format)
+capture_warnings()
 
 
 def on_starting(server: Arbiter) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sqlite3
+import struct
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from PIL import Image
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from websockets.exceptions import InvalidStatus
@@ -199,6 +201,36 @@ def test_an_unhandled_error_is_logged_once_with_its_request_id(tmp_path: Path) -
     assert [(line["status"], line["request_id"]) for line in access] == [
         (500, response.headers["x-request-id"])
     ]
+
+
+def jpeg_with_an_overlong_exif_tag() -> bytes:
+    """A valid JPEG whose EXIF declares a tag longer than its block: Pillow warns (through
+    ``warnings``) and goes on."""
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(image, "JPEG")
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010E, 2, 64, 30)
+    exif = b"Exif\x00\x00" + tiff + struct.pack("<I", 0) + b"short"
+    app1 = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    return image.getvalue()[:2] + app1 + image.getvalue()[2:]
+
+
+def test_python_warnings_come_out_as_log_lines_of_their_request(tmp_path: Path) -> None:
+    """Not as plain text on stderr, which a log pipeline cannot parse and which carries
+    no level, time or request id."""
+    log = tmp_path / "server.log"
+    with sqlite_server(tmp_path, log, APP_LOG_FORMAT="json") as base:
+        token = signed_up(base, "alice")
+        response = httpx2.post(
+            f"{base}/api/v1/files",
+            files={"file": ("photo.jpg", jpeg_with_an_overlong_exif_tag(), "image/jpeg")},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert response.status_code == 201, response.text
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # every line is JSON
+    warned = [line for line in lines if line.get("logger") == "py.warnings"]
+    assert warned, lines
+    assert {line["level"] for line in warned} == {"warning"}
+    assert {line["request_id"] for line in warned} == {response.headers["x-request-id"]}
 
 
 @pytest.mark.parametrize("log_format", ["json", "console"])

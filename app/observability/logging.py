@@ -285,6 +285,14 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     logging.config.dictConfig(dict_config(level, log_format))
+    capture_warnings()
+
+
+def capture_warnings() -> None:
+    """Python warnings (Pillow's on a malformed image, SQLAlchemy's…) as lines of this
+    format, at WARNING from ``py.warnings`` with the request's context, instead of plain
+    text on stderr, the one kind of line a log pipeline could not parse."""
+    logging.captureWarnings(True)
 
 
 def is_enabled(method_name: str) -> bool:
