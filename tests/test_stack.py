@@ -179,6 +179,25 @@ def test_json_is_compressed_at_the_edge(edge: httpx2.Client) -> None:
     assert packed.json() == plain.json()  # httpx decodes it
 
 
+def test_stored_files_go_out_as_stored(edge: httpx2.Client) -> None:
+    """Not gzipped like JSON: a download keeps its length, strong ETag and ranges."""
+    owner = sign_up(edge, "e2e-download")
+    text = b"a line of a log file, compressible\n" * 2000
+    stored = edge.post(
+        "/api/v1/files", files={"file": ("app.log", text, "text/plain")}, headers=owner
+    ).json()
+    path = f"/api/v1/files/{stored['id']}/content"
+    whole = edge.get(path, headers=owner | {"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in whole.headers
+    assert whole.headers["content-length"] == str(len(text))
+    etag = whole.headers["etag"]
+    assert not etag.startswith("W/")
+    resumed = edge.get(
+        path, headers=owner | {"Accept-Encoding": "gzip", "Range": "bytes=100-", "If-Range": etag}
+    )
+    assert (resumed.status_code, resumed.content) == (206, text[100:])
+
+
 def test_prometheus_reports_every_target_up(stack: RunningStack) -> None:
     def targets() -> dict[str, str]:
         answer = httpx2.get(f"{stack.urls['prometheus']}/api/v1/targets", trust_env=False)
