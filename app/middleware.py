@@ -51,6 +51,9 @@ STREAMED_BODY_PREFIXES = ("/api/v1/files",)
 # Response headers that, when the app set them, the merge must look at one by one.
 _MERGED = frozenset({name for name, _ in SECURITY_HEADERS} | {_REQUEST_ID_NAME, _CACHE_CONTROL})
 _NO_SPAN: dict[str, str] = {}
+# Where HttpMiddleware keeps the method the client sent when it hands a HEAD to the routes
+# as a GET (see client_method).
+_CLIENT_METHOD = "app.client_method"
 # Distinct (method, path) pairs whose RequestPlan is remembered per process; beyond that,
 # it is worked out on each request, as for the first request of each pair.
 PLAN_CACHE_SIZE = 4096
@@ -134,7 +137,9 @@ class HttpMiddleware:
             if self.hosts.allows(hosts):
                 # HEAD is GET without the body (RFC 9110 section 9.3.2), which the server
                 # drops; FastAPI routes only take the methods they list.
-                app_scope = scope if scope["method"] != "HEAD" else {**scope, "method": "GET"}
+                app_scope = scope
+                if scope["method"] == "HEAD":
+                    app_scope = {**scope, "method": "GET", _CLIENT_METHOD: "HEAD"}
                 await self.app(app_scope, counting_receive, observed_send)
             else:
                 response = problem_response(scope, 400, "Invalid host header.")
@@ -205,6 +210,13 @@ class HttpMiddleware:
             level = level_of(app_path(scope))
             log_request(scope, level, route_template(scope), status or 499, seconds, span_ids)
             request_id_var.reset(token)
+
+
+def client_method(scope: Scope) -> str:
+    """The request's method as the client sent it: a route sees a HEAD as a GET, but a
+    response that would read its body only to have the server drop it (a file) should
+    not read it."""
+    return scope.get(_CLIENT_METHOD) or scope["method"]
 
 
 async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:

@@ -673,6 +673,31 @@ def test_range_requests_are_answered_with_206(api: Api) -> None:
     assert partial.headers["content-range"] == f"bytes 0-9/{len(PDF)}"
 
 
+def bytes_read_by_this_process() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_a_head_of_a_download_reads_no_file(api: Api) -> None:
+    """The routes take a HEAD as a GET; the file was then read whole for the server to
+    drop, holding the connection meanwhile (a second for 200 MB)."""
+    alice = api.account("alice")
+    text = b"eight mebibytes of a text file\n" * (8 * 2**20 // 31)
+    meta = uploaded(upload(api, alice, "big.txt", text, "text/plain"))
+    path = f"/api/v1/files/{meta['id']}/content"
+    for headers in ({}, {"Range": "bytes=0-"}, {"Range": "bytes=0-10, 2000000-"}):
+        before = bytes_read_by_this_process()
+        head = api.client.head(path, headers=alice.headers | headers)
+        read = bytes_read_by_this_process() - before
+        assert head.status_code in (200, 206), headers
+        assert head.content == b""
+        assert read < 2**20, f"a HEAD ({headers}) read {read} bytes"
+    whole = api.client.head(path, headers=alice.headers)
+    assert whole.headers["content-length"] == str(len(text))
+
+
 def test_conditional_downloads_follow_rfc_9110(api: Api) -> None:
     """A client whose copy is current gets a 304 without the file; a failed If-Match or
     If-Unmodified-Since is a 412 problem; anything else gets the file."""

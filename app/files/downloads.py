@@ -30,6 +30,7 @@ from starlette.responses import FileResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from app.errors import AppError, PreconditionFailed, UnsatisfiableRange
+from app.middleware import client_method
 
 # As Starlette: a header with more ranges than this is ignored (the whole file is sent),
 # rather than answered with as many parts.
@@ -134,6 +135,8 @@ class Download(FileResponse):
         self.file = file
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if client_method(scope) == "HEAD":  # routed as a GET: the headers, not the file
+            scope = {**scope, "method": "HEAD"}
         # Never sent by path (the server's pathsend extension): the path may be gone.
         extensions = scope.get("extensions") or {}
         if "http.response.pathsend" in extensions:
