@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -155,3 +156,38 @@ def test_held_lines_are_written_when_the_process_exits(tmp_path: Path) -> None:
     lines = [json.loads(text) for text in result.stdout.splitlines()]
     assert [record["n"] for record in lines] == list(range(50))
     assert all(record["logger"] == "app.access" for record in lines)
+
+
+def test_workers_sharing_a_pipe_never_split_each_others_long_lines(tmp_path: Path) -> None:
+    """Lines longer than a pipe keeps whole (an error's traceback) from several workers on
+    one stdout, read by a collector that falls behind: the kernel splits such writes when
+    the pipe is full, and other lines landed in their middle, two records lost each."""
+    writer = textwrap.dedent(
+        """
+        import sys
+        from app.observability.log_output import open_output
+        worker = sys.argv[1]
+        output = open_output(None, flush_seconds=0)
+        for n in range(150):
+            trace = "x" * (3000 + n * 97 % 12000)
+            output.write(f'{{"worker": {worker}, "n": {n}, "exception": "{trace}"}}\\n'.encode())
+            if n % 3 == 0:
+                output.write(f'{{"worker": {worker}, "n": {n}, "event": "request"}}\\n'.encode())
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    read_end, write_end = os.pipe()
+    workers = [
+        subprocess.Popen([sys.executable, "-c", writer, str(n)], stdout=write_end, env=env)
+        for n in range(3)
+    ]
+    os.close(write_end)
+    received = bytearray()
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while data := pipe.read(4096):  # a collector a little behind the writers
+            received += data
+            time.sleep(0.001)
+    for worker in workers:
+        assert worker.wait(timeout=60) == 0
+    records = [json.loads(text) for text in received.splitlines()]  # each line one record
+    assert len(records) == 3 * (150 + 50)

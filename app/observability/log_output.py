@@ -12,20 +12,24 @@ line — errors, warnings, server messages — is written at once. The cost: on 
 a crash of the interpreter, up to ``flush_seconds`` of access lines are lost.
 ``flush_seconds=0`` writes every line at once.
 
-Writes carry whole lines and at most PIPE_BUF bytes (unless one line is longer), so the
-lines of several workers sharing one pipe or file never interleave mid-line.
+Writes carry whole lines and at most PIPE_BUF bytes (unless one line is longer), which a
+pipe keeps whole. A longer line (an error's traceback, a long path) the kernel may split
+when the pipe is full, and another worker's lines would land in the middle: so where
+several processes share the stream (gunicorn's workers and master, which share
+PROMETHEUS_MULTIPROC_DIR too) each writes under an flock on a file in that directory.
 """
 
 import asyncio
 import atexit
 import contextlib
+import fcntl
 import os
 import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from itertools import chain
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TextIO
 
 # The largest write a pipe keeps whole (POSIX: at least 512, Linux: 4096).
@@ -35,14 +39,60 @@ HELD_LINES = 128
 
 Render = Callable[[], bytes]
 _NOT_DUE = float("inf")
+SHARED_LOCK_FILE = "log-output.lock"
+
+
+class SharedWrites:
+    """Writes to a stream that other processes write to as well, one process at a time:
+    an flock on ``path``, a file every one of them opens (None: this process is alone)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        fd = self._open()
+        if fd is None:
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open(self) -> int | None:
+        if self.path is None:
+            return None
+        # The file is gone when gunicorn emptied the directory after this process opened
+        # it (the master, at its start): the others lock a new one.
+        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+            self.forget()
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:  # no directory (yet): writing unlocked beats not writing
+                return None
+        return self._fd
+
+    def forget(self) -> None:
+        """Drop this process's handle; in a forked child, the parent's (a lock shared with
+        the parent would exclude nobody)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class LineOutput:
     """Whole lines to one stream: ``write`` now, ``hold`` for later."""
 
-    def __init__(self, stream: TextIO, flush_seconds: float) -> None:
+    def __init__(
+        self, stream: TextIO, flush_seconds: float, shared: SharedWrites | None = None
+    ) -> None:
         # Threads log too (the thread pool, SQLAlchemy), so the queue is shared under a lock.
         self._lock = threading.Lock()
+        self.shared = shared or SharedWrites(None)
         self._held: list[Render] = []
         self._due = _NOT_DUE  # when the held lines must be out (monotonic clock)
         self.flush_seconds = flush_seconds
@@ -86,14 +136,17 @@ class LineOutput:
 
     def _drain(self, lines: Iterable[bytes]) -> None:
         self._due = _NOT_DUE
-        chunk = bytearray()
-        for line in chain([render() for render in self._held], lines):
-            if chunk and len(chunk) + len(line) > CHUNK_BYTES:
+        pending = [render() for render in self._held]
+        pending.extend(lines)
+        if pending:
+            with self.shared.exclusive():
+                chunk = bytearray()
+                for line in pending:
+                    if chunk and len(chunk) + len(line) > CHUNK_BYTES:
+                        self._write_chunk(chunk)
+                    chunk += line
                 self._write_chunk(chunk)
-            chunk += line
         self._held.clear()
-        if chunk:
-            self._write_chunk(chunk)
 
     def _write_chunk(self, chunk: bytearray) -> None:
         # Flushed chunk by chunk: the stream's own buffer would merge them.
@@ -106,6 +159,7 @@ class LineOutput:
         self._lock = threading.Lock()
         self._held.clear()
         self._due = _NOT_DUE
+        self.shared.forget()
 
 
 _current: LineOutput | None = None
@@ -116,7 +170,9 @@ def open_output(stream: TextIO | None, flush_seconds: float) -> LineOutput:
     current one writes out what it held."""
     global _current
     flush_all()
-    _current = LineOutput(stream or sys.stdout, flush_seconds)
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    shared = SharedWrites(Path(directory) / SHARED_LOCK_FILE if directory else None)
+    _current = LineOutput(stream or sys.stdout, flush_seconds, shared)
     return _current
 
 
