@@ -3,6 +3,7 @@ databases: handshake authentication, the wire format of every frame, delivery to
 right connections, bad frames answered without dropping the socket, and shutdown."""
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -17,7 +18,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from app.main import create_app
 from app.realtime import deps
-from app.realtime.service import close_connections
+from app.realtime.service import Realtime, close_connections
 from tests.api import Account, Api, assert_problem
 from tests.conftest import make_settings
 from tests.prom import parse, value
@@ -565,3 +566,17 @@ def test_a_socket_is_closed_when_its_token_expires(database_url: str, tmp_path: 
         api.sign_in(alice)
         with joined(api, alice, "lobby") as ws:
             assert_silent(ws)
+
+
+def test_a_client_gone_while_its_first_frame_is_sent_is_no_error() -> None:
+    """A chat client that closes right after its handshake: the history frame's send fails
+    inside the task group that watches for ended sessions, which wraps the disconnect in
+    an exception group; it was an `unhandled error` at ERROR, paging for a client's exit."""
+    realtime = Realtime(broker=None, history=None, sessionmaker=None, policy=None)  # type: ignore[arg-type]
+
+    async def client_leaves_mid_send() -> None:
+        async with realtime._open(None, time.time() + 60), anyio.create_task_group():  # type: ignore[arg-type]
+            raise WebSocketDisconnect(1006)
+
+    anyio.run(client_leaves_mid_send)
+    assert realtime.connections == set()

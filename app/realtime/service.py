@@ -168,8 +168,10 @@ class Realtime:
         self.connections.add(connection)
         try:
             yield connection
-        except DISCONNECTED:
-            pass  # the client left while something was being sent to it: nothing is owed
+        # The client left while something was being sent to it: nothing is owed. Also when
+        # a task group on the way wrapped the error (the sessions watch does).
+        except* DISCONNECTED:
+            pass
         finally:
             self.connections.discard(connection)
             await connection.close()
