@@ -29,7 +29,7 @@ SENSITIVE_KEYS = frozenset(
         "client_secret",
     }
 )
-CREDENTIALS = re.compile(
+_CREDENTIALS = re.compile(
     r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"  # JWTs (header starts '{"')
     r"|(?i:bearer|basic)\s+[A-Za-z0-9._~+/=-]+"
 )
@@ -66,7 +66,7 @@ def redact_mapping(mapping: MutableMapping[str, Any]) -> Any:
         if key.lower() in SENSITIVE_KEYS:
             mapping[key] = REDACTED
         elif type(value) not in _PLAIN:
-            mapping[key] = redact_value(value)
+            mapping[key] = _redact_value(value)
     return mapping
 
 
@@ -74,16 +74,16 @@ def redact_mapping(mapping: MutableMapping[str, Any]) -> Any:
 _PLAIN = frozenset({int, float, bool, type(None)})
 
 
-def redact_value(value: Any) -> Any:
+def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         # Cheap substring tests first: the regex runs only on strings that could match.
         if marked(value.lower()):
-            return CREDENTIALS.sub(REDACTED, value)
+            return _CREDENTIALS.sub(REDACTED, value)
         return value
     if isinstance(value, dict):
         return redact_mapping(dict(value))
     if isinstance(value, list | tuple):
-        return type(value)(redact_value(item) for item in value)
+        return type(value)(_redact_value(item) for item in value)
     return value
 
 
@@ -91,4 +91,4 @@ def redact_query(text: str) -> str:
     """``text`` (a URL, a path and its query, or a query string) with the values of
     parameters named like a secret, and whatever looks like a credential, replaced."""
     text = _SENSITIVE_PARAM.sub(rf"\1\2={REDACTED}", text)
-    return redact_value(text)
+    return _redact_value(text)
