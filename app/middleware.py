@@ -106,11 +106,13 @@ class HttpMiddleware:
         start = time.perf_counter()
         status = 500
         request_bytes = response_bytes = 0
+        body_read = False
 
         async def counting_receive() -> Message:
-            nonlocal request_bytes
+            nonlocal request_bytes, body_read
             message = await receive()
             if message["type"] == "http.request":
+                body_read = not message.get("more_body", False)
                 body = message.get("body", b"")
                 if body and not request_bytes:  # the body's first bytes
                     refuse_content_coding(scope["headers"])
@@ -128,9 +130,10 @@ class HttpMiddleware:
                 response_bytes += len(message.get("body", b""))
             elif message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = response_headers(
-                    message.get("headers", ()), id_header, no_store
-                )
+                headers = response_headers(message.get("headers", ()), id_header, no_store)
+                if status >= 400 and not body_read and declares_body(scope["headers"]):
+                    headers = closing(headers)
+                message["headers"] = headers
             return send(message)
 
         try:
@@ -250,6 +253,25 @@ def choose_request_id(client_request_id: bytes | None) -> str:
     # Not os.urandom: a syscall per request for an id that only has to be unique (the
     # random module reseeds in forked workers, so they do not repeat each other).
     return f"{random.getrandbits(128):032x}"
+
+
+def declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether the request's headers announce a body (RFC 9112 section 6.3)."""
+    return any(
+        (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding"
+        for name, value in headers
+    )
+
+
+def closing(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` with ``Connection: close``: a refusal sent before the request's body
+    was read. Kept alive, the connection would make the server read and discard the rest
+    of the body (a declared terabyte, or a chunked body that never ends) before the
+    client's next request; closed, the client learns at once, and the server reads no
+    more. The server closes the connection after a response that says so."""
+    return [header for header in headers if header[0] != b"connection"] + [
+        (b"connection", b"close")
+    ]
 
 
 def refuse_content_coding(headers: Iterable[tuple[bytes, bytes]]) -> None:

@@ -350,3 +350,69 @@ def test_a_crash_mid_upload_leaves_a_stage_that_a_later_start_removes(tmp_path: 
         assert download.content == b"a" * 100
     assert kept.exists()
     assert "removed stale staged uploads" in (tmp_path / "restart.log").read_text()
+
+
+@contextlib.contextmanager
+def refused_mid_body(
+    base: str, head: str, first_bytes: bytes
+) -> Iterator[tuple[http.client.HTTPResponse, socket.socket]]:
+    """Send ``head`` (a request line and headers) and ``first_bytes`` of its body, then
+    read the answer; yields it and the connection, open until the block ends."""
+    address = urlsplit(base)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
+        connection.sendall(f"{head}Host: {address.netloc}\r\n\r\n".encode() + first_bytes)
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        response.read()
+        yield response, connection
+
+
+def reset_while_sending(connection: socket.socket, chunk: bytes, times: int) -> bool:
+    """Whether the peer resets ``connection`` before ``times`` sends of ``chunk`` are done."""
+    try:
+        for _ in range(times):
+            connection.sendall(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        return True
+    return False
+
+
+def test_a_refusal_before_the_body_is_read_closes_the_connection(tmp_path: Path) -> None:
+    """Uploads are streamed, so nothing reads a body the routes refuse before they start
+    on it (no token, a type that is not multipart): kept alive, the connection would have
+    the server read and discard the whole declared body, a terabyte, before the client's
+    next request. The refusal closes it instead, as a 413 does; a client sending more
+    finds the connection reset. A refusal after the body was read keeps it open."""
+    with upload_server(tmp_path, 64 * MIB) as (base, _, token):
+        declared = (
+            "POST /api/v1/files HTTP/1.1\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {2**40}\r\n"
+        )
+        chunked = (
+            "POST /api/v1/files HTTP/1.1\r\n"
+            f"Authorization: Bearer {token}\r\n"
+            "Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
+        )
+        chunk = b"%x\r\n%s\r\n" % (MIB, b"a" * MIB)
+        for head, first_bytes, status in ((declared, HEAD, 401), (chunked, chunk, 415)):
+            with refused_mid_body(base, head, first_bytes) as (response, connection):
+                assert response.status == status
+                assert response.getheader("content-type") == "application/problem+json"
+                assert response.getheader("connection") == "close"
+                assert reset_while_sending(connection, chunk, 256)  # the server reads no more
+
+        # A JSON body read whole and refused: the connection stays open for the next one.
+        item = b'{"title": 1}'
+        json_post = (
+            "POST /api/v1/items HTTP/1.1\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(item)}\r\n"
+        )
+        with refused_mid_body(base, json_post, item) as (response, connection):
+            assert response.status == 422
+            assert response.getheader("connection") is None
+            connection.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            again = http.client.HTTPResponse(connection)
+            again.begin()
+            assert again.status == 200
