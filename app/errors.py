@@ -228,6 +228,17 @@ async def _dependency_unavailable(request: Request, exc: Exception) -> JSONRespo
     )
 
 
+def shutting_down(scope: Scope) -> JSONResponse:
+    """The answer to a request the server cancelled when its graceful shutdown ran out:
+    the client may retry it, on another worker or replica."""
+    return problem_response(
+        scope,
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "The server stopped before this request finished; try again.",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"},
+    )
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request.scope, HTTPStatus.INTERNAL_SERVER_ERROR, "Internal error.")
 

@@ -9,9 +9,11 @@ every request, and these concerns read the same request, amend the same response
 and need the same status and timing (bench/RESULTS.md). Each concern keeps its own
 helper: the edge policy below, the metrics in observability/http_metrics.py, the access
 line in observability/access_log.py. Exceptions are counted as 500, logged with the
-request's context (which is gone by the time the server logs them) and re-raised.
+request's context (which is gone by the time the server logs them) and re-raised; a
+request the server cancels on shutdown is answered a 503 its client may retry.
 """
 
+import asyncio
 import random
 import re
 import time
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import problem_response
+from app.errors import problem_response, shutting_down
 from app.observability.access_log import level_of, log_request
 from app.observability.http_metrics import RouteSeries, SeriesLookup, observe_websocket
 from app.observability.logging import log_unhandled, note_handshake_refused, request_id_var
@@ -106,7 +108,7 @@ class HttpMiddleware:
         start = time.perf_counter()
         status = 500
         request_bytes = response_bytes = 0
-        body_read = False
+        body_read = started = False
 
         async def counting_receive() -> Message:
             nonlocal request_bytes, body_read
@@ -125,11 +127,11 @@ class HttpMiddleware:
         # A plain function handing back send's awaitable, not a coroutine of its own:
         # one coroutine less per message.
         def observed_send(message: Message) -> Awaitable[None]:
-            nonlocal status, response_bytes
+            nonlocal status, started, response_bytes
             if message["type"] == "http.response.body":
                 response_bytes += len(message.get("body", b""))
             elif message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 headers = response_headers(message.get("headers", ()), id_header, no_store)
                 if status >= 400 and not body_read and declares_body(scope["headers"]):
                     headers = closing(headers)
@@ -147,6 +149,15 @@ class HttpMiddleware:
             else:
                 response = problem_response(scope, 400, "Invalid host header.")
                 await response(scope, receive, observed_send)
+        except asyncio.CancelledError:
+            # The server cancels what still runs when its graceful shutdown runs out (a
+            # deploy, a recycle), and would answer a plain-text 500 and log an error. The
+            # client did nothing wrong and the service is not failing: a 503 tells it to
+            # retry. Nothing above this layer waits on the cancellation; the request ends.
+            if started:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            await shutting_down(scope)(scope, receive, observed_send)
         except Exception as exc:
             # Also after the response started: its client got a cut-off body, not a 2xx.
             status = 500

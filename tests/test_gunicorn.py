@@ -2,6 +2,7 @@
 stay exact (also when a worker is SIGKILLed and replaced), system series are neither
 multiplied nor keyed by pid, and the logs are single-format JSON without secrets."""
 
+import http.client
 import json
 import os
 import re
@@ -239,7 +240,9 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -
     """A deploy's SIGTERM (or a max_requests recycle) stops a worker while an upload that
     may run for minutes is still arriving. The master kills a stopping worker after its
     timeouts; the worker must cancel the upload first, so that the staged file goes and
-    the upload is counted, instead of both being left to the hourly sweep."""
+    the upload is counted, instead of both being left to the hourly sweep; and its client
+    is told to retry (a 503 problem), not that the server failed (uvicorn's plain 500,
+    logged as an error)."""
     process, base, log = launched(
         tmp_path,
         WEB_CONCURRENCY="1",
@@ -251,14 +254,21 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -
         await_answer(f"{base}/health/ready", process, log, "gunicorn")
         token = signed_up(base, "long")
         uploads = tmp_path / "data" / "uploads"
-        with half_sent_upload(base, token, uploads):
+        with half_sent_upload(base, token, uploads) as connection:
             process.send_signal(signal.SIGTERM)
+            response = http.client.HTTPResponse(connection)
+            response.begin()
+            assert response.status == 503
+            assert response.getheader("content-type") == "application/problem+json"
+            assert response.getheader("retry-after") is not None
+            assert response.getheader("connection") == "close"
             assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     assert list(uploads.glob(".upload-*")) == []
+    assert "Exception in ASGI application" not in log.read_text()
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path / "prometheus"))
     assert registry.get_sample_value("uploads_total", {"outcome": "aborted"}) == 1
