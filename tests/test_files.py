@@ -479,6 +479,8 @@ def test_file_names_are_sanitised(api: Api, disposition: bytes, stored: str) -> 
         ("é" * 200 + ".txt", "é" * 125 + ".txt"),
         ("invoice\u202egnp.txt", "invoicegnp.txt"),  # would display as "invoicetxt.png"
         ("\u2067a\u2069\u200fb.txt", "ab.txt"),
+        ("\u200b\u2028\ufeff.txt", ".txt"),  # what it displays as
+        ("a\u2029b\u00ad.txt", "ab.txt"),
     ],
 )
 def test_sanitize_filename(raw: str | None, clean: str) -> None:

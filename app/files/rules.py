@@ -96,21 +96,19 @@ def check_type(detected: str | None, filename: str, declared: str | None) -> str
     return detected
 
 
-# Characters that reorder the text around them: "invoice\u202egnp.txt" displays as
-# "invoicetxt.png".
-_BIDI_CONTROLS = frozenset(
-    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-)
+# Characters a name must not hold: controls (Cc); format characters (Cf), which are
+# invisible or reorder the text around them ("invoice\u202egnp.txt" displays as
+# "invoicetxt.png", "\u200b.txt" as ".txt"); line and paragraph separators, which break
+# a name shown in one line; and lone surrogates, which no file system or header encodes.
+_REMOVED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 
 
 def sanitize_filename(raw: str | None) -> str:
     """A display name only (storage uses generated keys), yet it ends up in headers and
-    on users' disks: the last path component, no control characters (bidirectional
-    ones included), at most 255 bytes."""
+    on users' disks: the last path component, no control, invisible or line-breaking
+    characters, at most 255 bytes."""
     name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(
-        ch for ch in name if unicodedata.category(ch) != "Cc" and ch not in _BIDI_CONTROLS
-    ).strip()
+    name = "".join(ch for ch in name if unicodedata.category(ch) not in _REMOVED_CATEGORIES).strip()
     if name in ("", ".", ".."):
         return FALLBACK_NAME
     if len(name.encode()) > MAX_NAME_BYTES:
