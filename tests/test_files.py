@@ -1084,27 +1084,32 @@ def test_writeback_is_asked_for_each_written_range_and_a_refusal_costs_nothing(
     assert len(ranges) == 3
 
 
-def test_the_sweep_never_takes_the_stage_of_a_slow_live_upload(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Bytes arriving slowly gather below the write buffer without touching the file: an
-    upload sending less than a MiB an hour, alive all along, looked dead to the sweep."""
-    monkeypatch.setattr(storage_module, "STAGE_TOUCH_SECONDS", 0.0)  # an hour, shortened
+def test_the_sweep_takes_only_stages_no_live_process_holds(tmp_path: Path) -> None:
+    """A live upload may leave its stage unwritten for longer than the sweep's age: a
+    client sending slowly, whose bytes gather below the write buffer, or a batch whose
+    first file waits, complete, for the others to arrive. The sweep must not take them;
+    it takes the stage of a process that died."""
     storage = storage_module.LocalStorage(tmp_path / "blobs")
     two_hours_ago = time.time() - 7200
+    dead = tmp_path / "blobs" / ".upload-of-a-dead-worker.tmp"
 
-    async def slow_upload() -> int:
-        async with storage.stage() as blob:
-            await blob.write(b"first bytes\n")
-            (stage,) = (tmp_path / "blobs").glob(".upload-*")
-            os.utime(stage, (two_hours_ago, two_hours_ago))  # nothing written since
-            await blob.write(b"more, long after\n")  # still gathering, yet alive
+    async def batch() -> int:
+        async with storage.stage() as first, storage.stage() as second:
+            await first.write(b"first file, complete\n")
+            await second.write(b"second file, ")
+            dead.write_bytes(b"cut short")
+            for stage in (tmp_path / "blobs").glob(".upload-*"):
+                os.utime(stage, (two_hours_ago, two_hours_ago))  # nothing written since
             removed = await storage.remove_stale_stages(older_than_seconds=3600)
-            await blob.commit("key")
+            await second.write(b"arriving slowly\n")
+            await first.commit("one")
+            await second.commit("two")
             return removed
 
-    assert anyio.run(slow_upload) == 0
-    assert (tmp_path / "blobs" / "key").read_bytes() == b"first bytes\nmore, long after\n"
+    assert anyio.run(batch) == 1
+    assert not dead.exists()
+    assert (tmp_path / "blobs" / "one").read_bytes() == b"first file, complete\n"
+    assert (tmp_path / "blobs" / "two").read_bytes() == b"second file, arriving slowly\n"
 
 
 def test_a_commit_that_fails_after_the_rename_leaves_nothing(

@@ -75,9 +75,9 @@ class Storage(Protocol):
 
     async def remove_stale_stages(self, older_than_seconds: float) -> int:
         """Remove staged blobs untouched for that long, which only a process that died
-        mid-upload leaves (a failed or aborted upload discards its own, and a live one
-        touches its own at least every STAGE_TOUCH_SECONDS while bytes arrive); how
-        many."""
+        mid-upload leaves (a failed or aborted upload discards its own); how many. Every
+        process sweeps, well within that age, and first touches the stages it still has
+        open, so none of a live process is ever that old."""
 
 
 def new_key() -> str:
@@ -95,10 +95,6 @@ _start_writeback = getattr(os, "posix_fadvise", None)  # not on macOS
 # Chunks are gathered up to this size before a write: one hop to a worker thread per
 # request chunk (often 64 KiB) cost ~15 % of upload throughput (bench/RESULTS.md).
 WRITE_BUFFER_BYTES = 1024 * 1024
-# A stage that is still receiving bytes is touched at least this often, even while they
-# only gather below WRITE_BUFFER_BYTES (a client sending slowly): what tells it from the
-# stage of a process that died (remove_stale_stages).
-STAGE_TOUCH_SECONDS = 60.0
 
 
 class _LocalStagedBlob:
@@ -118,7 +114,6 @@ class _LocalStagedBlob:
         self._writing: asyncio.Future[None] | None = None
         self._sha256 = hashlib.sha256()
         self._size = 0
-        self._touched = time.monotonic()
         self.committed = False
 
     async def local_file(self) -> Path:
@@ -134,10 +129,6 @@ class _LocalStagedBlob:
         self._pending_bytes += len(chunk)
         if self._pending_bytes >= WRITE_BUFFER_BYTES:
             await self._start_write()
-        elif time.monotonic() - self._touched >= STAGE_TOUCH_SECONDS:
-            # A metadata update on an open file: no need for a worker thread.
-            os.utime(self._file.fileno())
-            self._touched = time.monotonic()
 
     async def _start_write(self) -> None:
         """Hand the pending chunks to a worker thread, once the previous write is over."""
@@ -162,8 +153,13 @@ class _LocalStagedBlob:
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
         return chunks
 
+    def touch(self) -> None:
+        """Mark the stage as alive (remove_stale_stages): a metadata update on the open
+        file, cheap enough for the event loop."""
+        if not self._file.closed:
+            os.utime(self._file.fileno())
+
     def _write(self, chunks: list[bytes]) -> None:
-        self._touched = time.monotonic()
         start = self._size
         with _full_is_storage_full():
             for chunk in chunks:
@@ -233,6 +229,10 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        # This process's stages not yet committed or discarded: a slow upload, or a
+        # batch's files that arrived first and wait for the others, may write nothing to
+        # them for longer than any sweep's age.
+        self._open: set[_LocalStagedBlob] = set()
 
     @contextlib.asynccontextmanager
     async def stage(self) -> AsyncIterator[StagedBlob]:
@@ -240,9 +240,11 @@ class LocalStorage:
         with _full_is_storage_full():  # no inode left
             file = await anyio.to_thread.run_sync(path.open, "xb")
         blob = _LocalStagedBlob(self.root, path, file)
+        self._open.add(blob)
         try:
             yield blob
         finally:
+            self._open.discard(blob)
             if not blob.committed:
                 # Shielded: a client that disconnects mid-upload cancels the request,
                 # and the temporary file must still go.
@@ -267,6 +269,9 @@ class LocalStorage:
                 yield chunk
 
     async def remove_stale_stages(self, older_than_seconds: float) -> int:
+        for blob in self._open:
+            blob.touch()
+
         def remove() -> int:
             cutoff = time.time() - older_than_seconds
             removed = 0

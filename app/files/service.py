@@ -46,9 +46,8 @@ logger = get_logger(__name__)
 
 # Room for the multipart framing and the description around the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
-# A live upload touches its stage at least once a minute while bytes arrive, however
-# slowly (STAGE_TOUCH_SECONDS), and nginx drops a client silent for 60 s: an hour
-# untouched is an upload whose process died.
+# Each sweep first touches its own process's open stages (Storage.remove_stale_stages),
+# every SWEEP_INTERVAL_SECONDS: an hour untouched is an upload whose process died.
 STALE_STAGE_SECONDS = 3600
 SWEEP_INTERVAL_SECONDS = 600
 
