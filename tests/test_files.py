@@ -554,6 +554,14 @@ def test_form_problems_are_4xx_and_leave_nothing(api: Api) -> None:
         headers=alice.headers | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
     )
     assert_rejected_without_trace(api, alice, truncated, 400)
+    two_dispositions = raw_upload(
+        api,
+        alice,
+        b'form-data; name="description"\r\n'
+        b'Content-Disposition: form-data; name="file"; filename="a.txt"',
+        TEXT,
+    )
+    assert_rejected_without_trace(api, alice, two_dispositions, 400)
     nul = upload(api, alice, "a.txt", TEXT, "text/plain", description="a\x00b")
     assert_rejected_without_trace(api, alice, nul, 422)  # PostgreSQL text cannot hold it
     for length in (71, 257):  # RFC 2046 allows 70; the parser itself refuses over 256

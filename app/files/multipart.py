@@ -99,7 +99,12 @@ class _Collector:
         }
 
     def _header_end(self) -> None:
-        self._headers[bytes(self._field).lower()] = bytes(self._value)
+        name = bytes(self._field).lower()
+        if name in self._headers:
+            # Which one counts is anyone's guess: a proxy or filter that reads the first
+            # would judge another part than the one stored.
+            raise MalformedBody("A part repeats one of its headers.")
+        self._headers[name] = bytes(self._value)
         self._field.clear()
         self._value.clear()
 
