@@ -19,7 +19,6 @@ worker gets a slot number 0…workers-1 in ``APP_WORKER_ID`` (reused by its repl
 across reloads), and a dead worker's live gauges are removed in ``child_exit``.
 """
 
-import collections
 import os
 import shutil
 import tempfile
@@ -94,11 +93,14 @@ def on_starting(server: Arbiter) -> None:
 
 
 def pre_fork(server: Arbiter, worker: Worker) -> None:
-    # Of the slots 0…workers-1, the lowest that the fewest live workers hold: a replacement
-    # inherits the slot of the worker it replaces, and on a reload (HUP), which starts the
-    # new workers before it stops the old ones, each new worker takes one old worker's.
-    held = collections.Counter(getattr(other, "slot", None) for other in server.WORKERS.values())
-    worker.slot = min(range(server.num_workers), key=lambda slot: (held[slot], slot))  # type: ignore[attr-defined]
+    # The lowest slot none of the workers that stay holds. gunicorn stops the oldest workers
+    # beyond num_workers (the old ones once a reload's (HUP) new ones are started, the oldest
+    # on a TTOU), so the new one stays with the youngest num_workers-1 others: a replacement
+    # inherits the slot of the worker it replaces, and the workers left hold 0…workers-1
+    # once each (after a TTOU, once the rest are replaced or reloaded).
+    youngest = sorted(server.WORKERS.values(), key=lambda other: other.age, reverse=True)
+    held = {other.slot for other in youngest[: server.num_workers - 1]}  # type: ignore[attr-defined]
+    worker.slot = min(set(range(server.num_workers)) - held)  # type: ignore[attr-defined]
 
 
 def post_fork(server: Arbiter, worker: Worker) -> None:

@@ -166,16 +166,33 @@ def assert_exact_totals(samples: Samples, expected: int) -> None:
     assert not any(labels["route"] == "/ghost" for labels in series(samples, "http_requests_total"))
 
 
-def await_slots_0_and_1(server: Gunicorn) -> None:
-    """Until the live workers' series are exactly slots 0 and 1 (a dead one's go)."""
+def worker_slots(server: Gunicorn) -> set[str]:
+    """The slots of the live workers' series on /metrics (a dead one's go)."""
+    return {labels["worker"] for labels in series(server.scrape(), "app_worker_open_fds")}
+
+
+def await_slots(server: Gunicorn, slots: set[str]) -> None:
+    """Until the live workers' series are exactly ``slots``."""
+    wait_for(
+        lambda: worker_slots(server) == slots,
+        timeout=60,
+        what=f"the worker series to be slots {sorted(slots)}",
+        process=server.process,
+    )
+
+
+def await_new_workers(server: Gunicorn, old: set[int], count: int) -> None:
+    """Until ``count`` workers, none of them one of ``old``, run and the service answers."""
     wait_for(
         lambda: (
-            {labels["worker"] for labels in series(server.scrape(), "app_worker_open_fds")}
-            == {"0", "1"}
+            len(server.workers()) == count
+            and not old & {worker.pid for worker in server.workers()}
+            and _ready(server)
         ),
-        timeout=10,
-        what="the worker series to be slots 0 and 1",
+        timeout=60,
+        what=f"gunicorn to run {count} new workers",
         process=server.process,
+        log_path=server.log,
     )
 
 
@@ -187,23 +204,13 @@ def test_metrics_are_exact_across_workers_and_survive_a_killed_worker(
 
     victim = gunicorn.workers()[0].pid
     os.kill(victim, signal.SIGKILL)
-    wait_for(
-        lambda: (
-            len(gunicorn.workers()) == 2
-            and victim not in {w.pid for w in gunicorn.workers()}
-            and _ready(gunicorn)
-        ),
-        timeout=60,
-        what="gunicorn to replace the killed worker",
-        process=gunicorn.process,
-        log_path=gunicorn.log,
-    )
+    await_new_workers(gunicorn, {victim}, 2)
     send_traffic(gunicorn, N)
     samples = gunicorn.scrape()
     assert_exact_totals(samples, 2 * N)
 
     # The replacement took the dead worker's slot: still exactly workers 0 and 1.
-    await_slots_0_and_1(gunicorn)
+    await_slots(gunicorn, {"0", "1"})
 
 
 def test_a_reload_keeps_the_worker_slots_and_the_host_sampled(gunicorn: Gunicorn) -> None:
@@ -212,18 +219,8 @@ def test_a_reload_keeps_the_worker_slots_and_the_host_sampled(gunicorn: Gunicorn
     them the host's sampling, or every host series would freeze at its last value."""
     old = {worker.pid for worker in gunicorn.workers()}
     gunicorn.process.send_signal(signal.SIGHUP)
-    wait_for(
-        lambda: (
-            len(gunicorn.workers()) == 2
-            and not old & {worker.pid for worker in gunicorn.workers()}
-            and _ready(gunicorn)
-        ),
-        timeout=60,
-        what="gunicorn to replace both workers",
-        process=gunicorn.process,
-        log_path=gunicorn.log,
-    )
-    await_slots_0_and_1(gunicorn)
+    await_new_workers(gunicorn, old, 2)
+    await_slots(gunicorn, {"0", "1"})
     # The scrapes alone are traffic on the loopback, which the host counter includes.
     received = value(gunicorn.scrape(), "app_host_network_bytes_total", direction="receive")
     wait_for(
@@ -234,6 +231,27 @@ def test_a_reload_keeps_the_worker_slots_and_the_host_sampled(gunicorn: Gunicorn
         what="a new worker to sample the host",
         process=gunicorn.process,
     )
+
+
+def test_scaling_then_a_reload_leaves_one_worker_per_slot(gunicorn: Gunicorn) -> None:
+    """TTIN adds a worker on slot 2, TTOU stops the oldest (slot 0's), and a reload must then
+    put the new workers on slots 0 and 1. Had it counted the slots of the old workers it
+    stops, both would take slot 0: /metrics would show one of them, and their CPU seconds
+    added up in one series."""
+    gunicorn.process.send_signal(signal.SIGTTIN)
+    await_slots(gunicorn, {"0", "1", "2"})
+    gunicorn.process.send_signal(signal.SIGTTOU)
+    wait_for(
+        lambda: len(gunicorn.workers()) == 2 and len(worker_slots(gunicorn)) == 2,
+        timeout=60,
+        what="gunicorn to stop a worker, leaving two slots",
+        process=gunicorn.process,
+        log_path=gunicorn.log,
+    )
+    old = {worker.pid for worker in gunicorn.workers()}
+    gunicorn.process.send_signal(signal.SIGHUP)
+    await_new_workers(gunicorn, old, 2)
+    await_slots(gunicorn, {"0", "1"})
 
 
 def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -> None:
