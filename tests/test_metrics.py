@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ from tests.app_server import app_server, server_env
 from tests.conftest import make_settings
 from tests.logs import attach, records
 from tests.prom import Samples, parse, series, value
+from tests.uploads import MIB
 
 
 def scrape(client: TestClient, root_path: str = "") -> Samples:
@@ -575,6 +577,72 @@ def test_the_host_cpu_is_not_reported_from_a_first_reading(tmp_path: Path) -> No
     shown = utilisation()
     assert shown is not None
     assert 0.0 <= shown <= 1.0
+
+
+# A worker sampling the host until told to stop, as one that a deploy stops.
+HOST_HOLDER = """
+import sys
+from pathlib import Path
+
+from app.observability.system import SystemSampler
+
+sampler = SystemSampler(Path(sys.argv[1]), interval_seconds=60)
+sampler.sample()
+print(sampler.host_lease.held(), flush=True)
+sys.stdin.readline()
+sampler.sample()
+"""
+
+
+def loopback_traffic(size: int) -> None:
+    """``size`` bytes over TCP on the loopback: host traffic, as psutil counts it."""
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        socket.create_connection(server.getsockname()) as client,
+    ):
+        peer, _ = server.accept()
+        with peer:
+            sender = threading.Thread(target=client.sendall, args=(bytes(size),))
+            sender.start()
+            received = 0
+            while received < size:
+                received += len(peer.recv(MIB))
+            sender.join()
+
+
+def test_a_worker_taking_the_host_over_counts_the_bytes_since_the_last_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the worker holding the host lease counts the host's bytes. One taking it over
+    (the holder stopped by a deploy or a recycle) counted from a first reading of its own:
+    the bytes since the last holder's last sample were never counted."""
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOST_HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "True\n"
+        taker = SystemSampler(tmp_path, interval_seconds=60)
+        taker.sample()  # an interval before the holder's last sample
+        assert not taker.host_lease.held()
+        holder.communicate("\n", timeout=60)  # its last sample; it exits
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert holder.returncode == 0
+    received = registry_value("app_host_network_bytes_total", direction="receive")
+    before = received() or 0.0
+    loopback_traffic(8 * MIB)
+    taker.sample()
+    assert taker.host_lease.held()
+    assert (received() or 0.0) - before >= 8 * MIB
 
 
 def test_request_series_update_like_the_public_methods() -> None:

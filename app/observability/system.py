@@ -14,7 +14,10 @@ a timer and writes plain metrics that the multiprocess files carry:
   not multiplied by the number of workers: the one holding an exclusive lock on a file in
   the multiprocess directory. The kernel releases it when that worker dies, whatever its
   slot, and another worker takes it at its next sample (a slot number could not say which
-  worker is left after a reload or a scale-down).
+  worker is left after a reload or a scale-down). Every worker reads the host's CPU times
+  and byte counters at each sample all the same, so that the one taking over counts from
+  its reading of an interval ago: from its own first, the host's CPU would read idle and
+  the bytes since the last holder's last sample would never be counted.
 
 A sample that fails (a volume gone, a /proc file missing in some sandbox) is counted in
 ``app_system_sample_failures_total`` and sampling goes on: the error is logged when
@@ -176,9 +179,16 @@ class SystemSampler:
     def sample(self) -> None:
         """One sample of every series. A part that fails (the data volume gone) leaves the
         others sampled; its error is raised once they are."""
-        parts = [self._sample_worker, self._sample_cpu, self._sample_lag, self._sample_host_cpu]
+        parts = [
+            self._sample_worker,
+            self._sample_cpu,
+            self._sample_lag,
+            self._sample_host_cpu,
+            self._sample_disk_io,
+            self._sample_network,
+        ]
         if self.host_lease.held():
-            parts += [self._sample_host, self._sample_disk, self._sample_network]
+            parts += [self._sample_host, self._sample_disk]
         errors = []
         for part in parts:
             try:
@@ -209,8 +219,8 @@ class SystemSampler:
         WORKER_LOOP_LAG.labels(self.worker).set(max(lag for _, lag in self.lags))
 
     def _sample_host_cpu(self) -> None:
-        # Read by every worker, so that one taking the host over compares with a reading
-        # an interval old; psutil's first one compares with nothing (it is 0.0).
+        # Read by every worker (see the module); psutil's first reading compares with
+        # nothing (it is 0.0).
         utilisation = psutil.cpu_percent(interval=None) / 100
         if self.cpu_primed and self.host_lease.held():
             HOST_CPU.set(utilisation)
@@ -230,6 +240,8 @@ class SystemSampler:
         disk = psutil.disk_usage(str(self.data_dir))
         for state in ("total", "used", "free"):
             HOST_DISK.labels("data", state).set(getattr(disk, state))
+
+    def _sample_disk_io(self) -> None:
         if self.device is not None:
             counters = psutil.disk_io_counters(perdisk=True).get(self.device)
             if counters is not None:
@@ -248,12 +260,14 @@ class SystemSampler:
             {"receive": network.bytes_recv, "transmit": network.bytes_sent},
         )
 
-    @staticmethod
     def _increment(
-        counter: Counter, previous: dict[str, float], current: dict[str, float], *labels: str
+        self, counter: Counter, previous: dict[str, float], current: dict[str, float], *labels: str
     ) -> None:
+        """Count the host's bytes since the previous reading, if this worker samples the
+        host; read by every worker (see the module)."""
+        held = self.host_lease.held()
         for direction, value in current.items():
-            if direction in previous:
+            if held and direction in previous:
                 counter.labels(*labels, direction).inc(max(value - previous[direction], 0))
             previous[direction] = value
 
