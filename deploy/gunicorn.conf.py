@@ -19,8 +19,11 @@ worker gets a slot number 0…workers-1 in ``APP_WORKER_ID`` (reused by its repl
 across reloads), and a dead worker's live gauges are removed in ``child_exit``.
 """
 
+import asyncio
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +34,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.base import Worker
 from prometheus_client import multiprocess
+from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from app.observability import WORKER_ID_ENV
@@ -56,13 +60,34 @@ SHUTDOWN_SECONDS = max(1, min(timeout or graceful_timeout, graceful_timeout) - 5
 
 class ServiceWorker(UvicornWorker):
     """uvicorn's gunicorn worker, with the server options ``python -m app serve`` sets too,
-    and a bounded graceful shutdown."""
+    a bounded graceful shutdown and a quick one."""
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         **UvicornWorker.CONFIG_KWARGS,
         **SERVER_OPTIONS,
         "timeout_graceful_shutdown": SHUTDOWN_SECONDS,
     }
+
+    async def _serve(self) -> None:
+        # UvicornWorker's, but for its SIGQUIT handler (gunicorn's quick shutdown, on a SIGINT
+        # or SIGQUIT to the master), which only marks the gunicorn worker as stopping, a flag
+        # uvicorn never reads (Kludex/uvicorn-worker#2): the master waited out its graceful
+        # timeout, then SIGKILLed the workers, their lifespan shutdown not run.
+        self.config.app = self.wsgi
+        server = Server(config=self.config)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, self._quit, server)
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+    @staticmethod
+    def _quit(server: Server) -> None:
+        """Stop at once: the requests still running are cancelled now (uploads clean up),
+        not after the graceful window, and the lifespan shutdown runs (access lines written,
+        connections closed)."""
+        server.should_exit = True
+        for task in server.server_state.tasks:
+            task.cancel()
 
 
 wsgi_app = "app.main:create_app()"

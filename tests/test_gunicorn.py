@@ -254,18 +254,32 @@ def test_scaling_then_a_reload_leaves_one_worker_per_slot(gunicorn: Gunicorn) ->
     await_slots(gunicorn, {"0", "1"})
 
 
-def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop", "timeouts"),
+    [
+        # Killed 6 s after it stops; uvicorn cancels after 1 s.
+        (signal.SIGTERM, "6"),
+        # gunicorn's quick shutdown: cancelled at once, long before the 55 s window ends.
+        (signal.SIGINT, "60"),
+        (signal.SIGQUIT, "60"),
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGQUIT"],
+)
+def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(
+    tmp_path: Path, stop: signal.Signals, timeouts: str
+) -> None:
     """A deploy's SIGTERM (or a max_requests recycle) stops a worker while an upload that
     may run for minutes is still arriving. The master kills a stopping worker after its
     timeouts; the worker must cancel the upload first, so that the staged file goes and
     the upload is counted, instead of both being left to the hourly sweep; and its client
     is told to retry (a 503 problem), not that the server failed (uvicorn's plain 500,
-    logged as an error)."""
+    logged as an error). A SIGINT or SIGQUIT (Ctrl-C) is a quick shutdown: the worker must
+    stop at once, not be killed after the timeouts without its lifespan shutdown."""
     process, base, log = launched(
         tmp_path,
         WEB_CONCURRENCY="1",
-        GUNICORN_TIMEOUT="6",  # killed 6 s after it stops; uvicorn cancels after 1 s
-        GUNICORN_GRACEFUL_TIMEOUT="6",
+        GUNICORN_TIMEOUT=timeouts,
+        GUNICORN_GRACEFUL_TIMEOUT=timeouts,
         APP_MAX_UPLOAD_BYTES=str(64 * MIB),
     )
     try:
@@ -273,7 +287,7 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -
         token = signed_up(base, "long")
         uploads = tmp_path / "data" / "uploads"
         with half_sent_upload(base, token, uploads) as connection:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop)
             response = http.client.HTTPResponse(connection)
             response.begin()
             assert response.status == 503
@@ -285,8 +299,11 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(tmp_path: Path) -
         if process.poll() is None:
             process.kill()
             process.wait()
+    text = log.read_text()
+    assert "SIGKILL" not in text
+    assert "Exception in ASGI application" not in text
+    assert "Application shutdown complete." in text
     assert list(uploads.glob(".upload-*")) == []
-    assert "Exception in ASGI application" not in log.read_text()
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path / "prometheus"))
     assert registry.get_sample_value("uploads_total", {"outcome": "aborted"}) == 1
