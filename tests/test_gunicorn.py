@@ -160,6 +160,11 @@ def assert_exact_totals(samples: Samples, expected: int) -> None:
         )
         statuses = sum(1 for m, _, r, _ in TRAFFIC if (m, r) == route)
         assert count == expected * statuses, route
+        # The service's own 5xx series are exported at 0 before any error, as rate() needs.
+        for status in ("500", "503"):
+            labels = {"method": route[0], "route": route[1], "status": status}
+            assert ("http_requests_total", frozenset(labels.items())) in samples, labels
+            assert value(samples, "http_requests_total", **labels) == 0, labels
     for labels in series(samples, "http_requests_in_progress"):
         if labels["route"] != "/metrics":
             assert value(samples, "http_requests_in_progress", **labels) == 0, labels

@@ -7,19 +7,24 @@ import http.server
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import yaml
 
 from app.observability import metrics
 from deploy.stack.process import free_port, require_binary, wait_for
+from tests.app_server import sqlite_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "monitoring" / "prometheus"
@@ -157,65 +162,118 @@ def get_json(url: str) -> dict[str, Any]:
         return data
 
 
-def test_prometheus_discovers_the_targets_from_file_sd(tmp_path: Path, metrics_server: int) -> None:
+@dataclass
+class Prometheus:
+    base_url: str
+    targets: dict[str, str]  # job: the address of its target
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The instant vector ``expr`` evaluates to now."""
+        url = f"{self.base_url}/api/v1/query?query={urllib.parse.quote(expr)}"
+        result: list[dict[str, Any]] = get_json(url)["data"]["result"]
+        return result
+
+    def values(self, expr: str, *labels: str) -> dict[tuple[str, ...], float]:
+        """``expr`` now, by the values of ``labels``: a missing key is "no data"."""
+        return {
+            tuple(sample["metric"].get(label, "") for label in labels): float(sample["value"][1])
+            for sample in self.query(expr)
+        }
+
+    def wait_until(self, expr: str, what: str) -> None:
+        """Until ``expr`` has data (a filter such as ``== 1`` included): Prometheus has
+        scraped that far."""
+        wait_for(
+            lambda: bool(self.query(expr)),
+            timeout=60,
+            what=what,
+            process=self.process,
+            log_path=self.log,
+        )
+
+
+@contextmanager
+def running_prometheus(
+    directory: Path, targets: Mapping[str, str], interval: str | None = None
+) -> Iterator[Prometheus]:
+    """The real prometheus on a copy of the shipped config in ``directory``, scraping
+    ``targets`` (job: address; the other jobs an address nothing listens on, prometheus
+    itself). ``interval`` replaces the 15 s of scrapes and rule evaluations, for tests
+    that need several scrapes and cannot wait for them at the shipped pace."""
     binary = require_binary("prometheus", why="runs the shipped config (apt: prometheus)")
-    copied = copy_config(tmp_path / "config")
+    copied = copy_config(directory / "config")
+    if interval is not None:
+        shipped = config()
+        shipped["global"] |= dict.fromkeys(
+            ("scrape_interval", "scrape_timeout", "evaluation_interval"), interval
+        )
+        copied.write_text(yaml.safe_dump(shipped), encoding="utf-8")
     port = free_port()
     nobody = free_port()  # nothing listens there: those jobs are discovered but down
-    targets = dict.fromkeys(JOBS, f"127.0.0.1:{nobody}")
-    targets |= {"api": f"127.0.0.1:{metrics_server}", "prometheus": f"127.0.0.1:{port}"}
-    for job, target in targets.items():
-        (tmp_path / "config" / "targets" / f"{job}.yml").write_text(
+    addresses = dict.fromkeys(JOBS, f"127.0.0.1:{nobody}")
+    addresses |= {"prometheus": f"127.0.0.1:{port}", **targets}
+    for job, target in addresses.items():
+        (directory / "config" / "targets" / f"{job}.yml").write_text(
             yaml.safe_dump([{"targets": [target]}]), encoding="utf-8"
         )
-    log = tmp_path / "prometheus.log"
-    base = f"http://127.0.0.1:{port}"
+    log = directory / "prometheus.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
             [
                 binary,
                 f"--config.file={copied}",
                 f"--web.listen-address=127.0.0.1:{port}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--storage.tsdb.path={directory / 'data'}",
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
     try:
+        yield Prometheus(f"http://127.0.0.1:{port}", addresses, process, log)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
-        def health(job: str) -> str | None:
-            active = get_json(f"{base}/api/v1/targets")["data"]["activeTargets"]
-            states = [t["health"] for t in active if t["labels"]["job"] == job]
-            return states[0] if states else None
 
-        def ready() -> bool:
-            try:
-                return health("api") == "up"
-            except OSError:
-                return False
+def target_health(prometheus: Prometheus, job: str) -> str | None:
+    try:
+        active = get_json(f"{prometheus.base_url}/api/v1/targets")["data"]["activeTargets"]
+    except OSError:
+        return None
+    states = [t["health"] for t in active if t["labels"]["job"] == job]
+    return states[0] if states else None
 
+
+def test_prometheus_discovers_the_targets_from_file_sd(tmp_path: Path, metrics_server: int) -> None:
+    api = f"127.0.0.1:{metrics_server}"
+    with running_prometheus(tmp_path, {"api": api}) as prometheus:
         # The first scrape comes within one scrape interval (15 s) of discovery.
-        wait_for(ready, timeout=90, what="the api target up", process=process, log_path=log)
+        wait_for(
+            lambda: target_health(prometheus, "api") == "up",
+            timeout=90,
+            what="the api target up",
+            process=prometheus.process,
+            log_path=prometheus.log,
+        )
+        base = prometheus.base_url
         active = get_json(f"{base}/api/v1/targets")["data"]["activeTargets"]
         by_job = {t["labels"]["job"]: t for t in active}
         assert sorted(by_job) == sorted(JOBS)
         for job, target in by_job.items():
             assert target["discoveredLabels"]["__meta_filepath"].endswith(f"targets/{job}.yml")
-            assert target["labels"]["instance"] == targets[job]
-        assert by_job["api"]["scrapeUrl"] == f"http://127.0.0.1:{metrics_server}/metrics"
+            assert target["labels"]["instance"] == prometheus.targets[job]
+        assert by_job["api"]["scrapeUrl"] == f"http://{api}/metrics"
 
-        query = urllib.parse.quote('http_requests_total{job="api"}')
-        result = get_json(f"{base}/api/v1/query?query={query}")["data"]["result"]
+        result = prometheus.query('http_requests_total{job="api"}')
         assert [sample["value"][1] for sample in result] == ["42"]
 
         groups = get_json(f"{base}/api/v1/rules")["data"]["groups"]
         assert {rule["name"] for group in groups for rule in group["rules"]} >= {
             "job:http_requests:rate5m"
         }
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 # --- the Grafana dashboards' queries --------------------------------------------------------
@@ -314,3 +372,101 @@ def test_a_broken_query_fails_the_parse_check(tmp_path: Path) -> None:
     exprs = [*expressions(), ("broken", "sum by (le (rate(http_requests_total[1m]))")]
     result = run_promtool("check", "rules", str(rules_file_for(exprs, tmp_path / "q.yml")))
     assert result.returncode != 0
+
+
+# --- the dashboards and rules evaluated by the real prometheus on the real service ---------
+
+RULES = PROMETHEUS_DIR / "rules"
+
+
+def panel_expr(title: str, legend: str | None = None) -> str:
+    """The query of the overview panel ``title`` (its ``legend`` one, if several), Grafana
+    variables replaced as for promtool."""
+    dashboard = json.loads((DASHBOARDS / "service-overview.json").read_text(encoding="utf-8"))
+    (panel,) = (panel for panel in panels(dashboard) if panel["title"] == title)
+    (target,) = (t for t in panel["targets"] if legend in (None, t.get("legendFormat")))
+    expr: str = target["expr"]
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def rule_expr(record: str) -> str:
+    """The expression of the recording rule ``record``, to evaluate now rather than wait
+    for its next evaluation."""
+    for path in RULES.glob("*.yml"):
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
+            for rule in group["rules"]:
+                if rule.get("record") == record:
+                    expr: str = rule["expr"]
+                    return expr
+    raise AssertionError(f"no recording rule {record}")
+
+
+@contextmanager
+def scraped_service(tmp_path: Path) -> Iterator[tuple[str, Prometheus]]:
+    """The service (``python -m app serve`` on SQLite under ``tmp_path``) and the real
+    prometheus scraping it every second: the service's base URL and the prometheus."""
+    with (
+        sqlite_server(tmp_path, tmp_path / "server.log") as base,
+        running_prometheus(
+            tmp_path / "prometheus", {"api": base.removeprefix("http://")}, interval="1s"
+        ) as prometheus,
+    ):
+        yield base, prometheus
+
+
+@contextmanager
+def items_table_hidden(database: Path) -> Iterator[None]:
+    """The items table renamed away: the service's reads of it fail (a real 500)."""
+    with sqlite3.connect(database) as connection:
+        connection.execute("ALTER TABLE items RENAME TO items_hidden")
+    try:
+        yield
+    finally:
+        with sqlite3.connect(database) as connection:
+            connection.execute("ALTER TABLE items_hidden RENAME TO items")
+
+
+def test_a_routes_first_server_error_shows_on_the_dashboard(tmp_path: Path) -> None:
+    """Rare errors are the ones a counter series born with its first error hides: its
+    first scraped value is already 1, so rate() and increase() saw nothing."""
+    items, item = ("GET", "/api/v1/items"), ("GET", "/api/v1/items/{item_id}")
+    with scraped_service(tmp_path) as (base, prometheus):
+
+        def traffic() -> None:
+            assert httpx2.get(f"{base}/api/v1/items").status_code == 200
+            assert httpx2.get(f"{base}/api/v1/items/1").status_code == 404
+
+        # The routes' first requests create their series; rate() needs the traffic after
+        # a scrape has seen them.
+        traffic()
+        prometheus.wait_until(
+            'http_requests_total{route="/api/v1/items/{item_id}",status="404"} == 1',
+            "the routes' series scraped",
+        )
+        traffic()
+        prometheus.wait_until(
+            'http_requests_total{route="/api/v1/items/{item_id}",status="404"} == 2',
+            "the traffic scraped",
+        )
+        # Traffic and no error: a ratio of 0, not "no data".
+        assert prometheus.values(panel_expr("Error ratio (5xx)")) == {(): 0}
+        per_route = panel_expr("5xx ratio per route")
+        ratios = prometheus.values(per_route, "method", "route")
+        assert (ratios[items], ratios[item]) == (0, 0)
+        assert prometheus.values(rule_expr("job:http_request_errors:ratio_rate5m")) == {(): 0}
+
+        with items_table_hidden(tmp_path / "app.db"):
+            # A query no earlier request cached: it reaches the database.
+            assert httpx2.get(f"{base}/api/v1/items?q=uncached").status_code == 500
+        prometheus.wait_until(
+            'http_requests_total{route="/api/v1/items",status="500"} == 1', "the 500 scraped"
+        )
+        increase = prometheus.values('sum(increase(http_requests_total{status=~"5.."}[1m]))')
+        assert increase[()] > 0
+        assert prometheus.values(panel_expr("Error ratio (5xx)"))[()] > 0
+        ratios = prometheus.values(per_route, "method", "route")
+        assert ratios[items] > 0
+        assert ratios[item] == 0
+        assert prometheus.values(rule_expr("job:http_request_errors:ratio_rate5m"))[()] > 0

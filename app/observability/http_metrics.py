@@ -22,6 +22,14 @@ from app.observability.routes import route_template
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OTHER_METHOD = "OTHER"
 
+# The 5xx statuses the service answers itself, whose series each route creates at 0 with
+# its others rather than at its first error: a counter born at 1 shows no increase to
+# rate() or increase(), so a rare failure never reached the error panels and ratios. 500
+# is an unhandled error, 503 a dependency gone (app/errors.py), one request at a time when
+# a connection dies under it. No other 5xx: 502 and 504 are nginx's (its own metrics count
+# them), and each status listed is one more series per route.
+SERVER_ERRORS = (500, 503)
+
 # Serialises the in-process updates below; one acquisition per request instead of one
 # per value.
 _LOCK = threading.Lock()
@@ -52,7 +60,10 @@ class RouteSeries:
         response_size = metrics.HTTP_RESPONSE_SIZE.labels(method, route)
         self.request_count, self.request_sum = request_size._count, request_size._sum
         self.response_count, self.response_sum = response_size._count, response_size._sum
-        self._requests: dict[int, Any] = {}
+        self._requests: dict[int, Any] = {
+            status: metrics.HTTP_REQUESTS.labels(method, route, str(status))._value
+            for status in SERVER_ERRORS
+        }
 
     def start(self) -> None:
         if self._files:
