@@ -5,6 +5,7 @@ dashboard's queries are parsed by promtool as well (Grafana itself cannot run he
 
 import http.server
 import json
+import math
 import re
 import shutil
 import sqlite3
@@ -24,7 +25,7 @@ import yaml
 
 from app.observability import metrics
 from deploy.stack.process import free_port, require_binary, wait_for
-from tests.app_server import sqlite_server
+from tests.app_server import answers, sqlite_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "monitoring" / "prometheus"
@@ -231,18 +232,24 @@ def running_prometheus(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+    base = f"http://127.0.0.1:{port}"
     try:
-        yield Prometheus(f"http://127.0.0.1:{port}", addresses, process, log)
+        # Its API answers 503 until the storage is open.
+        wait_for(
+            lambda: answers(f"{base}/-/ready"),
+            timeout=60,
+            what="prometheus ready",
+            process=process,
+            log_path=log,
+        )
+        yield Prometheus(base, addresses, process, log)
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
 def target_health(prometheus: Prometheus, job: str) -> str | None:
-    try:
-        active = get_json(f"{prometheus.base_url}/api/v1/targets")["data"]["activeTargets"]
-    except OSError:
-        return None
+    active = get_json(f"{prometheus.base_url}/api/v1/targets")["data"]["activeTargets"]
     states = [t["health"] for t in active if t["labels"]["job"] == job]
     return states[0] if states else None
 
@@ -377,6 +384,7 @@ def test_a_broken_query_fails_the_parse_check(tmp_path: Path) -> None:
 # --- the dashboards and rules evaluated by the real prometheus on the real service ---------
 
 RULES = PROMETHEUS_DIR / "rules"
+RECORDS = ("job:http_requests:rate5m", "job:http_request_errors:ratio_rate5m")
 
 
 def panel_expr(title: str, legend: str | None = None) -> str:
@@ -453,8 +461,7 @@ def test_a_routes_first_server_error_shows_on_the_dashboard(tmp_path: Path) -> N
         # Traffic and no error: a ratio of 0, not "no data".
         assert prometheus.values(panel_expr("Error ratio (5xx)")) == {(): 0}
         per_route = panel_expr("5xx ratio per route")
-        ratios = prometheus.values(per_route, "method", "route")
-        assert (ratios[items], ratios[item]) == (0, 0)
+        assert prometheus.values(per_route, "method", "route") == {items: 0, item: 0}
         assert prometheus.values(rule_expr("job:http_request_errors:ratio_rate5m")) == {(): 0}
 
         with items_table_hidden(tmp_path / "app.db"):
@@ -470,3 +477,27 @@ def test_a_routes_first_server_error_shows_on_the_dashboard(tmp_path: Path) -> N
         assert ratios[items] > 0
         assert ratios[item] == 0
         assert prometheus.values(rule_expr("job:http_request_errors:ratio_rate5m"))[()] > 0
+
+
+def test_scrapes_and_probes_are_no_traffic_on_the_dashboard(tmp_path: Path) -> None:
+    """An idle service, only scraped and probed: no HTTP panel or rule may show traffic,
+    concurrency or latency (a scrape is always in progress while it renders, and its
+    duration became the p95 against the latency objective)."""
+    with scraped_service(tmp_path) as (base, prometheus):
+        for probes in (1, 2):
+            assert httpx2.get(f"{base}/health/ready").status_code == 200
+            prometheus.wait_until(
+                f'http_requests_total{{route="/health/ready",status="200"}} == {probes}',
+                "the probe scraped",
+            )
+        prometheus.wait_until(
+            'http_requests_total{route="/metrics",status="200"} >= 3', "scrapes counted"
+        )
+        exprs = [
+            *((where, expr) for where, expr in expressions() if "http_" in expr),
+            *((record, rule_expr(record)) for record in RECORDS),
+        ]
+        for where, expr in exprs:
+            shown = prometheus.values(expr, "method", "route", "status").values()
+            # NaN: a quantile of no observations, no value on a panel.
+            assert all(v == 0 or math.isnan(v) for v in shown), (where, expr, shown)
