@@ -482,22 +482,33 @@ def test_a_routes_first_server_error_shows_on_the_dashboard(tmp_path: Path) -> N
 def test_scrapes_and_probes_are_no_traffic_on_the_dashboard(tmp_path: Path) -> None:
     """An idle service, only scraped and probed: no HTTP panel or rule may show traffic,
     concurrency or latency (a scrape is always in progress while it renders, and its
-    duration became the p95 against the latency objective)."""
-    with scraped_service(tmp_path) as (base, prometheus):
-        for probes in (1, 2):
-            assert httpx2.get(f"{base}/health/ready").status_code == 200
+    duration became the p95 against the latency objective), nor an error ratio."""
+    with sqlite_server(tmp_path, tmp_path / "server.log") as base:
+        # A route with traffic before the first scrape and none after: idle in every window.
+        assert httpx2.get(f"{base}/api/v1/items").status_code == 200
+        api = {"api": base.removeprefix("http://")}
+        with running_prometheus(tmp_path / "prometheus", api, interval="1s") as prometheus:
+            for probes in (1, 2):
+                assert httpx2.get(f"{base}/health/ready").status_code == 200
+                prometheus.wait_until(
+                    f'http_requests_total{{route="/health/ready",status="200"}} == {probes}',
+                    "the probe scraped",
+                )
             prometheus.wait_until(
-                f'http_requests_total{{route="/health/ready",status="200"}} == {probes}',
-                "the probe scraped",
+                'http_requests_total{route="/metrics",status="200"} >= 3', "scrapes counted"
             )
-        prometheus.wait_until(
-            'http_requests_total{route="/metrics",status="200"} >= 3', "scrapes counted"
-        )
-        exprs = [
-            *((where, expr) for where, expr in expressions() if "http_" in expr),
-            *((record, rule_expr(record)) for record in RECORDS),
-        ]
-        for where, expr in exprs:
-            shown = prometheus.values(expr, "method", "route", "status").values()
-            # NaN: a quantile of no observations, no value on a panel.
-            assert all(v == 0 or math.isnan(v) for v in shown), (where, expr, shown)
+            exprs = [
+                *((where, expr) for where, expr in expressions() if "http_" in expr),
+                *((record, rule_expr(record)) for record in RECORDS),
+            ]
+            for where, expr in exprs:
+                shown = prometheus.values(expr, "method", "route", "status").values()
+                # NaN: a quantile of no observations, no value on a panel.
+                assert all(v == 0 or math.isnan(v) for v in shown), (where, expr, shown)
+            # No traffic, no error ratio: not a 0/0 that panels would draw as NaN.
+            for expr in (
+                panel_expr("Error ratio (5xx)"),
+                panel_expr("5xx ratio per route"),
+                rule_expr("job:http_request_errors:ratio_rate5m"),
+            ):
+                assert prometheus.query(expr) == [], expr
