@@ -37,6 +37,9 @@ PACKAGES = (
 )
 BOOTSTRAP_LEVEL = 0.9
 BOOTSTRAP_RESAMPLES = 2000
+# Fewer rounds give no interval: resamples of one round are that round, whatever the
+# noise, and of two or three hardly more, so one favourable run would read "met".
+MIN_ROUNDS = 5
 HEADER = """# Benchmark results
 
 Written by the scripts in this directory (see README.md); each run replaces its own
@@ -145,8 +148,11 @@ def round_interval(
     """How far ``statistic`` of these rounds could be moved by the machine's noise: its
     ``level`` percentile interval over resamples (with replacement) of whole rounds.
     Whole rounds, because the configurations of one round ran back to back on the machine
-    as it then was. Seeded, so the same data gives the same interval. None if the
-    statistic has no value for some resample (a baseline within noise of zero)."""
+    as it then was. Seeded, so the same data gives the same interval. None with fewer
+    than MIN_ROUNDS rounds, or if the statistic has no value for some resample (a
+    baseline within noise of zero)."""
+    if len(rounds) < MIN_ROUNDS:
+        return None
     rng = random.Random(0)  # noqa: S311 - resampling, not secrets
     values = []
     for _ in range(BOOTSTRAP_RESAMPLES):
@@ -174,7 +180,7 @@ def verdict(interval: tuple[float, float] | None, target: float, *, at_least: bo
 
 def fmt_interval(interval: tuple[float, float] | None) -> str:
     if interval is None:
-        return "no interval (a baseline within noise of zero)"
+        return f"no interval: fewer than {MIN_ROUNDS} rounds, or a baseline within noise of zero"
     return f"{BOOTSTRAP_LEVEL:.0%} interval {interval[0]:.2f} to {interval[1]:.2f}"
 
 
