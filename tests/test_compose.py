@@ -244,6 +244,18 @@ def test_api_environment_is_made_of_real_settings(services: dict[str, dict[str, 
     assert services["migrate"]["environment"] == environment
 
 
+def test_the_limits_a_load_test_raises_reach_the_api(services: dict[str, dict[str, Any]]) -> None:
+    """The locustfile and README tell users to raise these in .env for a load test; the
+    compose file passes settings through one by one (no env_file), so one it leaves out
+    keeps its default however .env sets it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    load_tests = readme.split("### Load tests", 1)[1].split("\n## ", 1)[0]
+    told = set(re.findall(r"APP_RATE_LIMIT_[A-Z_]+", LOCUSTFILE.read_text(encoding="utf-8")))
+    told |= set(re.findall(r"APP_RATE_LIMIT_[A-Z_]+", load_tests))
+    assert told >= {"APP_RATE_LIMIT_UPLOADS", "APP_RATE_LIMIT_CHAT_MESSAGES"}
+    assert told - set(services["api"]["environment"]) == set()
+
+
 def test_api_environment_defaults_are_the_settings_defaults(
     services: dict[str, dict[str, Any]],
 ) -> None:
