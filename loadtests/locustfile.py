@@ -13,7 +13,8 @@ client address (5 and 10 per minute by default), so raise ``APP_RATE_LIMIT_REGIS
 ``APP_RATE_LIMIT_LOGIN``, ``APP_RATE_LIMIT_DEFAULT`` and ``APP_RATE_LIMIT_CHAT_MESSAGES``
 for a test with many users.
 
-Options of this scenario (command line, or the ``LOCUST_*`` variable named in ``--help``):
+Options of this scenario (command line, or the ``LOCUST_*`` variable ``_options`` gives
+each; ``locust --help`` is printed before this file is imported, so it does not list them):
 ``--think-min`` / ``--think-max``, the seconds a user waits between two tasks; and the
 thresholds a headless run is judged by — it exits with status 1 when more than
 ``--max-fail-ratio`` of the requests failed, or when the 95th percentile latency of a

@@ -8,6 +8,7 @@ the latency threshold off, and the failing run sets it where no real request can
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import signal
@@ -136,6 +137,32 @@ def test_a_missed_latency_threshold_fails_the_run_and_says_where(stack: RunningS
     reads = {("GET", "/api/v1/items"), ("GET", "/api/v1/items/{item_id}")}
     assert reads <= breached, run.stderr[-3000:]
     assert not {name for _, name in breached if name.startswith("/api/v1/auth/")}
+
+
+def test_the_readme_names_every_option_and_its_variable() -> None:
+    """`locust --help` does not list a locustfile's options (it is printed before the
+    locustfile is imported): the README's table is where users find them."""
+    options = {
+        (call.args[0].value, keyword.value.value)
+        for call in ast.walk(ast.parse(LOCUSTFILE.read_text()))
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "add_argument"
+        and isinstance(call.args[0], ast.Constant)
+        for keyword in call.keywords
+        if keyword.arg == "env_var" and isinstance(keyword.value, ast.Constant)
+    }
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (`--.+?`) \| (`LOCUST_.+?`) \|", readme, re.M)
+    documented = {
+        pair
+        for names, variables in rows
+        for pair in zip(
+            re.findall(r"`(.+?)`", names), re.findall(r"`(.+?)`", variables), strict=True
+        )
+    }
+    assert options, "no option found in the locustfile"
+    assert documented == options
 
 
 # Run in a process of its own: importing Locust monkey-patches the interpreter (gevent).
