@@ -2,11 +2,12 @@
 
 Every simulated user registers once and logs in (authentication). Three in four are
 ``ApiUser``s: they mostly read items (the cached reads), sometimes create one and
-sometimes upload a small PNG. One in four is a ``ChatUser``: it sends chat messages over a
-websocket and times each until it comes back through the broker. Run it with the compose
-``loadtest`` profile, or locally with ``locust -f loadtests/locustfile.py --host
-http://127.0.0.1:8080``; the chat needs the ``websockets`` package (the compose image is
-built with it, loadtests/Dockerfile).
+sometimes upload a PNG (``--upload-bytes``, 1 MiB by default), deleting it again at once so
+that nothing piles up on the service's volumes run after run. One in four is a
+``ChatUser``: it sends chat messages over a websocket and times each until it comes back
+through the broker. Run it with the compose ``loadtest`` profile, or locally with
+``locust -f loadtests/locustfile.py --host http://127.0.0.1:8080``; the chat needs the
+``websockets`` package (the compose image is built with it, loadtests/Dockerfile).
 
 The service's own limits apply to load tests too: registration and login are limited per
 client address (5 and 10 per minute by default), so raise ``APP_RATE_LIMIT_REGISTER``,
@@ -15,7 +16,8 @@ for a test with many users.
 
 Options of this scenario (command line, or the ``LOCUST_*`` variable ``_options`` gives
 each; ``locust --help`` is printed before this file is imported, so it does not list them):
-``--think-min`` / ``--think-max``, the seconds a user waits between two tasks; and the
+``--think-min`` / ``--think-max``, the seconds a user waits between two tasks;
+``--upload-bytes``, the size of an upload (keep it under ``APP_MAX_UPLOAD_BYTES``); and the
 thresholds a headless run is judged by — it exits with status 1 when more than
 ``--max-fail-ratio`` of the requests failed, or when the 95th percentile latency of a
 request other than authentication passed ``--max-p95-ms`` (0: no latency threshold).
@@ -23,8 +25,10 @@ Authentication is left out of the latency threshold: it hashes a password on pur
 slowly (argon2id) and is rate limited, so it has no place in the latency objective.
 """
 
+import functools
 import json
 import logging
+import math
 import random
 import struct
 import time
@@ -59,6 +63,10 @@ def _options(parser: Any) -> None:
     parser.add_argument(
         "--think-max", type=float, default=2.0, env_var="LOCUST_THINK_MAX",
         help="most seconds a user waits between two tasks",
+    )  # fmt: skip
+    parser.add_argument(
+        "--upload-bytes", type=int, default=1024 * 1024, env_var="LOCUST_UPLOAD_BYTES",
+        help="about how many bytes each upload has (a PNG of random pixels)",
     )  # fmt: skip
     parser.add_argument(
         "--max-fail-ratio", type=float, default=0.01, env_var="LOCUST_MAX_FAIL_RATIO",
@@ -106,27 +114,29 @@ def threshold_breaches(environment: Environment) -> list[str]:
     return breaches
 
 
-def _png(width: int = 8, height: int = 8) -> bytes:
-    """A valid RGB PNG made here, so the scenario ships no binary fixture."""
+@functools.cache
+def png(size: int) -> bytes:
+    """A square RGB PNG of about ``size`` bytes, made here so the scenario ships no binary
+    fixture, and once per process: making it for every request would spend the client's
+    CPU. Its pixels are random, so they compress no better than a photo's and the file is
+    as large as asked (1 MiB: 591 by 591 pixels): the upload crosses the service's chunk
+    boundaries and its image is decoded, cleaned and thumbnailed at a realistic size."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    rows = b"".join(
-        b"\x00" + b"".join(bytes((x * 30, y * 30, 128)) for x in range(width))
-        for y in range(height)
-    )
+    side = max(1, math.isqrt(size // 3))
+    row = 3 * side
+    pixels = random.randbytes(row * side)  # noqa: S311 - noise, not a secret
+    rows = b"".join(b"\x00" + pixels[y * row : (y + 1) * row] for y in range(side))
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IDAT", zlib.compress(rows, 1))
         + chunk(b"IEND", b"")
     )
-
-
-PNG = _png()
 
 
 class SignedUpUser(HttpUser):
@@ -173,7 +183,8 @@ class SignedUpUser(HttpUser):
 
 
 class ApiUser(SignedUpUser):
-    """Reads items (the cached reads), sometimes writes one, now and then uploads."""
+    """Reads items (the cached reads), sometimes writes one, now and then uploads a file
+    and deletes it."""
 
     weight = 3
 
@@ -218,11 +229,16 @@ class ApiUser(SignedUpUser):
 
     @task(1)
     def upload_png(self) -> None:
+        image = png(self.environment.parsed_options.upload_bytes)
         response = self.client.post(
             f"{API}/files",
-            files={"file": ("pixel.png", PNG, "image/png")},
+            files={"file": ("load-test.png", image, "image/png")},
             data={"description": "load test upload"},
         )
+        if response.status_code == 201:
+            response = self.client.delete(
+                f"{API}/files/{response.json()['id']}", name=f"{API}/files/{{file_id}}"
+            )
         self.relogin_if_expired(response.status_code)
 
 

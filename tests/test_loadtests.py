@@ -32,7 +32,7 @@ USERS = 4
 UNREPORTED = range(USERS + 1)
 CHAT = ("WS", "/api/v1/ws/chat/{room}")
 # (method, name) of every request the scenario makes: authentication, the cached reads,
-# the writes, the upload and the chat's round trips.
+# the writes, the upload and its deletion, and the chat's round trips.
 HOT_PATHS = {
     ("POST", "/api/v1/auth/register"),
     ("POST", "/api/v1/auth/token"),
@@ -40,6 +40,7 @@ HOT_PATHS = {
     ("GET", "/api/v1/items/{item_id}"),
     ("POST", "/api/v1/items"),
     ("POST", "/api/v1/files"),
+    ("DELETE", "/api/v1/files/{file_id}"),
     CHAT,
 }
 
@@ -110,6 +111,14 @@ def test_every_hot_path_is_exercised_without_a_failure(stack: RunningStack) -> N
     )
     assert uploads - stats["POST", "/api/v1/files"]["num_requests"] in UNREPORTED
     assert prom.value(scraped, "uploads_total", outcome="ok") == uploads
+    # Uploads of the default size (1 MiB: the streamed path's chunks, not one read), each
+    # an image the service thumbnailed, and each deleted again (a killed user may leave
+    # the one it had just begun).
+    assert prom.value(scraped, "upload_bytes_total") / uploads >= 1024 * 1024
+    assert prom.value(scraped, "thumbnail_duration_seconds_count") == uploads
+    deleted = stats["DELETE", "/api/v1/files/{file_id}"]["num_requests"]
+    assert deleted == stats["POST", "/api/v1/files"]["num_requests"]
+    assert uploads - deleted in UNREPORTED
     # Chat messages are counted when their socket closes, as the users stop.
     chats = stats[CHAT]["num_requests"]
     wait_for(
