@@ -601,7 +601,9 @@ def test_locustfile_compiles_and_requests_only_real_endpoints(tmp_path: Path) ->
         ("GET", "/api/v1/items"),
         ("GET", "/api/v1/items/{}"),
         ("POST", "/api/v1/items"),
+        ("POST", "/api/v1/auth/refresh"),
         ("POST", "/api/v1/files"),
+        ("DELETE", "/api/v1/files/{}"),
     }
     assert requests <= openapi, requests - openapi
 
