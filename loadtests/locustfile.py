@@ -333,5 +333,8 @@ class ChatUser(SignedUpUser):
             additional_headers={"Authorization": f"Bearer {self.token}"},
             open_timeout=CHAT_TIMEOUT,
             proxy=None,
+            # The socket outlives a task, so no `with` block can hold it; on_stop and a
+            # failure close it.
+            legacy=True,
         )
         return self.socket
