@@ -8,6 +8,7 @@ import hashlib
 import io
 import itertools
 import os
+import random
 import struct
 import time
 import zlib
@@ -23,7 +24,7 @@ from PIL import ExifTags, Image, ImageCms, ImageSequence
 from starlette.types import Message
 
 from app.backends import storage as storage_module
-from app.files import gif
+from app.files import gif, images
 from app.files.downloads import MAX_RANGES, byte_ranges
 from app.files.router import blob_response
 from app.files.rules import GENERIC_TYPE as GENERIC
@@ -405,6 +406,31 @@ def test_a_broken_image_is_422_and_leaves_nothing(api: Api) -> None:
     truncated = image_bytes("JPEG", (400, 400))[:600]
     response = upload(api, alice, "broken.jpg", truncated, "image/jpeg")
     assert_rejected_without_trace(api, alice, response, 422)
+
+
+def jpeg_with_scans(scans: int) -> bytes:
+    """A valid progressive JPEG of noise (stuffed 0xFF bytes, restart markers) whose last
+    scan is repeated until it has ``scans``: each repeat decodes the whole image again."""
+    noise = Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "JPEG", progressive=True, restart_marker_blocks=1)
+    data = buffer.getvalue()
+    # Sanity: what the count must skip, a stuffed 0xFF and a restart marker.
+    assert b"\xff\x00" in data
+    assert b"\xff\xd0" in data
+    # Entropy-coded data never holds 0xFFDA: the last one opens the last scan.
+    last_scan = data[data.rfind(b"\xff\xda") : -2]
+    repeated = data[:-2] + last_scan * (scans - data.count(b"\xff\xda")) + data[-2:]
+    Image.open(io.BytesIO(repeated)).load()  # sanity: still a JPEG Pillow decodes
+    return repeated
+
+
+def test_a_jpeg_of_too_many_scans_is_422_and_leaves_nothing(api: Api) -> None:
+    alice = api.account("alice")
+    too_many = jpeg_with_scans(images.MAX_JPEG_SCANS + 1)
+    response = upload(api, alice, "scans.jpg", too_many, "image/jpeg")
+    assert_rejected_without_trace(api, alice, response, 422)
+    uploaded(upload(api, alice, "scans.jpg", jpeg_with_scans(images.MAX_JPEG_SCANS), "image/jpeg"))
 
 
 def test_one_byte_over_the_cap_is_413_and_leaves_nothing(api_with: Callable[..., Api]) -> None:
