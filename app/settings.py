@@ -79,7 +79,10 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(default=10, gt=0)
     # Below Pillow's own 89.5 MP warning threshold: checked from the header, before decoding.
     max_image_pixels: int = Field(default=40_000_000, gt=0)
-    # Images decoded at once per process: each holds up to ~4 bytes per pixel while it is.
+    # Peak memory one image may take to be checked, cleaned and thumbnailed: it lowers the
+    # pixel cap of the formats that cost more per pixel (app/files/images.py).
+    max_image_memory_bytes: int = Field(default=320 * 1024 * 1024, gt=0)
+    # Images decoded at once per process: each takes up to max_image_memory_bytes while it is.
     image_concurrency: int = Field(default=1, ge=1)
     # Any other request body (JSON, the login form), which is read whole before validation.
     max_request_body_bytes: int = Field(default=1024 * 1024, gt=0)

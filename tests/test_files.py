@@ -401,6 +401,26 @@ def test_the_pixel_cap_is_checked_before_decoding(api_with: Callable[..., Api]) 
     uploaded(upload(api, alice, "ok.png", image_bytes("PNG", (10, 10)), "image/png"))
 
 
+def test_a_webp_under_the_pixel_cap_but_over_the_memory_budget_is_422(api: Api) -> None:
+    """1.6 KB that took ~1 GB to decode and re-encode, above what two workers are given."""
+    alice = api.account("alice")
+    buffer = io.BytesIO()
+    Image.new("RGBA", (6300, 6300), (1, 2, 3, 4)).save(buffer, "WEBP", lossless=True)
+    assert api.settings.max_image_pixels > 6300 * 6300  # under the pixel cap
+    response = upload(api, alice, "big.webp", buffer.getvalue(), "image/webp")
+    assert_rejected_without_trace(api, alice, response, 422)
+
+
+def test_the_memory_budget_caps_each_format_by_its_cost(api_with: Callable[..., Api]) -> None:
+    api = api_with(max_image_memory_bytes=images.BYTES_PER_PIXEL["image/webp"] * 100 * 100)
+    alice = api.account("alice")
+    response = upload(api, alice, "big.webp", image_bytes("WEBP", (100, 101)), "image/webp")
+    assert_rejected_without_trace(api, alice, response, 422)
+    uploaded(upload(api, alice, "ok.webp", image_bytes("WEBP", (100, 100)), "image/webp"))
+    # The same pixels cost a PNG less than a third.
+    uploaded(upload(api, alice, "big.png", image_bytes("PNG", (300, 101)), "image/png"))
+
+
 def test_a_broken_image_is_422_and_leaves_nothing(api: Api) -> None:
     alice = api.account("alice")
     truncated = image_bytes("JPEG", (400, 400))[:600]

@@ -1,9 +1,11 @@
 """Checking, cleaning and thumbnailing uploaded images with Pillow (run in a worker thread).
 
 Decompression bombs: the pixel count is read from the header and refused before anything
-is decoded; Pillow's own bomb warning is promoted to an error as a second line. A progressive JPEG
-decodes its whole image once per scan, and scans are cheap to repeat (a 170 KB file of
-500 scans kept the decoding thread busy for 18 s), so its scans are counted first too.
+is decoded, above the cap or above what the memory budget allows for the format (WebP
+costs four times what JPEG does); Pillow's own bomb warning is promoted to an error as a
+second line. A progressive JPEG decodes its whole image once per scan, and scans are cheap
+to repeat (a 170 KB file of 500 scans kept the decoding thread busy for 18 s), so its
+scans are counted first too.
 
 Metadata: EXIF (GPS position, camera serial…) must not be served back, so JPEG, PNG and
 WebP originals are re-encoded without it, upright (EXIF orientation applied, since the tag
@@ -29,6 +31,12 @@ LOSSY_QUALITY = 90
 # A progressive JPEG has about 10 (libjpeg's default script); at the pixel cap each one more
 # costs ~50 ms of decoding.
 MAX_JPEG_SCANS = 100
+# Peak bytes per pixel of checking, cleaning and thumbnailing one image, measured (Pillow 13)
+# on the costliest content: RGBA noise, whose re-encoded PNG is as large as its pixels and
+# whose lossy WebP encoder keeps a token per coefficient. WebP's decoder holds its canvas
+# twice and its encoder copies it again; a progressive JPEG holds every coefficient; of a
+# GIF only the first frame is decoded, and nothing re-encoded.
+BYTES_PER_PIXEL = {"image/jpeg": 8, "image/png": 11, "image/gif": 4, "image/webp": 34}
 _SOS, _EOI, _TEM = 0xDA, 0xD9, 0x01
 _RESTARTS = range(0xD0, 0xD8)
 
@@ -51,7 +59,7 @@ def thumbnail_type(content_type: str) -> str:
     return "image/jpeg" if content_type == "image/jpeg" else "image/png"
 
 
-def process(path: Path, content_type: str, max_pixels: int) -> ProcessedImage:
+def process(path: Path, content_type: str, max_pixels: int, max_memory: int) -> ProcessedImage:
     # catch_warnings is process-wide state in Python 3.11: another thread may briefly see
     # the filter too, which is harmless (it only makes a bomb warning louder). The header
     # check below is the guard that does not depend on it.
@@ -60,13 +68,14 @@ def process(path: Path, content_type: str, max_pixels: int) -> ProcessedImage:
         try:
             with Image.open(path, formats=[PIL_FORMATS[content_type]]) as image:
                 width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageRejected("bomb", f"The image has more than {max_pixels} pixels.")
+                limit = min(max_pixels, max_memory // BYTES_PER_PIXEL[content_type])
+                if width * height > limit:
+                    raise ImageRejected("bomb", f"The image has more than {limit} pixels.")
                 if content_type == "image/jpeg" and _jpeg_scans(path.read_bytes()) > MAX_JPEG_SCANS:
                     raise ImageRejected("bomb", f"The JPEG has more than {MAX_JPEG_SCANS} scans.")
                 # In place, and the thumbnail made from the same pixels once the cleaned
-                # original is encoded: one decoded copy of the image at a time, which at
-                # the pixel cap is 120-160 MB (a copy each was 360 MB at the peak).
+                # original is encoded: one decoded copy of the image at a time (a copy each
+                # was 360 MB more at the pixel cap); BYTES_PER_PIXEL is measured so.
                 ImageOps.exif_transpose(image, in_place=True)
                 cleaned = (
                     _encode(image, content_type)

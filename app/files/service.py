@@ -109,7 +109,7 @@ class _LoopUploads:
     # lets them finish cleaning up (drain_uploads), or their staged files and outcomes
     # are lost.
     running: set[asyncio.Task[object]] = field(default_factory=set)
-    # A decoded image holds up to ~4 bytes per pixel (160 MB at the default cap): without
+    # An image takes up to max_image_memory_bytes (320 MiB by default): without
     # a bound of their own, images would be decoded as many at a time as the thread pool
     # has threads (40), enough to have a worker killed for its memory.
     image_limiter: anyio.CapacityLimiter | None = None
@@ -422,6 +422,7 @@ async def _process_image(
             path,
             content_type,
             settings.max_image_pixels,
+            settings.max_image_memory_bytes,
             limiter=_image_limiter(settings.image_concurrency),
         )
     except images.ImageRejected as exc:
