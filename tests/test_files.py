@@ -328,8 +328,8 @@ def test_a_gif_cut_anywhere_before_its_trailer_is_malformed() -> None:
     whole = gif_with_metadata(b"")
     for end in range(len(whole)):
         with pytest.raises(gif.MalformedGif):
-            gif.without_metadata(whole[:end])
-    assert frames_of(gif.without_metadata(whole)) == frames_of(whole)
+            gif.without_metadata(whole[:end], max_pixels=1_000_000)
+    assert frames_of(gif.without_metadata(whole, max_pixels=1_000_000)) == frames_of(whole)
 
 
 def test_a_gif_broken_after_its_first_frame_is_422_and_leaves_nothing(api: Api) -> None:
@@ -337,6 +337,40 @@ def test_a_gif_broken_after_its_first_frame_is_422_and_leaves_nothing(api: Api) 
     broken = gif_with_metadata(b"")[:-1] + b"\x99 not a block"
     response = upload(api, alice, "broken.gif", broken, "image/gif")
     assert_rejected_without_trace(api, alice, response, 422)
+
+
+def gif_of_frames(count: int) -> bytes:
+    """A GIF of ``count`` frames of 10x10, each drawn whole: their colours alternate."""
+    frames = [Image.new("RGB", (10, 10), ("red", "blue")[i % 2]) for i in range(count)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert len(frames_of(buffer.getvalue())) == count
+    return buffer.getvalue()
+
+
+def test_a_gif_frame_over_the_pixel_cap_is_422_and_leaves_nothing(
+    api_with: Callable[..., Api],
+) -> None:
+    api = api_with(max_image_pixels=100)
+    alice = api.account("alice")
+    data = gif_of_frames(2)
+    # Its second frame claims 60000x60000 under a 10x10 screen: every client that plays it
+    # would decode that, while Pillow reads only the first frame.
+    second = data.rindex(b"\x2c\x00\x00\x00\x00\x0a\x00\x0a\x00")  # at 0,0; 10x10
+    bomb = data[: second + 5] + struct.pack("<HH", 60_000, 60_000) + data[second + 9 :]
+    response = upload(api, alice, "bomb.gif", bomb, "image/gif")
+    assert_rejected_without_trace(api, alice, response, 422)
+
+
+def test_gif_frames_together_over_their_cap_are_422_and_leave_nothing(
+    api_with: Callable[..., Api],
+) -> None:
+    api = api_with(max_image_pixels=100)
+    alice = api.account("alice")
+    too_long = gif_of_frames(gif.FRAMES_PIXEL_CAPS + 1)
+    response = upload(api, alice, "long.gif", too_long, "image/gif")
+    assert_rejected_without_trace(api, alice, response, 422)
+    uploaded(upload(api, alice, "ok.gif", gif_of_frames(gif.FRAMES_PIXEL_CAPS), "image/gif"))
 
 
 @pytest.mark.parametrize(

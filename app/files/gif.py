@@ -9,26 +9,39 @@ type. So only what renders is kept: the screen descriptor and colour tables, eac
 with its graphic control and plain-text extensions, and the application extensions that
 players and colour management read (the loop count, the ICC profile). Whatever follows
 the trailer — a polyglot's payload — is dropped too.
+
+The GIF is served as it came, so every client that plays it decodes every frame: each
+frame's size is checked against the pixel cap, not only the first one's (which Pillow
+reads), and all of them together against FRAMES_PIXEL_CAPS times it.
 """
+
+import struct
 
 # Extensions whose payload is what players and colour management read, by identifier.
 KEPT_APPLICATIONS = frozenset({b"NETSCAPE2.0", b"ANIMEXTS1.0", b"ICCRGBG1012"})
 _EXTENSION, _IMAGE, _TRAILER = 0x21, 0x2C, 0x3B
 _GRAPHIC_CONTROL, _PLAIN_TEXT, _APPLICATION = 0xF9, 0x01, 0xFF
+# Ten times the default cap is 400 frames of 1000 by 1000 pixels, decoded at every loop.
+FRAMES_PIXEL_CAPS = 10
 
 
 class MalformedGif(ValueError):
     pass
 
 
-def without_metadata(data: bytes) -> bytes:
+class TooManyPixels(ValueError):
+    pass
+
+
+def without_metadata(data: bytes, max_pixels: int) -> bytes:
     """``data`` with only the blocks that render; MalformedGif if its structure is broken
-    before the trailer."""
+    before the trailer, TooManyPixels if a frame or all of them are over the cap."""
     view = memoryview(data)
     if bytes(view[:6]) not in (b"GIF87a", b"GIF89a") or len(view) < 13:
         raise MalformedGif("Not a GIF.")
     position = 13 + _colour_table_bytes(view[10])  # header, screen descriptor, palette
     kept = [view[:position]]
+    pixels = 0  # of the frames so far
     while True:
         if position >= len(view):
             raise MalformedGif("The GIF ends before its trailer.")
@@ -39,6 +52,15 @@ def without_metadata(data: bytes) -> bytes:
         if introducer == _IMAGE:
             if position + 10 > len(view):
                 raise MalformedGif("The GIF ends inside an image descriptor.")
+            width, height = struct.unpack_from("<HH", view, position + 5)
+            frame = width * height
+            if frame > max_pixels:
+                raise TooManyPixels(f"A frame of the GIF has more than {max_pixels} pixels.")
+            pixels += frame
+            if pixels > FRAMES_PIXEL_CAPS * max_pixels:
+                raise TooManyPixels(
+                    f"The GIF's frames have more than {FRAMES_PIXEL_CAPS * max_pixels} pixels."
+                )
             # Descriptor, local palette, then the LZW code size byte before the data.
             start = position
             position = _end_of_sub_blocks(

@@ -80,12 +80,14 @@ def process(path: Path, content_type: str, max_pixels: int, max_memory: int) -> 
                 cleaned = (
                     _encode(image, content_type)
                     if content_type in REENCODED
-                    else gif.without_metadata(path.read_bytes())
+                    else gif.without_metadata(path.read_bytes(), limit)
                 )
                 image.thumbnail(THUMBNAIL_SIZE)
                 return ProcessedImage(_encode(image, thumbnail_type(content_type)), cleaned)
         except ImageRejected:
             raise
+        except gif.TooManyPixels as exc:
+            raise ImageRejected("bomb", str(exc)) from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected("bomb", "The image is too large to decode.") from exc
         except Exception as exc:
