@@ -285,15 +285,25 @@ def gif_with_metadata(payload: bytes) -> bytes:
         loop=0,
         comment=b"taken at home",
     )
-    xmp = b"<x:xmpmeta><exif:GPSLatitude>52,31.2N</exif:GPSLatitude></x:xmpmeta>" * 5
-    sub_blocks = b"".join(
-        bytes([len(xmp[i : i + 255])]) + xmp[i : i + 255] for i in range(0, len(xmp), 255)
+    extension = b"\x21\xff\x0bXMP DataXMP" + sub_blocks(XMP_GPS * 5) + b"\x00"
+    return with_extension(buffer.getvalue(), extension) + payload
+
+
+XMP_GPS = b"<x:xmpmeta><exif:GPSLatitude>52,31.2N</exif:GPSLatitude></x:xmpmeta>"
+
+
+def sub_blocks(data: bytes) -> bytes:
+    """``data`` as GIF data sub-blocks, without their terminator."""
+    return b"".join(
+        bytes([len(data[i : i + 255])]) + data[i : i + 255] for i in range(0, len(data), 255)
     )
-    extension = b"\x21\xff\x0bXMP DataXMP" + sub_blocks + b"\x00"
-    data = buffer.getvalue()
+
+
+def with_extension(data: bytes, extension: bytes) -> bytes:
+    """The GIF ``data`` with ``extension`` before its first frame."""
     flags = data[10]  # the global colour table's presence and size, after which it goes
     start = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-    return data[:start] + extension + data[start:] + payload
+    return data[:start] + extension + data[start:]
 
 
 def frames_of(data: bytes) -> list[bytes]:
@@ -322,6 +332,30 @@ def test_gif_metadata_and_trailing_bytes_never_come_back(api: Api) -> None:
         assert "xmp" not in image.info
     assert meta["size"] == len(served.content)
     assert meta["sha256"] == hashlib.sha256(served.content).hexdigest()
+
+
+def test_gif_metadata_hidden_in_the_blocks_kept_never_comes_back(api: Api) -> None:
+    """Readers skip the sub-blocks after a graphic control's or a loop count's block, so
+    those can carry an XMP packet; so can an ICC profile extension."""
+    alice = api.account("alice")
+    original = gif_with_metadata(b"")
+    hidden = original.replace(
+        b"NETSCAPE2.0\x03\x01\x00\x00", b"NETSCAPE2.0\x03\x01\x00\x00" + sub_blocks(XMP_GPS), 1
+    )
+    control = hidden.index(b"\x21\xf9\x04") + 7  # past its 4-byte block
+    hidden = hidden[:control] + sub_blocks(XMP_GPS) + hidden[control:]
+    hidden = with_extension(hidden, b"\x21\xff\x0bICCRGBG1012" + sub_blocks(XMP_GPS) + b"\x00")
+    # Sanity: hidden in all three.
+    assert hidden.count(XMP_GPS) == original.count(XMP_GPS) + 3
+    assert frames_of(hidden) == frames_of(original)  # and Pillow reads past them
+
+    meta = uploaded(upload(api, alice, "loop.gif", hidden, "image/gif"))
+    served = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    assert b"GPSLatitude" not in served.content
+    assert frames_of(served.content) == frames_of(original)
+    with Image.open(io.BytesIO(served.content)) as image:
+        assert image.info["loop"] == 0
+        assert image.info["duration"] == 100
 
 
 def test_a_gif_cut_anywhere_before_its_trailer_is_malformed() -> None:

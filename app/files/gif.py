@@ -6,9 +6,12 @@ every frame. GIF has no EXIF, but it carries comments and application extensions
 those hold what EXIF holds elsewhere (an XMP packet with the GPS position, the editing
 software, the author) as well as anything else a client wants served back under an image
 type. So only what renders is kept: the screen descriptor and colour tables, each frame
-with its graphic control and plain-text extensions, and the application extensions that
-players and colour management read (the loop count, the ICC profile). Whatever follows
-the trailer — a polyglot's payload — is dropped too.
+with its graphic control and plain-text extensions, and the loop count. Of an extension
+whose first block is all players read (a graphic control, a loop count), only that block
+is kept: sub-blocks after it are skipped by every reader, so they could carry anything (an
+XMP packet after a loop count was served back). The ICC profile extension is dropped: few
+GIFs have one, few viewers read it, and it is an opaque blob that could carry anything
+too. Whatever follows the trailer — a polyglot's payload — is dropped as well.
 
 The GIF is served as it came, so every client that plays it decodes every frame: each
 frame's size is checked against the pixel cap, not only the first one's (which Pillow
@@ -17,8 +20,8 @@ reads), and all of them together against FRAMES_PIXEL_CAPS times it.
 
 import struct
 
-# Extensions whose payload is what players and colour management read, by identifier.
-KEPT_APPLICATIONS = frozenset({b"NETSCAPE2.0", b"ANIMEXTS1.0", b"ICCRGBG1012"})
+# Application extensions holding the loop count, by identifier.
+LOOP_APPLICATIONS = frozenset({b"NETSCAPE2.0", b"ANIMEXTS1.0"})
 _EXTENSION, _IMAGE, _TRAILER = 0x21, 0x2C, 0x3B
 _GRAPHIC_CONTROL, _PLAIN_TEXT, _APPLICATION = 0xF9, 0x01, 0xFF
 # Ten times the default cap is 400 frames of 1000 by 1000 pixels, decoded at every loop.
@@ -70,19 +73,29 @@ def without_metadata(data: bytes, max_pixels: int) -> bytes:
         elif introducer == _EXTENSION:
             start = position
             position = _end_of_sub_blocks(view, position + 2)
-            if _renders(view[start + 1], view[start + 2 : position]):
-                kept.append(view[start:position])
+            kept.append(_rendering_part(view[start:position]))
         else:
             raise MalformedGif(f"Unknown GIF block {introducer:#04x}.")
 
 
-def _renders(label: int, sub_blocks: memoryview) -> bool:
-    """``sub_blocks``: the extension's, from its first size byte."""
-    if label in (_GRAPHIC_CONTROL, _PLAIN_TEXT):
-        return True
-    # An application extension opens with an 11-byte block: identifier and code.
-    identifier = bytes(sub_blocks[:12])
-    return label == _APPLICATION and identifier[1:] in KEPT_APPLICATIONS and identifier[0] == 11
+def _rendering_part(extension: memoryview) -> bytes:
+    """What players read of ``extension`` (introducer to terminator, whose sub-blocks are
+    complete), as an extension of its own: nothing if they read none of it."""
+    label, first_size = extension[1], extension[2]
+    if label == _PLAIN_TEXT:
+        return bytes(extension)
+    if label == _GRAPHIC_CONTROL and first_size == 4:
+        return bytes(extension[:7]) + b"\x00"
+    # An application extension opens with an 11-byte block, identifier and code; the loop
+    # count is in a 3-byte sub-block: 1, then the count.
+    if (
+        label == _APPLICATION
+        and first_size == 11
+        and bytes(extension[3:14]) in LOOP_APPLICATIONS
+        and bytes(extension[14:16]) == b"\x03\x01"
+    ):
+        return bytes(extension[:18]) + b"\x00"
+    return b""
 
 
 def _colour_table_bytes(flags: int) -> int:
