@@ -246,6 +246,21 @@ def test_an_image_with_malformed_exif_is_422_alone_in_a_batch_too(api: Api) -> N
     assert [r["status"] for r in response.json()["results"]] == [422, 201]
 
 
+def test_a_16_bit_greyscale_png_keeps_its_depth_in_the_original_and_the_thumbnail(
+    api: Api,
+) -> None:
+    alice = api.account("alice")
+    deep = Image.new("I;16", (1024, 1024), 40_000)  # large enough to be reduced
+    buffer = io.BytesIO()
+    deep.save(buffer, "PNG")
+    meta = uploaded(upload(api, alice, "scan.png", buffer.getvalue(), "image/png"))
+    for what, size in (("content", (1024, 1024)), ("thumbnail", (256, 256))):
+        served = api.client.get(f"/api/v1/files/{meta['id']}/{what}", headers=alice.headers)
+        with Image.open(io.BytesIO(served.content)) as image:
+            assert (image.mode, image.size) == ("I;16", size)
+            assert image.getextrema() == (40_000, 40_000)
+
+
 def test_jpeg_comments_never_come_back(api: Api) -> None:
     alice = api.account("alice")
     buffer = io.BytesIO()

@@ -23,6 +23,9 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from app.files import gif
+from app.observability.logging import get_logger
+
+logger = get_logger(__name__)
 
 THUMBNAIL_SIZE = (256, 256)
 PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
@@ -82,8 +85,8 @@ def process(path: Path, content_type: str, max_pixels: int, max_memory: int) -> 
                     if content_type in REENCODED
                     else gif.without_metadata(path.read_bytes(), limit)
                 )
-                image.thumbnail(THUMBNAIL_SIZE)
-                return ProcessedImage(_encode(image, thumbnail_type(content_type)), cleaned)
+                thumbnail = _thumbnail(image)
+                return ProcessedImage(_encode(thumbnail, thumbnail_type(content_type)), cleaned)
         except ImageRejected:
             raise
         except gif.TooManyPixels as exc:
@@ -94,7 +97,20 @@ def process(path: Path, content_type: str, max_pixels: int, max_memory: int) -> 
             # Not only UnidentifiedImageError, OSError, SyntaxError and ValueError: Pillow's
             # parsers let through whatever hostile bytes make them hit (struct.error from
             # a malformed EXIF block, found by fuzzing), and the client sent those bytes.
+            # Logged, since our own mistakes end here too (valid 16-bit PNGs once did).
+            logger.warning("image refused as undecodable", content_type=content_type, exc_info=True)
             raise ImageRejected("invalid", "The image cannot be decoded.") from exc
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+    """``image`` made a thumbnail, in place but for 16-bit greyscale, which Pillow reduces
+    only in its 32-bit mode (and writes as PNG only in the 16-bit one)."""
+    if not image.mode.startswith("I;16"):
+        image.thumbnail(THUMBNAIL_SIZE)
+        return image
+    wide = image.convert("I")
+    wide.thumbnail(THUMBNAIL_SIZE)
+    return wide.convert("I;16")
 
 
 def _jpeg_scans(data: bytes) -> int:
