@@ -512,8 +512,9 @@ def test_a_broken_image_is_422_and_leaves_nothing(api: Api) -> None:
 
 
 def jpeg_with_scans(scans: int) -> bytes:
-    """A valid progressive JPEG of noise (stuffed 0xFF bytes, restart markers) whose last
-    scan is repeated until it has ``scans``: each repeat decodes the whole image again."""
+    """A progressive JPEG of noise (stuffed 0xFF bytes, restart markers) whose last scan is
+    repeated until it has ``scans``: each repeat decodes the whole image again. A stray byte
+    before its first scan is skipped by libjpeg (with a warning) and must be by the count."""
     noise = Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3))
     buffer = io.BytesIO()
     noise.save(buffer, "JPEG", progressive=True, restart_marker_blocks=1)
@@ -524,6 +525,8 @@ def jpeg_with_scans(scans: int) -> bytes:
     # Entropy-coded data never holds 0xFFDA: the last one opens the last scan.
     last_scan = data[data.rfind(b"\xff\xda") : -2]
     repeated = data[:-2] + last_scan * (scans - data.count(b"\xff\xda")) + data[-2:]
+    first_scan = repeated.index(b"\xff\xda")
+    repeated = repeated[:first_scan] + b"\x00" + repeated[first_scan:]
     Image.open(io.BytesIO(repeated)).load()  # sanity: still a JPEG Pillow decodes
     return repeated
 

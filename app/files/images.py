@@ -114,15 +114,17 @@ def _thumbnail(image: Image.Image) -> Image.Image:
 
 
 def _jpeg_scans(data: bytes) -> int:
-    """The scans (SOS segments) in ``data``, counted up to one past MAX_JPEG_SCANS; a broken
-    structure ends the count, and Pillow's decoding then reports it."""
+    """The scans (SOS segments) in ``data``, counted up to one past MAX_JPEG_SCANS."""
     scans, position = 0, 2  # past SOI
-    while scans <= MAX_JPEG_SCANS and position + 4 <= len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker == 0xFF:  # a fill byte before the marker
-            position += 1
-        elif marker == _EOI:
+    while scans <= MAX_JPEG_SCANS:
+        # As libjpeg does, whatever is not a marker between segments is skipped: counting
+        # must not stop where decoding goes on.
+        position = data.find(b"\xff", position)
+        if position == -1 or position + 1 >= len(data) or data[position + 1] == _EOI:
             break
+        marker = data[position + 1]
+        if marker in (0xFF, 0x00):  # a fill byte, or a stray one
+            position += 1
         elif marker == _TEM or marker in _RESTARTS:  # no length field
             position += 2
         else:
