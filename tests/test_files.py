@@ -500,8 +500,14 @@ def test_the_memory_budget_caps_each_format_by_its_cost(api_with: Callable[..., 
     response = upload(api, alice, "big.webp", image_bytes("WEBP", (100, 101)), "image/webp")
     assert_rejected_without_trace(api, alice, response, 422)
     uploaded(upload(api, alice, "ok.webp", image_bytes("WEBP", (100, 100)), "image/webp"))
-    # The same pixels cost a PNG less than a third.
-    uploaded(upload(api, alice, "big.png", image_bytes("PNG", (300, 101)), "image/png"))
+    # Three times those pixels fit as a JPEG, twice as a PNG, not as a progressive JPEG,
+    # whose decoder holds every coefficient.
+    uploaded(upload(api, alice, "big.jpg", image_bytes("JPEG", (300, 101)), "image/jpeg"))
+    uploaded(upload(api, alice, "big.png", image_bytes("PNG", (200, 101)), "image/png"))
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 101)).save(buffer, "JPEG", progressive=True)
+    response = upload(api, alice, "big.jpg", buffer.getvalue(), "image/jpeg")
+    assert_problem(response, 422)
 
 
 def test_a_broken_image_is_422_and_leaves_nothing(api: Api) -> None:

@@ -2,7 +2,7 @@
 
 Decompression bombs: the pixel count is read from the header and refused before anything
 is decoded, above the cap or above what the memory budget allows for the format (WebP
-costs four times what JPEG does); Pillow's own bomb warning is promoted to an error as a
+costs over four times what JPEG does); Pillow's own bomb warning is promoted to an error as a
 second line. A progressive JPEG decodes its whole image once per scan, and scans are cheap
 to repeat (a 170 KB file of 500 scans kept the decoding thread busy for 18 s), so its
 scans are counted first too.
@@ -35,11 +35,14 @@ LOSSY_QUALITY = 90
 # costs ~50 ms of decoding.
 MAX_JPEG_SCANS = 100
 # Peak bytes per pixel of checking, cleaning and thumbnailing one image, measured (Pillow 13)
-# on the costliest content: RGBA noise, whose re-encoded PNG is as large as its pixels and
-# whose lossy WebP encoder keeps a token per coefficient. WebP's decoder holds its canvas
-# twice and its encoder copies it again; a progressive JPEG holds every coefficient; of a
-# GIF only the first frame is decoded, and nothing re-encoded.
-BYTES_PER_PIXEL = {"image/jpeg": 8, "image/png": 11, "image/gif": 4, "image/webp": 34}
+# on the costliest content: noise, whose re-encoded PNG is as large as its pixels and whose
+# lossy WebP encoder keeps a token per coefficient, turned by its EXIF orientation (a second
+# copy). WebP's decoder holds its canvas twice and its encoder copies it again; of a GIF
+# only the first frame is decoded, and nothing re-encoded.
+BYTES_PER_PIXEL = {"image/jpeg": 8, "image/png": 12, "image/gif": 6, "image/webp": 35}
+# A progressive JPEG holds every coefficient while decoding, whatever its content: 2 bytes
+# each, for 4 components in CMYK, beside the 4 bytes of the decoded pixel.
+PROGRESSIVE_JPEG_BYTES_PER_PIXEL = 13
 _SOS, _EOI, _TEM = 0xDA, 0xD9, 0x01
 _RESTARTS = range(0xD0, 0xD8)
 
@@ -71,7 +74,12 @@ def process(path: Path, content_type: str, max_pixels: int, max_memory: int) -> 
         try:
             with Image.open(path, formats=[PIL_FORMATS[content_type]]) as image:
                 width, height = image.size
-                limit = min(max_pixels, max_memory // BYTES_PER_PIXEL[content_type])
+                cost = (
+                    PROGRESSIVE_JPEG_BYTES_PER_PIXEL
+                    if content_type == "image/jpeg" and image.info.get("progressive")
+                    else BYTES_PER_PIXEL[content_type]
+                )
+                limit = min(max_pixels, max_memory // cost)
                 if width * height > limit:
                     raise ImageRejected("bomb", f"The image has more than {limit} pixels.")
                 if content_type == "image/jpeg" and _jpeg_scans(path.read_bytes()) > MAX_JPEG_SCANS:
