@@ -20,7 +20,7 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
-from PIL import ExifTags, Image, ImageCms, ImageSequence
+from PIL import ExifTags, Image, ImageCms, ImageSequence, PngImagePlugin
 from starlette.types import Message
 
 from app.backends import storage as storage_module
@@ -259,6 +259,24 @@ def test_a_16_bit_greyscale_png_keeps_its_depth_in_the_original_and_the_thumbnai
         with Image.open(io.BytesIO(served.content)) as image:
             assert (image.mode, image.size) == ("I;16", size)
             assert image.getextrema() == (40_000, 40_000)
+
+
+def test_a_png_keeps_the_chunks_that_say_what_its_colours_are(api: Api) -> None:
+    alice = api.account("alice")
+    colour = PngImagePlugin.PngInfo()
+    colour.add(b"gAMA", struct.pack(">I", 45455))
+    colour.add(b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000))
+    colour.add(b"sRGB", b"\x00")
+    buffer = io.BytesIO()
+    Image.new("RGB", (600, 300), "red").save(buffer, "PNG", pnginfo=colour)
+    keys = ("gamma", "chromaticity", "srgb")
+    with Image.open(buffer) as original:
+        sent = {key: original.info[key] for key in keys}
+    meta = uploaded(upload(api, alice, "red.png", buffer.getvalue(), "image/png"))
+    for what in ("content", "thumbnail"):
+        served = api.client.get(f"/api/v1/files/{meta['id']}/{what}", headers=alice.headers)
+        with Image.open(io.BytesIO(served.content)) as image:
+            assert {key: image.info.get(key) for key in keys} == sent
 
 
 def test_jpeg_comments_never_come_back(api: Api) -> None:

@@ -16,11 +16,12 @@ XMP: its metadata blocks are dropped losslessly (gif.py).
 """
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from app.files import gif
 from app.observability.logging import get_logger
@@ -154,8 +155,9 @@ def _end_of_entropy_coded(data: bytes, position: int) -> int:
 
 
 def _encode(image: Image.Image, content_type: str) -> bytes:
-    """Only pixels, ICC profile and PNG transparency are passed on: no EXIF, XMP or text.
-    The ICC profile describes the pixels' colour space, so CMYK stays CMYK."""
+    """Only pixels, ICC profile and PNG transparency and colour chunks are passed on: no
+    EXIF, XMP or text. The ICC profile describes the pixels' colour space, so CMYK stays
+    CMYK."""
     options: dict[str, object] = {}
     if icc := image.info.get("icc_profile"):
         options["icc_profile"] = icc
@@ -170,6 +172,7 @@ def _encode(image: Image.Image, content_type: str) -> bytes:
             image = image.convert("RGB")
         if (transparency := image.info.get("transparency")) is not None:
             options["transparency"] = transparency
+        options["pnginfo"] = _png_colour_chunks(image.info)
     buffer = io.BytesIO()
     # Without the source's metadata, which some encoders write back unless told not to
     # (JPEG its comments): what is passed on is only what ``options`` holds.
@@ -179,3 +182,17 @@ def _encode(image: Image.Image, content_type: str) -> bytes:
     finally:
         image.info = metadata
     return buffer.getvalue()
+
+
+def _png_colour_chunks(info: dict[str, object]) -> PngImagePlugin.PngInfo:
+    """The gAMA, cHRM and sRGB chunks Pillow read, which say how a PNG's values map to
+    colours when it has no ICC profile (Pillow keeps them, unwritten, as floats)."""
+    chunks = PngImagePlugin.PngInfo()
+    if isinstance(gamma := info.get("gamma"), float):
+        chunks.add(b"gAMA", struct.pack(">I", round(gamma * 100_000)))
+    chromaticity = info.get("chromaticity")
+    if isinstance(chromaticity, tuple) and len(chromaticity) == 8:  # as many as were sent
+        chunks.add(b"cHRM", struct.pack(">8I", *(round(v * 100_000) for v in chromaticity)))
+    if isinstance(srgb := info.get("srgb"), int):
+        chunks.add(b"sRGB", bytes([srgb]))
+    return chunks
