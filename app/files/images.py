@@ -16,6 +16,7 @@ XMP: its metadata blocks are dropped losslessly (gif.py).
 """
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -44,8 +45,14 @@ BYTES_PER_PIXEL = {"image/jpeg": 8, "image/png": 12, "image/gif": 6, "image/webp
 # A progressive JPEG holds every coefficient while decoding, whatever its content: 2 bytes
 # each, for 4 components in CMYK, beside the 4 bytes of the decoded pixel.
 PROGRESSIVE_JPEG_BYTES_PER_PIXEL = 13
-_SOS, _EOI, _TEM = 0xDA, 0xD9, 0x01
-_RESTARTS = range(0xD0, 0xD8)
+_SOS, _EOI = 0xDA, 0xD9
+# The last 0xFF of a marker, before its code: not 0 (a stuffed 0xFF), nor TEM or a restart
+# marker, which have no length and which libjpeg skips between segments as it does stray
+# bytes (with a warning). What fill bytes, stray bytes and those skip is skipped at C speed.
+_MARKER = re.compile(rb"\xff(?![\x00\x01\xd0-\xd7\xff])")
+# Within entropy-coded data a 0xFF is stuffed (0xFF00) or opens a restart marker: any other
+# ends the scan.
+_END_OF_SCAN = re.compile(rb"\xff(?![\x00\xd0-\xd7])")
 
 
 class ImageRejected(Exception):
@@ -123,35 +130,21 @@ def _thumbnail(image: Image.Image) -> Image.Image:
 
 
 def _jpeg_scans(data: bytes) -> int:
-    """The scans (SOS segments) in ``data``, counted up to one past MAX_JPEG_SCANS."""
+    """The scans (SOS segments) in ``data``, counted up to one past MAX_JPEG_SCANS. Between
+    segments, whatever is not a marker is skipped, as libjpeg does: counting must not stop
+    where decoding goes on."""
     scans, position = 0, 2  # past SOI
-    while scans <= MAX_JPEG_SCANS:
-        # As libjpeg does, whatever is not a marker between segments is skipped: counting
-        # must not stop where decoding goes on.
-        position = data.find(b"\xff", position)
-        if position == -1 or position + 1 >= len(data) or data[position + 1] == _EOI:
+    while scans <= MAX_JPEG_SCANS and (marker := _MARKER.search(data, position)):
+        code_at = marker.end()
+        if code_at == len(data) or data[code_at] == _EOI:
             break
-        marker = data[position + 1]
-        if marker in (0xFF, 0x00):  # a fill byte, or a stray one
-            position += 1
-        elif marker == _TEM or marker in _RESTARTS:  # no length field
-            position += 2
-        else:
-            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-            if marker == _SOS:
-                scans += 1
-                position = _end_of_entropy_coded(data, position)
+        # The segment's length counts its own 2 bytes, not the marker's.
+        position = code_at + 1 + int.from_bytes(data[code_at + 1 : code_at + 3], "big")
+        if data[code_at] == _SOS:
+            scans += 1
+            end = _END_OF_SCAN.search(data, position)
+            position = end.start() if end else len(data)
     return scans
-
-
-def _end_of_entropy_coded(data: bytes, position: int) -> int:
-    """The next marker from ``position``: in entropy-coded data an 0xFF is either stuffed
-    (0xFF00) or opens a restart marker, which belong to the scan."""
-    while (position := data.find(b"\xff", position)) != -1 and position + 1 < len(data):
-        if data[position + 1] != 0 and data[position + 1] not in _RESTARTS:
-            return position
-        position += 2
-    return len(data)
 
 
 def _encode(image: Image.Image, content_type: str) -> bytes:
