@@ -46,9 +46,9 @@ BYTES_PER_PIXEL = {"image/jpeg": 8, "image/png": 12, "image/gif": 6, "image/webp
 # each, for 4 components in CMYK, beside the 4 bytes of the decoded pixel.
 PROGRESSIVE_JPEG_BYTES_PER_PIXEL = 13
 _SOS, _EOI = 0xDA, 0xD9
-# The last 0xFF of a marker, before its code: not 0 (a stuffed 0xFF), nor TEM or a restart
-# marker, which have no length and which libjpeg skips between segments as it does stray
-# bytes (with a warning). What fill bytes, stray bytes and those skip is skipped at C speed.
+# A marker's last 0xFF, before its code. Not before 0 (a stuffed 0xFF out of place), TEM or
+# a restart marker: those have no length, and libjpeg skips them between segments as it
+# skips stray bytes (with a warning), so the search skips them too, in C.
 _MARKER = re.compile(rb"\xff(?![\x00\x01\xd0-\xd7\xff])")
 # Within entropy-coded data a 0xFF is stuffed (0xFF00) or opens a restart marker: any other
 # ends the scan.
