@@ -560,7 +560,13 @@ def test_a_jpeg_of_too_many_scans_is_422_and_leaves_nothing(api: Api) -> None:
     too_many = jpeg_with_scans(images.MAX_JPEG_SCANS + 1)
     response = upload(api, alice, "scans.jpg", too_many, "image/jpeg")
     assert_rejected_without_trace(api, alice, response, 422)
+    # Empty comments by the thousand: each a search to walk past, none decoded.
+    plain = image_bytes("JPEG", (16, 16))
+    comments = b"\xff\xfe\x00\x02" * images.MAX_JPEG_SEGMENTS
+    response = upload(api, alice, "notes.jpg", plain[:2] + comments + plain[2:], "image/jpeg")
+    assert_rejected_without_trace(api, alice, response, 422)
     uploaded(upload(api, alice, "scans.jpg", jpeg_with_scans(images.MAX_JPEG_SCANS), "image/jpeg"))
+    uploaded(upload(api, alice, "notes.jpg", plain[:2] + comments[:400] + plain[2:], "image/jpeg"))
 
 
 def test_one_byte_over_the_cap_is_413_and_leaves_nothing(api_with: Callable[..., Api]) -> None:

@@ -36,6 +36,10 @@ LOSSY_QUALITY = 90
 # A progressive JPEG has about 10 (libjpeg's default script); at the pixel cap each one more
 # costs ~50 ms of decoding.
 MAX_JPEG_SCANS = 100
+# Tables, APPn blocks and scans: a camera's JPEG has tens (an ICC profile split into 64 KB
+# blocks a few more). Walking them costs a search each: millions of tiny ones in 10 MB took
+# seconds of CPU, with the image slot held.
+MAX_JPEG_SEGMENTS = 1000
 # Peak bytes per pixel of checking, cleaning and thumbnailing one image, measured (Pillow 13)
 # on the costliest content: noise, whose re-encoded PNG is as large as its pixels and whose
 # lossy WebP encoder keeps a token per coefficient, turned by its EXIF orientation (a second
@@ -90,8 +94,8 @@ def process(path: Path, content_type: str, max_pixels: int, max_memory: int) -> 
                 limit = min(max_pixels, max_memory // cost)
                 if width * height > limit:
                     raise ImageRejected("bomb", f"The image has more than {limit} pixels.")
-                if content_type == "image/jpeg" and _jpeg_scans(path.read_bytes()) > MAX_JPEG_SCANS:
-                    raise ImageRejected("bomb", f"The JPEG has more than {MAX_JPEG_SCANS} scans.")
+                if content_type == "image/jpeg" and (costly := _jpeg_too_costly(path.read_bytes())):
+                    raise ImageRejected("bomb", costly)
                 # In place, and the thumbnail made from the same pixels once the cleaned
                 # original is encoded: one decoded copy of the image at a time (a copy each
                 # was 360 MB more at the pixel cap); BYTES_PER_PIXEL is measured so.
@@ -129,22 +133,28 @@ def _thumbnail(image: Image.Image) -> Image.Image:
     return wide.convert("I;16")
 
 
-def _jpeg_scans(data: bytes) -> int:
-    """The scans (SOS segments) in ``data``, counted up to one past MAX_JPEG_SCANS. Between
-    segments, whatever is not a marker is skipped, as libjpeg does: counting must not stop
-    where decoding goes on."""
-    scans, position = 0, 2  # past SOI
-    while scans <= MAX_JPEG_SCANS and (marker := _MARKER.search(data, position)):
+def _jpeg_too_costly(data: bytes) -> str | None:
+    """Why decoding ``data`` would cost too much, if it would: more than MAX_JPEG_SCANS
+    scans (SOS segments) or MAX_JPEG_SEGMENTS segments. Between segments, whatever is not
+    a marker is skipped, as libjpeg does: counting must not stop where decoding goes on."""
+    scans = segments = 0
+    position = 2  # past SOI
+    while marker := _MARKER.search(data, position):
         code_at = marker.end()
         if code_at == len(data) or data[code_at] == _EOI:
             break
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            return f"The JPEG has more than {MAX_JPEG_SEGMENTS} segments."
         # The segment's length counts its own 2 bytes, not the marker's.
         position = code_at + 1 + int.from_bytes(data[code_at + 1 : code_at + 3], "big")
         if data[code_at] == _SOS:
             scans += 1
+            if scans > MAX_JPEG_SCANS:
+                return f"The JPEG has more than {MAX_JPEG_SCANS} scans."
             end = _END_OF_SCAN.search(data, position)
             position = end.start() if end else len(data)
-    return scans
+    return None
 
 
 def _encode(image: Image.Image, content_type: str) -> bytes:
