@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -404,3 +405,34 @@ def test_closing_the_backends_goes_on_past_a_task_that_failed(
         await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_redis_that_refuses_writes_still_refuses_revoked_tokens(
+    database_url: str, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A full Redis (maxmemory, noeviction) or a read-only replica answers every write
+    with an error, the rate limiter's included, but still reads: a revoked token must stay
+    refused. An error Redis answers is no outage, so it must not open the breaker, behind
+    which the revocation check lets every token through."""
+    settings = make_settings(
+        database_url, tmp_path / "data", redis_url=redis_server.url(), redis_breaker_seconds=60
+    )
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        alice, bob = api.account("alice"), api.account("bob")
+        logout = client.post(
+            "/api/v1/auth/logout",
+            json={"refresh_token": alice.tokens["refresh_token"]},
+            headers=alice.headers,
+        )
+        assert logout.status_code == 204
+        admin = redis_lib.Redis.from_url(redis_server.url())
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            for _ in range(5):
+                assert client.get("/api/v1/users/me", headers=bob.headers).status_code == 200
+                assert_problem(client.get("/api/v1/users/me", headers=alice.headers), 401)
+        finally:
+            admin.config_set("maxmemory", 0)
+            admin.close()

@@ -16,7 +16,7 @@ from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
-from app.backends.redis import RedisBackend
+from app.backends.redis import RedisBackend, unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +68,9 @@ class RateLimiter:
         if self.redis.available:
             try:
                 return await _decide(self.shared, item, identifiers, shared=True, count=count)
-            except StorageError:
-                self.redis.trip()
+            except StorageError as exc:
+                if unreachable(exc.storage_error):
+                    self.redis.trip()
         return await _decide(self.local, fallback or item, identifiers, shared=False, count=count)
 
 

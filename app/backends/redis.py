@@ -2,8 +2,10 @@
 
 Timeouts are short (``APP_REDIS_TIMEOUT_SECONDS``, well below a request's budget) and
 commands are not retried: callers fall back (to the database, to a local limiter) rather
-than wait. After a failure a breaker keeps callers away for a moment, so an outage costs
-one timeout per process instead of one per request.
+than wait. After a failure to reach Redis a breaker keeps callers away for a moment, so an
+outage costs one timeout per process instead of one per request. An error Redis answers
+(out of memory, a read-only replica) fails that command alone: it cost no wait, and the
+commands that still work (reads, such as whether a token was revoked) must go on.
 """
 
 import time
@@ -14,13 +16,21 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 ConnectHook = Callable[[Connection], Awaitable[None]]
 
 
 class RedisUnavailable(Exception):
     """Redis failed or the breaker is open; the caller takes its fallback."""
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis could not be reached in time (the breaker's business),
+    rather than that it answered with an error."""
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
 
 
 class RedisBackend:
@@ -58,7 +68,8 @@ class RedisBackend:
         try:
             return await operation(self.client)
         except (RedisError, OSError) as exc:
-            self.trip()
+            if unreachable(exc):
+                self.trip()
             raise RedisUnavailable(str(exc)) from exc
 
     async def ping(self) -> bool:
