@@ -2,18 +2,22 @@
 stay exact (also when a worker is SIGKILLed and replaced), system series are neither
 multiplied nor keyed by pid, and the logs are single-format JSON without secrets."""
 
+import base64
+import contextlib
 import http.client
 import json
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 import psutil
@@ -349,6 +353,39 @@ def test_workers_cap_websocket_frames(gunicorn: Gunicorn) -> None:
     assert closed.value.rcvd.code == 1009
     # ... and send no Server header, which would name the software to every client.
     assert "server" not in httpx2.get(f"{gunicorn.base_url}/health/live").headers
+
+
+def test_a_client_pinging_without_reading_the_pongs_cannot_grow_a_worker(
+    gunicorn: Gunicorn,
+) -> None:
+    """Every ping is answered with a pong of its size. A client that sends pings and never
+    reads must find its sends blocked once the pongs fill the buffers, not have the worker
+    hold every pong (memory, not time, is what is bounded here)."""
+    token = signed_up(gunicorn.base_url, "pinger")
+    address = urlsplit(gunicorn.base_url)
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # pongs back up early
+    connection.connect((address.hostname, address.port))
+    with connection:
+        key = base64.b64encode(os.urandom(16)).decode()
+        connection.sendall(
+            (
+                "GET /api/v1/ws/notifications HTTP/1.1\r\n"
+                f"Host: {address.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n"
+            ).encode()
+        )
+        assert connection.recv(12) == b"HTTP/1.1 101"
+        # Masked pings of the largest control payload, 125 bytes: 1 MiB at a time.
+        pings = (bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125) * 8000
+        before = sum(worker.memory_info().rss for worker in gunicorn.workers())
+        connection.settimeout(5)
+        with contextlib.suppress(TimeoutError):  # the server stopped reading: as it should
+            for _ in range(128):
+                connection.sendall(pings)
+        grown = sum(worker.memory_info().rss for worker in gunicorn.workers()) - before
+    assert grown < 32 * MIB, f"the workers grew by {grown / MIB:.0f} MiB"
 
 
 def test_logs_are_json_with_request_ids_and_no_secrets(gunicorn: Gunicorn) -> None:
