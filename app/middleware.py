@@ -37,7 +37,7 @@ _REQUEST_ID_NAME = b"x-request-id"
 # Echo only ids that are safe to put in logs and headers; anything else is replaced.
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
-# Baseline browser hardening for an API; ``no-store`` where responses hold secrets.
+# Baseline browser hardening for an API.
 SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -45,8 +45,14 @@ SECURITY_HEADERS = (
     (b"cross-origin-resource-policy", b"same-origin"),
 )
 _CACHE_CONTROL = b"cache-control"
-NO_STORE = (_CACHE_CONTROL, b"no-store")
-NO_STORE_PREFIXES = ("/api/v1/auth", "/api/v1/users")
+# The Cache-Control of every response under these paths, replacing the app's own. Tokens
+# and accounts are never stored. A user's files may be kept by their own browser but never
+# by a shared cache, and are checked each time (their ETag makes that a 304): without it a
+# browser could go on showing a deleted file from its heuristic cache.
+CACHE_POLICIES = (
+    (("/api/v1/auth", "/api/v1/users"), (_CACHE_CONTROL, b"no-store")),
+    (("/api/v1/files",), (_CACHE_CONTROL, b"private, no-cache")),
+)
 # Where bodies are streamed, and capped, by the routes themselves (uploads): elsewhere they
 # are read whole before validation, so HttpMiddleware caps them.
 STREAMED_BODY_PREFIXES = ("/api/v1/files",)
@@ -67,7 +73,7 @@ class RequestPlan:
     worked out once per (method, path), as that costs a walk of the route table."""
 
     series: RouteSeries
-    no_store: bool
+    cache_control: tuple[bytes, bytes] | None  # forced on the response (CACHE_POLICIES)
     max_body: int | None  # None where the routes cap bodies themselves
     log_level: str
 
@@ -103,7 +109,7 @@ class HttpMiddleware:
         id_header = (_REQUEST_ID_NAME, request_id.encode())
         key = (scope["method"], scope["path"], scope.get("root_path", ""))
         plan = self.plans.get(key) or self._plan(scope, key)
-        no_store, max_body, series = plan.no_store, plan.max_body, plan.series
+        cache_control, max_body, series = plan.cache_control, plan.max_body, plan.series
         series.start()
         start = time.perf_counter()
         status = 500
@@ -132,7 +138,7 @@ class HttpMiddleware:
                 response_bytes += len(message.get("body", b""))
             elif message["type"] == "http.response.start":
                 status, started = message["status"], True
-                headers = response_headers(message.get("headers", ()), id_header, no_store)
+                headers = response_headers(message.get("headers", ()), id_header, cache_control)
                 if status >= 400 and not body_read and declares_body(scope["headers"]):
                     headers = closing(headers)
                 message["headers"] = headers
@@ -177,7 +183,9 @@ class HttpMiddleware:
         path = app_path(scope)
         plan = RequestPlan(
             series=self.series(scope),
-            no_store=path.startswith(NO_STORE_PREFIXES),
+            cache_control=next(
+                (header for prefixes, header in CACHE_POLICIES if path.startswith(prefixes)), None
+            ),
             max_body=None if path.startswith(STREAMED_BODY_PREFIXES) else self.max_body_bytes,
             log_level=level_of(path),
         )
@@ -299,11 +307,13 @@ def refuse_content_coding(headers: Iterable[tuple[bytes, bytes]]) -> None:
 
 
 def response_headers(
-    headers: Iterable[tuple[bytes, bytes]], id_header: tuple[bytes, bytes], no_store: bool
+    headers: Iterable[tuple[bytes, bytes]],
+    id_header: tuple[bytes, bytes],
+    cache_control: tuple[bytes, bytes] | None,
 ) -> list[tuple[bytes, bytes]]:
-    """The response's headers plus the security headers it lacks, ``no-store`` instead of
-    its own Cache-Control where asked, and the request id unless it has one already
-    (problem responses do: 500s are rendered outside this middleware)."""
+    """The response's headers plus the security headers it lacks, ``cache_control``
+    instead of its own Cache-Control where given, and the request id unless it has one
+    already (problem responses do: 500s are rendered outside this middleware)."""
     # Raw header lists, not MutableHeaders: this runs on every response. Names are
     # lowercase, as ASGI requires of applications.
     result = list(headers)
@@ -312,15 +322,15 @@ def response_headers(
             break
     else:  # the usual case: nothing of ours to keep or replace
         result += SECURITY_HEADERS
-        if no_store:
-            result.append(NO_STORE)
+        if cache_control:
+            result.append(cache_control)
         result.append(id_header)
         return result
     present = _MERGED.intersection([name for name, _ in result])
     result += [header for header in SECURITY_HEADERS if header[0] not in present]
-    if no_store:
+    if cache_control:
         result = [header for header in result if header[0] != _CACHE_CONTROL]
-        result.append(NO_STORE)
+        result.append(cache_control)
     if _REQUEST_ID_NAME not in present:
         result.append(id_header)
     return result

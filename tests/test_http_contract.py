@@ -170,6 +170,13 @@ def test_security_headers_and_no_store(api: Api) -> None:
     )
     assert api.login("alice").headers["cache-control"] == "no-store"
     assert "cache-control" not in api.client.get("/api/v1/items").headers
+    # A user's files: never in a shared cache, and checked each time by the browser.
+    stored = api.client.post(
+        "/api/v1/files", files={"file": ("a.txt", b"text\n", "text/plain")}, headers=alice.headers
+    )
+    for path in ("", f"/{stored.json()['id']}", f"/{stored.json()['id']}/content"):
+        response = api.client.get(f"/api/v1/files{path}", headers=alice.headers)
+        assert response.headers["cache-control"] == "private, no-cache", path
 
 
 def test_headers_the_app_set_are_kept_or_replaced_never_duplicated(settings: Settings) -> None:
