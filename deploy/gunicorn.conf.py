@@ -58,6 +58,11 @@ graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 SHUTDOWN_SECONDS = max(1, min(timeout or graceful_timeout, graceful_timeout) - 5)
 
 
+# How long a quick shutdown (SIGINT, SIGQUIT) leaves the handlers of closed sockets to end
+# by themselves before it cancels what still runs: cancelled, they would log a traceback.
+QUICK_SHUTDOWN_SECONDS = 1.0
+
+
 class ServiceWorker(UvicornWorker):
     """uvicorn's gunicorn worker, with the server options ``python -m app serve`` sets too,
     a bounded graceful shutdown and a quick one."""
@@ -82,12 +87,19 @@ class ServiceWorker(UvicornWorker):
 
     @staticmethod
     def _quit(server: Server) -> None:
-        """Stop at once: the requests still running are cancelled now (uploads clean up),
-        not after the graceful window, and the lifespan shutdown runs (access lines written,
-        connections closed)."""
+        """Stop at once, not after the graceful window: every connection is told to close
+        (websockets with 1012, which their handlers see and end on), what still runs a
+        moment later is cancelled (a request in flight is a 503, an upload cleans up), and
+        the lifespan shutdown runs (access lines written, connections closed)."""
         server.should_exit = True
-        for task in server.server_state.tasks:
-            task.cancel()
+        for connection in list(server.server_state.connections):
+            connection.shutdown()
+
+        def cancel_the_rest() -> None:
+            for task in server.server_state.tasks:
+                task.cancel()
+
+        asyncio.get_running_loop().call_later(QUICK_SHUTDOWN_SECONDS, cancel_the_rest)
 
 
 wsgi_app = "app.main:create_app()"

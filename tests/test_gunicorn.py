@@ -295,7 +295,12 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(
         await_answer(f"{base}/health/ready", process, log, "gunicorn")
         token = signed_up(base, "long")
         uploads = tmp_path / "data" / "uploads"
-        with half_sent_upload(base, token, uploads) as connection:
+        notifications = base.replace("http://", "ws://") + "/api/v1/ws/notifications"
+        authorization = {"Authorization": f"Bearer {token}"}
+        with (
+            connect(notifications, additional_headers=authorization, proxy=None) as socket_,
+            half_sent_upload(base, token, uploads) as connection,
+        ):
             process.send_signal(stop)
             response = http.client.HTTPResponse(connection)
             response.begin()
@@ -303,6 +308,10 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(
             assert response.getheader("content-type") == "application/problem+json"
             assert response.getheader("retry-after") is not None
             assert response.getheader("connection") == "close"
+            with pytest.raises(ConnectionClosed) as closed:
+                socket_.recv(timeout=30)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1012  # a restart: the client may reconnect
             assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:
