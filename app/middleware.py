@@ -10,10 +10,12 @@ and need the same status and timing (bench/RESULTS.md). Each concern keeps its o
 helper: the edge policy below, the metrics in observability/http_metrics.py, the access
 line in observability/access_log.py. Exceptions are counted as 500, logged with the
 request's context (which is gone by the time the server logs them) and re-raised; a
-request the server cancels on shutdown is answered a 503 its client may retry.
+request the server cancels on shutdown is answered a 503 its client may retry, a socket
+closed with 1012.
 """
 
 import asyncio
+import contextlib
 import random
 import re
 import time
@@ -221,6 +223,15 @@ class HttpMiddleware:
         try:
             app = self.app if self.hosts.allows(hosts) else _refuse_websocket
             await observe_websocket(app, scope, receive, observed_send)
+        except asyncio.CancelledError:
+            # As for a request (see __call__): the server's shutdown cancels the sockets
+            # whose handlers did not end on its 1012 in time, and would log a traceback each.
+            # Such a socket is closed as a restart, which clients reconnect after.
+            if status != 101:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            with contextlib.suppress(Exception):  # the server may have closed it already
+                await send({"type": "websocket.close", "code": 1012})
         except BaseException as exc:
             status = status or 500
             if isinstance(exc, Exception):

@@ -59,7 +59,7 @@ SHUTDOWN_SECONDS = max(1, min(timeout or graceful_timeout, graceful_timeout) - 5
 
 
 # How long a quick shutdown (SIGINT, SIGQUIT) leaves the handlers of closed sockets to end
-# by themselves before it cancels what still runs: cancelled, they would log a traceback.
+# by themselves, as after a SIGTERM, before it cancels what still runs.
 QUICK_SHUTDOWN_SECONDS = 1.0
 
 
@@ -87,13 +87,11 @@ class ServiceWorker(UvicornWorker):
 
     @staticmethod
     def _quit(server: Server) -> None:
-        """Stop at once, not after the graceful window: every connection is told to close
-        (websockets with 1012, which their handlers see and end on), what still runs a
+        """Stop at once, not after the graceful window: the server closes every connection
+        now (websockets with 1012, which their handlers see and end on), what still runs a
         moment later is cancelled (a request in flight is a 503, an upload cleans up), and
         the lifespan shutdown runs (access lines written, connections closed)."""
         server.should_exit = True
-        for connection in list(server.server_state.connections):
-            connection.shutdown()
 
         def cancel_the_rest() -> None:
             for task in server.server_state.tasks:

@@ -2,6 +2,7 @@
 databases: handshake authentication, the wire format of every frame, delivery to the
 right connections, bad frames answered without dropping the socket, and shutdown."""
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from starlette.testclient import WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
 
 from app.main import create_app
+from app.middleware import HttpMiddleware
 from app.realtime import deps
 from app.realtime.service import Realtime, close_connections
 from tests.api import Account, Api, assert_problem
@@ -580,3 +582,38 @@ def test_a_client_gone_while_its_first_frame_is_sent_is_no_error() -> None:
 
     anyio.run(client_leaves_mid_send)
     assert realtime.connections == set()
+
+
+def test_a_socket_cancelled_by_the_servers_shutdown_closes_as_a_restart() -> None:
+    """The server cancels the handlers still running when its shutdown's window ends (a
+    quick shutdown after a second): a socket so cut is closed with 1012, as the graceful
+    path closes it, and no error escapes to be logged with a traceback. One not yet
+    accepted is the server's to refuse."""
+
+    async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/accepted":
+            await send({"type": "websocket.accept"})
+        await asyncio.Event().wait()  # a socket that would stay open
+
+    middleware = HttpMiddleware(handler, ["*"], traced=False, max_body_bytes=1024)
+
+    async def cancelled(path: str) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()
+            return {}
+
+        scope = {"type": "websocket", "path": path, "headers": [(b"host", b"x")], "root_path": ""}
+        task = asyncio.create_task(middleware(scope, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await task  # ends as any socket does: nothing raised
+        return sent
+
+    assert asyncio.run(cancelled("/accepted"))[-1] == {"type": "websocket.close", "code": 1012}
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(cancelled("/handshake"))
