@@ -435,6 +435,7 @@ def test_nginx_gets_the_agreed_environment(services: dict[str, dict[str, Any]]) 
         "NGINX_LISTEN_PORT": "80",
         "NGINX_STATUS_PORT": "8081",
         "NGINX_UPSTREAM": "api:8000",
+        "NGINX_RESOLVER": "127.0.0.11",
         "NGINX_RUN_DIR": "/var/cache/nginx",
         "NGINX_ACCESS_LOG": "/dev/stdout",
         "NGINX_ERROR_LOG": "/dev/stderr",
@@ -641,11 +642,11 @@ def nginx_environment(services: dict[str, dict[str, Any]]) -> dict[str, str]:
 def test_nginx_accepts_the_compose_rendering(
     services: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    # nginx -t resolves upstream names, and there is no `api` host outside compose: only
-    # that one value is replaced, and the run directory moved somewhere writable.
+    # Through Docker's DNS, looked up per request, never by nginx -t: `api`, which no resolver
+    # here knows, stays as it is; only the run directory is moved somewhere writable.
     values = template_values({"PATH": os.defpath} | nginx_environment(services))
-    assert values["NGINX_UPSTREAM"] == "api:8000"
-    values |= {"NGINX_UPSTREAM": "127.0.0.1:8000", "NGINX_RUN_DIR": str(tmp_path / "run")}
+    assert (values["NGINX_UPSTREAM"], values["NGINX_UPSTREAM_MODE"]) == ("api:8000", "resolve")
+    values |= {"NGINX_RUN_DIR": str(tmp_path / "run")}
     conf = render(values, tmp_path / "conf")
     (tmp_path / "run").mkdir()
     nginx = require_binary("nginx", why="nginx -t", extra_dirs=["/usr/sbin"])
@@ -662,3 +663,4 @@ def test_nginx_accepts_the_compose_rendering(
     assert "listen 80 default_server;" in text
     assert "listen 8081;" in text
     assert "client_max_body_size 10551296;" in text  # 10 MiB + 64 KiB of multipart framing
+    assert "resolver 127.0.0.11 valid=5s ipv6=off;" in text

@@ -8,10 +8,13 @@ import re
 import subprocess
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from app.errors import problem_response
 from deploy.stack.nginx import NginxServer
+from deploy.stack.process import free_port, wait_for
+from tests.edge import FakeDns, echo_api
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +70,44 @@ def test_nginx_problems_are_titled_as_the_apps() -> None:
         nginx_title = json.loads(body.replace("$edge_request_id", "id"))["title"]
         app_title = json.loads(problem_response(scope, int(status)).body)["title"]
         assert nginx_title == app_title, status
+
+
+@pytest.mark.parametrize("resolver", ["", "127.0.0.11"])
+def test_nginx_accepts_both_ways_of_finding_the_api(tmp_path: Path, resolver: str) -> None:
+    server = NginxServer(
+        tmp_path / "nginx", upstream="127.0.0.1:8000", env={"NGINX_RESOLVER": resolver}
+    )
+    server.write_config()
+    assert "test is successful" in server.check_config()
+    nginx_conf = (server.conf_dir / "nginx.conf").read_text()
+    mode = "resolve" if resolver else "static"
+    assert f"include upstream/{mode}.conf;" in nginx_conf
+
+
+def test_a_recreated_or_scaled_api_is_found_without_restarting_nginx(tmp_path: Path) -> None:
+    """What `docker compose up -d` (the api recreated at a new address) and `--scale api=2`
+    do to the name nginx proxies to, played with a DNS server whose answers change."""
+    port = free_port()
+    with FakeDns({"api": ["127.0.0.1"]}) as dns, echo_api("127.0.0.1", port):
+        nginx = NginxServer(
+            tmp_path / "nginx",
+            upstream=f"api:{port}",
+            env={"NGINX_RESOLVER": f"127.0.0.1:{dns.port}", "NGINX_RESOLVER_VALID": "1s"},
+        )
+        with nginx, httpx2.Client(base_url=nginx.url, trust_env=False, timeout=10) as client:
+
+            def answered_by() -> str:
+                response = client.get("/api/v1/items")
+                return str(response.json()["server"]) if response.status_code == 200 else ""
+
+            assert answered_by() == "127.0.0.1"
+            with echo_api("127.0.0.2", port), echo_api("127.0.0.3", port):
+                dns.records["api"] = ["127.0.0.2"]
+                wait_for(lambda: answered_by() == "127.0.0.2", timeout=30, what="the new api")
+                dns.records["api"] = ["127.0.0.2", "127.0.0.3"]
+                seen: set[str] = set()
+                wait_for(
+                    lambda: seen.add(answered_by()) or {"127.0.0.2", "127.0.0.3"} <= seen,
+                    timeout=30,
+                    what="both replicas to get requests",
+                )
