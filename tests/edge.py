@@ -4,6 +4,7 @@ Docker's does when compose recreates or scales a service."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -59,6 +60,34 @@ def echo_api(host: str, port: int) -> Iterator[ThreadingHTTPServer]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@contextmanager
+def hang_up_api(host: str, port: int) -> Iterator[None]:
+    """A server on host:port that reads each request and closes the connection unanswered."""
+    listener = socket.create_server((host, port))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(5)
+                with contextlib.suppress(OSError):
+                    connection.recv(65536)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
 
 
 class FakeDns:

@@ -14,7 +14,8 @@ import pytest
 from app.errors import problem_response
 from deploy.stack.nginx import NginxServer
 from deploy.stack.process import free_port, wait_for
-from tests.edge import FakeDns, echo_api
+from tests.api import assert_problem
+from tests.edge import FakeDns, echo_api, hang_up_api
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,16 +61,51 @@ def test_upload_body_limits_follow_the_apps_cap(tmp_path: Path, cap: int) -> Non
 
 
 def test_nginx_problems_are_titled_as_the_apps() -> None:
-    """A client reads one problem shape whoever answers: nginx's own 413, 429, 503 and
-    404 carry the titles the app gives the same statuses (RFC 9110's names)."""
+    """A client reads one problem shape whoever answers: nginx's own answers carry the status
+    of their status line and the title the app gives it (RFC 9110's names)."""
     template = (ROOT / "nginx" / "templates" / "snippets" / "problems.conf.template").read_text()
     answers = re.findall(r"return (\d{3}) '(\{.*\})';", template)
-    assert len(answers) == 4
+    assert {status for status, _ in answers} >= {"404", "413", "429", "502", "503", "504"}
     scope = {"type": "http", "state": {}}
     for status, body in answers:
-        nginx_title = json.loads(body.replace("$edge_request_id", "id"))["title"]
+        problem = json.loads(body.replace("$edge_request_id", "id"))
         app_title = json.loads(problem_response(scope, int(status)).body)["title"]
-        assert nginx_title == app_title, status
+        assert (problem["status"], problem["title"]) == (int(status), app_title), status
+
+
+class ImpatientNginx(NginxServer):
+    """The shipped configuration with the JSON API's 30 s read timeout cut to 1 s."""
+
+    def write_config(self) -> Path:
+        conf = super().write_config()
+        site = self.conf_dir / "sites" / "api.conf"
+        site.write_text(
+            site.read_text().replace("proxy_read_timeout 30s;", "proxy_read_timeout 1s;")
+        )
+        return conf
+
+
+def test_gateway_errors_say_their_own_status_and_invite_only_safe_retries(tmp_path: Path) -> None:
+    port = free_port()
+    nginx = ImpatientNginx(tmp_path / "nginx", upstream=f"127.0.0.1:{port}")
+    with nginx, httpx2.Client(base_url=nginx.url, trust_env=False, timeout=10) as client:
+        # Nothing listens: the request never reached the api, trying again is safe.
+        refused = client.post("/api/v1/items", json={})
+        assert_problem(refused, 502)
+        assert refused.json()["title"] == "Bad Gateway"
+        assert refused.headers["retry-after"] == "5"
+        # The api read the request and hung up: it may have acted on it.
+        with hang_up_api("127.0.0.1", port):
+            cut = client.post("/api/v1/items", json={})
+        assert_problem(cut, 502)
+        assert "retry-after" not in cut.headers
+        # Too slow: the POST may have been carried out, so no invitation to repeat it.
+        with echo_api("127.0.0.1", port):
+            late = client.post("/api/v1/items", json={}, headers={"X-Test-Delay": "3"})
+        assert_problem(late, 504)
+        assert late.json()["title"] == "Gateway Timeout"
+        assert "retry-after" not in late.headers
+        assert late.headers["x-content-type-options"] == "nosniff"
 
 
 @pytest.mark.parametrize("resolver", ["", "127.0.0.11"])
