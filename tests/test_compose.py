@@ -444,6 +444,7 @@ def test_nginx_gets_the_agreed_environment(services: dict[str, dict[str, Any]]) 
         "NGINX_EDGE_RATE": "${NGINX_EDGE_RATE:-50r/s}",
         "NGINX_EDGE_BURST": "${NGINX_EDGE_BURST:-100}",
         "NGINX_EDGE_CONNECTIONS": "${NGINX_EDGE_CONNECTIONS:-100}",
+        "NGINX_TRUSTED_PROXIES": "${NGINX_TRUSTED_PROXIES:-}",
     }
     assert default_of(nginx["APP_MAX_UPLOAD_BYTES"]) == "10485760"
     assert default_of(nginx["APP_MAX_BATCH_FILES"]) == "10"
@@ -636,7 +637,10 @@ def test_the_locust_image_has_the_versions_the_tests_run() -> None:
 def nginx_environment(services: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The nginx service's environment with every `${NAME:-default}` at its default."""
     environment: dict[str, str] = services["nginx"]["environment"]
-    return {name: default_of(str(value)) or str(value) for name, value in environment.items()}
+    values = {name: (str(value), default_of(str(value))) for name, value in environment.items()}
+    return {
+        name: value if default is None else default for name, (value, default) in values.items()
+    }
 
 
 def test_nginx_accepts_the_compose_rendering(

@@ -147,3 +147,42 @@ def test_a_recreated_or_scaled_api_is_found_without_restarting_nginx(tmp_path: P
                     timeout=30,
                     what="both replicas to get requests",
                 )
+
+
+@pytest.mark.parametrize("trusted", ["127.0.0.1", ""])
+def test_clients_behind_a_trusted_load_balancer_get_their_own_budgets(
+    tmp_path: Path, trusted: str
+) -> None:
+    """The test client plays a TLS-terminating load balancer at 127.0.0.1 that forwards two
+    clients' logins; a client address gets one request a minute and a burst of one more."""
+    port = free_port()
+    nginx = NginxServer(
+        tmp_path / "nginx",
+        upstream=f"127.0.0.1:{port}",
+        env={"NGINX_TRUSTED_PROXIES": trusted, "NGINX_EDGE_RATE": "1r/m", "NGINX_EDGE_BURST": "1"},
+    )
+    with echo_api("127.0.0.1", port), nginx:
+        with httpx2.Client(base_url=nginx.url, trust_env=False, timeout=10) as client:
+
+            def login(client_address: str) -> httpx2.Response:
+                return client.post(
+                    "/api/v1/auth/token",
+                    data={"username": "someone", "password": "wrong"},
+                    headers={"X-Forwarded-For": client_address, "X-Forwarded-Proto": "https"},
+                )
+
+            answers = [login(a) for a in ("198.51.100.1", "198.51.100.2") + ("198.51.100.1",) * 2]
+        statuses = [r.status_code for r in answers]
+        seen = answers[0].json()["headers"]
+        if trusted:
+            # Each client its own bucket; the app is told who the client is and its scheme.
+            assert statuses == [200, 200, 200, 429]
+            assert (seen["x-forwarded-for"], seen["x-forwarded-proto"]) == ("198.51.100.1", "https")
+        else:
+            # Nobody is trusted: the addresses are forged, every request is the peer's.
+            assert statuses == [200, 200, 429, 429]
+            assert (seen["x-forwarded-for"], seen["x-forwarded-proto"]) == ("127.0.0.1", "http")
+        assert_problem(answers[-1], 429)
+        logged = [json.loads(line) for line in nginx.access_log.read_text().splitlines()]
+        expected = "198.51.100.1" if trusted else "127.0.0.1"
+        assert logged[0]["client_ip"] == expected

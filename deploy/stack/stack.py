@@ -30,7 +30,12 @@ WORKERS = 2
 # The stack decides where its data lives and what it talks to; every other APP_* setting
 # (and the nginx limits) may come from the caller's environment.
 _OWNED = {"APP_DATABASE_URL", "APP_REDIS_URL", "APP_DATA_DIR"}
-_PASSED_TO_NGINX = ("APP_MAX_UPLOAD_BYTES", "APP_MAX_BATCH_FILES", "NGINX_EDGE_")
+_PASSED_TO_NGINX = (
+    "APP_MAX_UPLOAD_BYTES",
+    "APP_MAX_BATCH_FILES",
+    "NGINX_EDGE_",
+    "NGINX_TRUSTED_PROXIES",
+)
 
 
 class Stack:
