@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
 import pytest
 
 from app.errors import problem_response
+from app.middleware import SECURITY_HEADERS
 from deploy.stack.nginx import NginxServer
 from deploy.stack.process import free_port, wait_for
 from tests.api import assert_problem
@@ -94,6 +97,8 @@ def test_gateway_errors_say_their_own_status_and_invite_only_safe_retries(tmp_pa
         assert_problem(refused, 502)
         assert refused.json()["title"] == "Bad Gateway"
         assert refused.headers["retry-after"] == "5"
+        for name, value in SECURITY_HEADERS:  # the app's, all of them
+            assert refused.headers[name.decode()] == value.decode()
         # The api read the request and hung up: it may have acted on it.
         with hang_up_api("127.0.0.1", port):
             cut = client.post("/api/v1/items", json={})
@@ -186,3 +191,59 @@ def test_clients_behind_a_trusted_load_balancer_get_their_own_budgets(
         logged = [json.loads(line) for line in nginx.access_log.read_text().splitlines()]
         expected = "198.51.100.1" if trusted else "127.0.0.1"
         assert logged[0]["client_ip"] == expected
+
+
+def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes (what no HTTP client library would send); the status, headers, body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+MALFORMED = {
+    "header line": (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400),
+    "request line": (b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "TLS on the plain port": (b"\x16\x03\x01\x00\x05hello\r\n\r\n", 400),
+    "TRACE": (b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    "URI": (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    "header": (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    "cookies": (
+        b"GET / HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"Cookie: c%d=%s\r\n" % (n, b"a" * 4000) for n in range(10))
+        + b"\r\n",
+        431,
+    ),
+    "transfer coding": (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    "HTTP version": (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+}
+
+
+@pytest.fixture(scope="module")
+def lone_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxServer]:
+    """nginx with nothing behind it: the answers below never reach the api."""
+    with NginxServer(tmp_path_factory.mktemp("edge"), upstream=f"127.0.0.1:{free_port()}") as nginx:
+        yield nginx
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_requests_nginx_refuses_get_problems_with_the_request_id(
+    lone_edge: NginxServer, case: str
+) -> None:
+    request, status = MALFORMED[case]
+    answered, headers, body = exchange(lone_edge.port, request)
+    assert answered == status
+    assert headers["content-type"] == "application/problem+json"
+    problem = json.loads(body)
+    assert (problem["status"], problem["request_id"]) == (status, headers["x-request-id"])
+    # The app's security headers, all of them, as on the app's own answers.
+    assert {
+        name.decode(): value.decode() for name, value in SECURITY_HEADERS
+    }.items() <= headers.items()
+    if status == 405:
+        assert "GET" in headers["allow"]
