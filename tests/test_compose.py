@@ -365,6 +365,8 @@ def test_healthchecks(services: dict[str, dict[str, Any]]) -> None:
         return " ".join(services[name]["healthcheck"]["test"])
 
     assert "pg_isready" in command("postgres")
+    # TCP, like migrate: the first boot's temporary server answers on the socket only.
+    assert "pg_isready -h 127.0.0.1 " in command("postgres")
     assert "redis-cli ping" in command("redis")
     assert "/-/healthy" in command("prometheus")
     assert ":8081/stub_status" in command("nginx")
