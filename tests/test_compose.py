@@ -441,6 +441,7 @@ def test_nginx_gets_the_agreed_environment(services: dict[str, dict[str, Any]]) 
         "NGINX_RUN_DIR": "/var/cache/nginx",
         "NGINX_ACCESS_LOG": "/dev/stdout",
         "NGINX_ERROR_LOG": "/dev/stderr",
+        "APP_MAX_REQUEST_BODY_BYTES": api["APP_MAX_REQUEST_BODY_BYTES"],
         "APP_MAX_UPLOAD_BYTES": api["APP_MAX_UPLOAD_BYTES"],
         "APP_MAX_BATCH_FILES": api["APP_MAX_BATCH_FILES"],
         "NGINX_EDGE_RATE": "${NGINX_EDGE_RATE:-50r/s}",
@@ -449,6 +450,7 @@ def test_nginx_gets_the_agreed_environment(services: dict[str, dict[str, Any]]) 
         "NGINX_TRUSTED_PROXIES": "${NGINX_TRUSTED_PROXIES:-}",
     }
     assert default_of(nginx["APP_MAX_UPLOAD_BYTES"]) == "10485760"
+    assert default_of(nginx["APP_MAX_REQUEST_BODY_BYTES"]) == "1048576"
     assert default_of(nginx["APP_MAX_BATCH_FILES"]) == "10"
     # The same defaults as the limits script's, which the native stack uses.
     script_defaults = template_values({"PATH": os.defpath})
@@ -669,4 +671,5 @@ def test_nginx_accepts_the_compose_rendering(
     assert "listen 80 default_server;" in text
     assert "listen 8081;" in text
     assert "client_max_body_size 10551296;" in text  # 10 MiB + 64 KiB of multipart framing
+    assert "client_max_body_size 1048576;" in text  # the app's cap on any other body
     assert "resolver 127.0.0.11 valid=5s ipv6=off;" in text

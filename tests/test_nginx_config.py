@@ -59,8 +59,28 @@ def test_upload_body_limits_follow_the_apps_cap(tmp_path: Path, cap: int) -> Non
     server.write_config()
     site = (server.conf_dir / "sites" / "api.conf").read_text()
     limits = re.findall(r"client_max_body_size (\d+);", site)
-    # One file plus multipart framing; a batch of APP_MAX_BATCH_FILES (10) of those.
-    assert limits == [str(cap + 65536), str((cap + 65536) * 10)]
+    # Any other body: the app's default cap; one file plus multipart framing; a batch of
+    # APP_MAX_BATCH_FILES (10) of those.
+    assert limits == ["1048576", str(cap + 65536), str((cap + 65536) * 10)]
+
+
+def test_json_bodies_are_refused_at_the_apps_cap(tmp_path: Path) -> None:
+    port = free_port()
+    nginx = NginxServer(
+        tmp_path / "nginx",
+        upstream=f"127.0.0.1:{port}",
+        env={"APP_MAX_REQUEST_BODY_BYTES": "4096"},
+    )
+    with (
+        echo_api("127.0.0.1", port),
+        nginx,
+        httpx2.Client(base_url=nginx.url, trust_env=False, timeout=10) as client,
+    ):
+        at_cap = client.post("/api/v1/items", content=b"x" * 4096)
+        over = client.post("/api/v1/items", content=b"x" * 4097)
+    assert at_cap.status_code == 200  # reached the api, which judges it
+    body = assert_problem(over, 413)
+    assert "larger than this endpoint accepts" in body["detail"]
 
 
 def test_nginx_problems_are_titled_as_the_apps() -> None:

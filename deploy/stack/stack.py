@@ -31,6 +31,7 @@ WORKERS = 2
 # (and the nginx limits) may come from the caller's environment.
 _OWNED = {"APP_DATABASE_URL", "APP_REDIS_URL", "APP_DATA_DIR"}
 _PASSED_TO_NGINX = (
+    "APP_MAX_REQUEST_BODY_BYTES",
     "APP_MAX_UPLOAD_BYTES",
     "APP_MAX_BATCH_FILES",
     "NGINX_EDGE_",
