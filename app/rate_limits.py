@@ -85,19 +85,21 @@ class RatePolicy:
             raise RateLimited(decision)
 
     @contextlib.asynccontextmanager
-    async def password_guess(self, account: str, wrong: type[Exception]) -> AsyncIterator[None]:
-        """One guess at an account's password (the block verifies it and raises ``wrong``
-        when it is not the password): refused beforehand while the account has had too
-        many recent failures, counted when wrong. ``account``: ``account_budget``'s key."""
-        decision = await self.limiter.peek(self.limits.login_failures, "login-failures", account)
+    async def password_guess(self, account: str) -> AsyncIterator[None]:
+        """One guess at an account's password (the block verifies it, and raises when it is
+        not the password). Counted before it is checked, so that guesses sent together
+        cannot all be checked before the first failure is counted: at most the budget's
+        worth are ever checked, and once it is spent they are refused unchecked. A block
+        that completes (the right password) clears the count, so an account's own logins
+        never lock it out; any exception leaves the guess counted, as a request cancelled
+        mid-check must not refund it. ``account``: ``account_budget``'s key."""
+        budget = self.limits.login_failures
+        decision = await self.limiter.hit(budget, "login-failures", account)
         if not decision.allowed:
             RATE_LIMIT_REJECTIONS.labels("login-failures").inc()
             raise RateLimited(decision)
-        try:
-            yield
-        except wrong:
-            await self.limiter.hit(self.limits.login_failures, "login-failures", account)
-            raise
+        yield
+        await self.limiter.clear(budget, "login-failures", account)
 
 
 def account_budget(user_id: int | None, login: str) -> str:

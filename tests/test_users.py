@@ -1,6 +1,8 @@
 """Self-service profile, admin user management, RBAC and the admin guard rails."""
 
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -74,6 +76,22 @@ def test_password_change_needs_the_current_password(api: Api) -> None:
     assert_problem(wrong, 403)
     assert "www-authenticate" not in wrong.headers
     assert api.login("alice").status_code == 200
+
+
+def test_wrong_current_passwords_sent_together_are_checked_at_most_the_budget(
+    api: Api,
+) -> None:
+    """The account's five failures, whoever sends ten password changes at once (with a
+    stolen access token, say): the rest are refused unchecked."""
+    alice = api.account("alice")
+
+    def change(n: int) -> int:
+        body = {"password": "a new password", "current_password": f"wrong {n}"}
+        return api.client.patch("/api/v1/users/me", json=body, headers=alice.headers).status_code
+
+    with ThreadPoolExecutor(10) as pool:
+        statuses = Counter(pool.map(change, range(10)))
+    assert statuses == Counter({403: 5, 429: 5})
 
 
 def test_password_change_revokes_every_refresh_token(api: Api) -> None:

@@ -62,7 +62,7 @@ async def login(
     login = form.username.strip().lower()
     user = await service.find_account(session, login)
     try:
-        async with policy.password_guess(account_budget(user and user.id, login), Unauthorized):
+        async with policy.password_guess(account_budget(user and user.id, login)):
             user = await service.authenticate(session, hasher, user, form.password)
     except Unauthorized:
         audit("login.failure", login=login)

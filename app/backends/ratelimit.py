@@ -48,30 +48,35 @@ class RateLimiter:
         self, item: RateLimitItem, *identifiers: str, fallback: RateLimitItem | None = None
     ) -> Decision:
         """Count one request; ``allowed`` is False when it is over the limit."""
-        return await self._run(item, identifiers, fallback, count=True)
+        return await self._run(item, identifiers, fallback)
 
-    async def peek(self, item: RateLimitItem, *identifiers: str) -> Decision:
-        """Whether one more request would pass, without counting it."""
-        return await self._run(item, identifiers, None, count=False)
+    async def clear(self, item: RateLimitItem, *identifiers: str) -> None:
+        """Forget what was counted: in the shared counters, and in this process's, which
+        held the count if Redis was unreachable when it was made."""
+        if self.shared is not None and self.redis is not None and self.redis.available:
+            try:
+                await self.shared.clear(item, *identifiers)
+            except StorageError as exc:
+                if unreachable(exc.storage_error):
+                    self.redis.trip()
+        await self.local.clear(item, *identifiers)
 
     async def _run(
         self,
         item: RateLimitItem,
         identifiers: tuple[str, ...],
         fallback: RateLimitItem | None,
-        *,
-        count: bool,
     ) -> Decision:
         if self.shared is None or self.redis is None:
             # Embedded mode: the local counters are the real ones.
-            return await _decide(self.local, item, identifiers, shared=False, count=count)
+            return await _decide(self.local, item, identifiers, shared=False)
         if self.redis.available:
             try:
-                return await _decide(self.shared, item, identifiers, shared=True, count=count)
+                return await _decide(self.shared, item, identifiers, shared=True)
             except StorageError as exc:
                 if unreachable(exc.storage_error):
                     self.redis.trip()
-        return await _decide(self.local, fallback or item, identifiers, shared=False, count=count)
+        return await _decide(self.local, fallback or item, identifiers, shared=False)
 
 
 async def _decide(
@@ -80,10 +85,8 @@ async def _decide(
     identifiers: tuple[str, ...],
     *,
     shared: bool,
-    count: bool,
 ) -> Decision:
-    check = limiter.hit if count else limiter.test
-    if await check(item, *identifiers):
+    if await limiter.hit(item, *identifiers):
         return Decision(True, item.amount, -1, 0, shared)
     # Only a refusal pays for the extra round trip that the response headers need.
     stats = await limiter.get_window_stats(item, *identifiers)

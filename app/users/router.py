@@ -35,7 +35,7 @@ async def update_me(
     # A password change checks the current one: a guess like a login's, from the same
     # budget, so a stolen access token cannot be used to guess the password.
     guess = (
-        policy.password_guess(account_budget(user.id, user.username), service.WrongCurrentPassword)
+        policy.password_guess(account_budget(user.id, user.username))
         if "password" in data.model_fields_set
         else contextlib.nullcontext()
     )
