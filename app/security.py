@@ -25,6 +25,10 @@ from app.settings import Settings
 # out "alg: none" and key-confusion attacks.
 JWT_ALGORITHMS = ["HS256"]
 REQUIRED_CLAIMS = ["exp", "iat", "sub", "jti", "iss", "aud", "type"]
+# How far the clocks of the replicas (and workers) that issue and check a token may
+# differ: a token issued by a replica whose clock is ahead is otherwise "not yet valid"
+# (its iat in the future) wherever the clock is behind. Expiry gets the same margin.
+CLOCK_SKEW_LEEWAY = timedelta(seconds=5)
 
 
 class PasswordHasher:
@@ -110,6 +114,7 @@ class TokenCodec:
                 algorithms=JWT_ALGORITHMS,
                 audience=self._audience,
                 issuer=self._issuer,
+                leeway=CLOCK_SKEW_LEEWAY,
                 options={"require": REQUIRED_CLAIMS},
             )
         except jwt.PyJWTError as exc:

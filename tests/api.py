@@ -3,13 +3,17 @@ the ``create-superuser`` command), log in, and carry the tokens around."""
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from fastapi.testclient import TestClient
 from httpx2 import Response
+from sqlalchemy import update
 
 from app.cli import create_superuser
+from app.db import create_engine, create_sessionmaker
 from app.settings import Settings
+from app.users.models import User
 
 PASSWORD = "correct horse battery"
 
@@ -68,6 +72,22 @@ class Api:
             user.id = self.client.get("/api/v1/users/me", headers=user.headers).json()["id"]
             self._root = user
         return self._root
+
+    def set_created_at(self, account: Account, created_at: datetime) -> None:
+        """Record the account as created at ``created_at``, as a replica whose clock is
+        that far off would have."""
+
+        async def store() -> None:
+            engine = create_engine(self.settings.effective_database_url)
+            try:
+                async with create_sessionmaker(engine)() as session:
+                    change = update(User).where(User.id == account.id)
+                    await session.execute(change.values(created_at=created_at))
+                    await session.commit()
+            finally:
+                await engine.dispose()
+
+        asyncio.run(store())
 
     def sign_in(self, account: Account) -> None:
         response = self.login(account.username, account.password)

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from app.auth.service import ACCOUNT_CLAIM
 from app.db import create_engine, create_sessionmaker
 from app.main import create_app
 from app.security import TokenCodec, TokenType
@@ -201,10 +202,16 @@ def forge(api: Api, account: Account, **changes: object) -> str:
         "exp": now + timedelta(minutes=5),
         "jti": "f" * 32,
         "type": "access",
+        ACCOUNT_CLAIM: issued_claims(account)[ACCOUNT_CLAIM],
     }
     claims.update(changes)
     claims = {key: value for key, value in claims.items() if value is not None}
     return jwt.encode(claims, api.settings.signing_key(), algorithm="HS256")
+
+
+def issued_claims(account: Account) -> dict[str, Any]:
+    """The claims of the access token the service issued to ``account``."""
+    return jwt.decode(account.tokens["access_token"], options={"verify_signature": False})
 
 
 def unsigned(token: str) -> str:
@@ -224,6 +231,11 @@ HOSTILE_TOKENS = {
     "tampered": lambda api, a: tampered(a.tokens["access_token"]),
     "alg-none": lambda api, a: unsigned(a.tokens["access_token"]),
     "expired": lambda api, a: forge(api, a, exp=datetime.now(UTC) - timedelta(minutes=1)),
+    "issued-in-the-future": lambda api, a: forge(
+        api, a, iat=datetime.now(UTC) + timedelta(minutes=1)
+    ),
+    "another-account": lambda api, a: forge(api, a, acct=issued_claims(a)[ACCOUNT_CLAIM] + 1),
+    "no-account": lambda api, a: forge(api, a, acct=None),
     "wrong-audience": lambda api, a: forge(api, a, aud="someone-else"),
     "wrong-issuer": lambda api, a: forge(api, a, iss="someone-else"),
     "no-jti": lambda api, a: forge(api, a, jti=None),
@@ -253,6 +265,24 @@ def test_hostile_access_tokens_are_rejected(api: Api, kind: str) -> None:
     token = HOSTILE_TOKENS[kind](api, alice)
     response = api.client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
     assert_problem(response, 401)
+
+
+def test_a_token_from_a_replica_whose_clock_is_ahead_is_accepted(api: Api) -> None:
+    """Replicas' clocks differ by a second or two: a token issued by one ahead of this one
+    is not yet valid by this clock (its iat in the future), within the leeway it allows."""
+    alice = api.account("alice")
+    token = forge(api, alice, iat=datetime.now(UTC) + timedelta(seconds=2))
+    response = api.client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+
+
+def test_an_account_created_by_a_replica_whose_clock_is_ahead_can_sign_in(api: Api) -> None:
+    """Its creation time is later than the time its first tokens are issued by a replica
+    whose clock is behind: they are its tokens all the same."""
+    alice = api.account("alice")
+    api.set_created_at(alice, datetime.now(UTC) + timedelta(seconds=2))
+    api.sign_in(alice)
+    assert api.client.get("/api/v1/users/me", headers=alice.headers).status_code == 200
 
 
 def test_missing_token_is_401_with_bearer_challenge(api: Api) -> None:

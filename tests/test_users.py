@@ -1,9 +1,10 @@
 """Self-service profile, admin user management, RBAC and the admin guard rails."""
 
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
+import jwt
 import pytest
 
 from tests.api import PASSWORD, Api, assert_problem
@@ -188,13 +189,16 @@ def test_admin_deletes_a_user_and_their_items(api: Api) -> None:
 
 def test_a_deleted_users_token_never_passes_for_the_account_given_its_id(api: Api) -> None:
     """SQLite gives the next account the highest row id again once its holder is deleted:
-    the deleted user's access token, still unexpired, must not authenticate the new one."""
+    the deleted user's access token, still unexpired, must not authenticate the new one,
+    even when that account is created in the same second as the token was issued."""
     admin, alice = api.account("boss", role="admin"), api.account("alice")
+    issued = jwt.decode(alice.tokens["access_token"], options={"verify_signature": False})
     assert api.client.delete(f"/api/v1/users/{alice.id}", headers=admin.headers).status_code == 204
-    time.sleep(1.1)  # a token's iat is in whole seconds: the next account comes after it
     mallory = api.account("mallory")
     if api.settings.is_sqlite:
         assert mallory.id == alice.id  # the case at hand; PostgreSQL never reuses an id
+    api.set_created_at(mallory, datetime.fromtimestamp(issued["iat"] + 0.5, UTC))
+    api.sign_in(mallory)
     assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
     me = api.client.get("/api/v1/users/me", headers=mallory.headers)
     assert me.json()["username"] == "mallory"

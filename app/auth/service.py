@@ -9,6 +9,7 @@ family (every token descended from the same login) is revoked.
 import time
 import traceback
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, or_, select, update
@@ -30,6 +31,9 @@ logger = get_logger(__name__)
 
 INVALID_CREDENTIALS = "Incorrect username or password."
 INVALID_TOKEN = "Invalid or expired token."  # noqa: S105 - a message, not a secret
+# An access token's claim binding it to the account: ``_account_stamp``.
+ACCOUNT_CLAIM = "acct"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class TokenReuse(Unauthorized):
@@ -132,7 +136,7 @@ async def issue_pair(
             RefreshToken.user_id == user.id, RefreshToken.expires_at < utcnow()
         )
     )
-    access = codec.issue(str(user.id), TokenType.ACCESS)
+    access = codec.issue(str(user.id), TokenType.ACCESS, {ACCOUNT_CLAIM: _account_stamp(user)})
     refresh = codec.issue(str(user.id), TokenType.REFRESH, {"fam": family_id})
     session.add(
         RefreshToken(
@@ -241,12 +245,16 @@ async def user_from_access_claims(
     except ValueError as exc:
         raise Unauthorized(INVALID_TOKEN) from exc
     user = await session.scalar(_USER_BY_ID, {"user_id": user_id})
-    if user is None or not user.is_active or _issued_before(claims, user):
+    if user is None or not user.is_active or claims.get(ACCOUNT_CLAIM) != _account_stamp(user):
         raise Unauthorized(INVALID_TOKEN)
     return user
 
 
-def _issued_before(claims: dict[str, Any], user: User) -> bool:
-    """Whether the token predates the account: it was a deleted user's, whose id SQLite
-    gave the next account (it reuses the highest row id; PostgreSQL never does)."""
-    return int(claims["iat"]) < int(user.created_at.timestamp())
+def _account_stamp(user: User) -> int:
+    """Which account an access token was issued to, beyond its id: SQLite gives the next
+    account the highest row id again once its holder is deleted (PostgreSQL never reuses
+    one), and the deleted user's unexpired token must not pass for the new account. The
+    creation time to the microsecond, compared exactly rather than with the token's iat:
+    a clock comparison cannot tell apart accounts created in the same second, and it
+    refuses a new account's tokens issued by a replica whose clock is behind."""
+    return (user.created_at - EPOCH) // timedelta(microseconds=1)
