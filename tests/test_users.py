@@ -242,6 +242,27 @@ def test_only_a_superuser_manages_superusers(api: Api) -> None:
     assert granted.json()["is_superuser"] is True
 
 
+def test_the_last_superuser_cannot_give_up_the_flag(api: Api) -> None:
+    """Only a superuser can grant it: without one, nobody could through the API."""
+    root, alice = api.root(), api.account("alice")
+    demote = {"is_superuser": False}
+    refused = api.client.patch(f"/api/v1/users/{root.id}", json=demote, headers=root.headers)
+    assert_problem(refused, 409)
+    assert api.client.get("/api/v1/users/me", headers=root.headers).json()["is_superuser"]
+    # An inactive superuser cannot grant it either.
+    for body in ({"is_superuser": True}, {"is_active": False}):
+        changed = api.client.patch(f"/api/v1/users/{alice.id}", json=body, headers=root.headers)
+        assert changed.status_code == 200
+    refused = api.client.patch(f"/api/v1/users/{root.id}", json=demote, headers=root.headers)
+    assert_problem(refused, 409)
+    # With another active superuser, it can be given up.
+    reactivated = {"is_active": True}
+    api.client.patch(f"/api/v1/users/{alice.id}", json=reactivated, headers=root.headers)
+    demoted = api.client.patch(f"/api/v1/users/{root.id}", json=demote, headers=root.headers)
+    assert demoted.status_code == 200
+    assert demoted.json()["is_superuser"] is False
+
+
 def test_unknown_user_ids(api: Api) -> None:
     root = api.root()
     assert_problem(api.client.get("/api/v1/users/424242", headers=root.headers), 404)

@@ -1,7 +1,8 @@
 """User management: self-service profile changes and admin administration.
 
 Guard rails that a role check alone does not give: only a superuser can create, change
-or delete a superuser; an admin cannot lock themselves out through the admin routes;
+or delete a superuser; an admin cannot lock themselves out through the admin routes,
+nor the last superuser give up the flag;
 a password change, a deactivation or a role change revokes the user's refresh tokens.
 """
 
@@ -73,7 +74,17 @@ async def admin_update(
         raise Forbidden("Only a superuser can change superuser accounts.")
     if user.id == actor.id and not _would_keep_user_management(user, changes):
         raise Conflict("You cannot remove your own administrative access.")
+    if user.is_superuser and changes.get("is_superuser") is False:
+        await _ensure_another_superuser(session, user)
     return await _apply(session, hasher, user, changes)
+
+
+async def _ensure_another_superuser(session: AsyncSession, user: User) -> None:
+    """409 unless an active superuser other than ``user`` remains: only a superuser can
+    grant the flag, so without one only the ``create-superuser`` command could."""
+    other = select(User.id).where(User.is_superuser, User.is_active, User.id != user.id)
+    if await session.scalar(other.limit(1)) is None:
+        raise Conflict("The last superuser cannot give up superuser status.")
 
 
 def _would_keep_user_management(user: User, changes: dict[str, Any]) -> bool:
