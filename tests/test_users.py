@@ -225,6 +225,17 @@ def test_admin_cannot_lock_themselves_out(api: Api) -> None:
     assert api.client.get("/api/v1/users", headers=admin.headers).status_code == 200
 
 
+def test_an_admin_changes_their_own_password_only_with_the_current_one(api: Api) -> None:
+    """As /users/me asks: a stolen admin access token cannot take the account over."""
+    admin = api.account("boss", role="admin")
+    response = api.client.patch(
+        f"/api/v1/users/{admin.id}", json={"password": "taken over"}, headers=admin.headers
+    )
+    assert_problem(response, 409)
+    assert_problem(api.login("boss", "taken over"), 401)
+    assert api.login("boss").status_code == 200
+
+
 def test_only_a_superuser_manages_superusers(api: Api) -> None:
     admin, alice = api.account("boss", role="admin"), api.account("alice")
     root = api.root()

@@ -2,8 +2,9 @@
 
 Guard rails that a role check alone does not give: only a superuser can create, change
 or delete a superuser; an admin cannot lock themselves out through the admin routes,
-nor the last superuser give up the flag;
-a password change, a deactivation or a role change revokes the user's refresh tokens.
+nor change their own password there without the current one; the last active superuser
+cannot give up the flag; a password change, a deactivation or a role change revokes the
+user's refresh tokens.
 """
 
 from dataclasses import dataclass
@@ -74,6 +75,10 @@ async def admin_update(
         raise Forbidden("Only a superuser can change superuser accounts.")
     if user.id == actor.id and not _would_keep_user_management(user, changes):
         raise Conflict("You cannot remove your own administrative access.")
+    if user.id == actor.id and "password" in changes:
+        # /users/me asks for the current password, so that a stolen access token cannot
+        # take the account over; an admin's must not do it here without one.
+        raise Conflict("Change your own password through /users/me, with the current one.")
     if user.is_superuser and changes.get("is_superuser") is False:
         await _ensure_another_superuser(session, user)
     return await _apply(session, hasher, user, changes)
