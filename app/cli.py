@@ -77,7 +77,9 @@ def run_server(settings: Settings, host: str, port: int) -> None:
 
 def read_password(from_stdin: bool) -> str:
     if from_stdin:
-        return sys.stdin.readline().rstrip("\n")
+        # The line's end only, "\r\n" too (a file saved on Windows): any other character
+        # at the end, a space say, is the password's.
+        return sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     if password := os.environ.get("APP_SUPERUSER_PASSWORD"):
         return password
     if not sys.stdin.isatty():

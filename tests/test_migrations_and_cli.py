@@ -13,12 +13,16 @@ import httpx2
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from fastapi.testclient import TestClient
 from sqlalchemy import Connection, inspect
 
 from app import migrate
 from app.db import create_engine
+from app.main import create_app
 from app.models import Base
+from tests.api import Api
 from tests.app_server import app_server
+from tests.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,6 +135,25 @@ def test_migrate_and_create_superuser_from_another_directory(
     assert weak.returncode == 2
     assert "invalid password" in weak.stderr
     assert "tiny!" not in weak.stdout + weak.stderr
+
+
+def test_create_superuser_reads_a_password_line_ended_by_crlf(tmp_path: Path) -> None:
+    """A password file saved on Windows: the superuser logs in with the password, not the
+    password and a carriage return."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+    migrate.upgrade(database_url)
+    password = "an operator's long password "
+    created = run_cli(
+        *("create-superuser", "--email", "ops@example.com", "--username", "ops"),
+        "--password-stdin",
+        cwd=tmp_path,
+        env={"APP_ENV": "test", "APP_DATABASE_URL": database_url},
+        stdin=password + "\r\n",
+    )
+    assert created.returncode == 0, created.stderr
+    settings = make_settings(database_url, tmp_path / "data")
+    with TestClient(create_app(settings)) as client:
+        assert Api(client, settings).login("ops", password).status_code == 200
 
 
 def test_production_refuses_weak_settings_without_printing_them(tmp_path: Path) -> None:
