@@ -4,6 +4,7 @@ import asyncio
 import base64
 import json
 import os
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -81,6 +82,21 @@ def test_login_by_username_or_email(api: Api) -> None:
         assert tokens["token_type"] == "bearer"
         assert tokens["expires_in"] == 15 * 60
         assert response.headers["cache-control"] == "no-store"
+
+
+def test_login_by_any_spelling_registration_calls_the_same_address(api: Api) -> None:
+    """Registration normalises an address (Unicode NFC, an "xn--" domain decoded): the
+    spellings it would refuse as taken log in to the account."""
+    body = {"email": "Zoë@Exämple.com", "username": "zoe", "password": PASSWORD}
+    assert api.client.post("/api/v1/auth/register", json=body).status_code == 201
+    for login in (
+        "zoë@xn--exmple-cua.com",
+        unicodedata.normalize("NFD", "zoë@exämple.com"),
+        " ZOË@EXÄMPLE.COM ",
+    ):
+        assert api.login(login).status_code == 200, login
+    # Not an address at all: no account, and the same answer as any unknown name.
+    assert_problem(api.login("zoë@@exämple.com"), 401)
 
 
 def test_wrong_password_and_unknown_user_look_the_same(api: Api) -> None:

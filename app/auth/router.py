@@ -59,7 +59,7 @@ async def login(
     audit: AuditDep,
 ) -> TokenPair:
     """OAuth2 password flow; ``username`` may be the username or the e-mail address."""
-    login = form.username.strip().lower()
+    login = service.login_name(form.username)
     user = await service.find_account(session, login)
     try:
         async with policy.password_guess(account_budget(user and user.id, login)):

@@ -6,12 +6,14 @@ or replica. A token presented after it was used is treated as stolen and its who
 family (every token descended from the same login) is revoked.
 """
 
+import contextlib
 import time
 import traceback
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,7 +27,7 @@ from app.observability.logging import get_logger
 from app.observability.metrics import LOGINS, TOKEN_REFRESHES
 from app.security import PasswordHasher, TokenCodec, TokenType
 from app.users.models import Role, User
-from app.users.schemas import UserCreate
+from app.users.schemas import Email, UserCreate
 
 logger = get_logger(__name__)
 
@@ -96,9 +98,24 @@ async def commit_identity(session: AsyncSession) -> None:
         raise Conflict("An account with this email or username already exists.") from exc
 
 
+_EMAIL = TypeAdapter(Email)
+
+
+def login_name(given: str) -> str:
+    """A login name as accounts store it: lower case, and an e-mail address normalised as
+    registration normalises it (Unicode NFC, the domain's IDNA "xn--" form decoded), so
+    any spelling that registration would call the same address logs in. A name that is
+    not a valid address is only lowered: looked up like any other, it finds nobody, and
+    the answer is the same 401."""
+    login = given.strip().lower()
+    if "@" in login:  # never in a username
+        with contextlib.suppress(ValidationError):
+            return _EMAIL.validate_python(login)
+    return login
+
+
 async def find_account(session: AsyncSession, login: str) -> User | None:
-    """The user whose username or e-mail address ``login`` is (case-insensitively)."""
-    login = login.strip().lower()
+    """The user whose username or e-mail address ``login`` (a ``login_name``) is."""
     return await session.scalar(
         select(User).where(or_(User.username == login, User.email == login))
     )
