@@ -6,6 +6,7 @@ process at start-up, before it can accept a request.
 """
 
 import contextlib
+import itertools
 import os
 import secrets
 from pathlib import Path
@@ -24,6 +25,21 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIN_SECRET_BYTES = 32
+# What placeholder secrets are made of; six letters or more, so that a random secret
+# contains one only by a chance of about one in ten million.
+PLACEHOLDER_WORDS = (
+    "change",
+    "default",
+    "example",
+    "insecure",
+    "password",
+    "placeholder",
+    "replace",
+    "sample",
+    "secret",
+)
+# How long a repeated or counting run must be to refuse a secret (``is_strong_secret``).
+PATTERN_CHARS = 8
 # OWASP password storage cheat sheet, Argon2id minimum: m=19 MiB, t=2, p=1.
 OWASP_ARGON2_MEMORY_KIB = 19 * 1024
 OWASP_ARGON2_TIME_COST = 2
@@ -172,9 +188,24 @@ class Settings(BaseSettings):
 
 
 def is_strong_secret(value: str) -> bool:
-    # Length alone lets "aaaa…" through; a handful of distinct characters rules out
-    # placeholders while accepting hex, base64 and passphrases.
-    return len(value.encode()) >= MIN_SECRET_BYTES and len(set(value)) >= 10
+    """Whether ``value`` looks like random data, as far as a string can tell: at least
+    ``MIN_SECRET_BYTES`` bytes with at least 10 distinct characters ("aaaa…" is long), no
+    ``PLACEHOLDER_WORDS`` ("your-secret-key-here-change-in-production"), and no run of
+    ``PATTERN_CHARS`` characters repeated ("0123456789" * 4) or counting up or down
+    ("abcdefgh", "87654321"). Hex, base64 and passphrases pass: a random secret fails the
+    last three only by a chance of about one in a million."""
+    if len(value.encode()) < MIN_SECRET_BYTES or len(set(value)) < 10:
+        return False
+    if any(word in value.lower() for word in PLACEHOLDER_WORDS):
+        return False
+    runs = [value[start : start + PATTERN_CHARS] for start in range(len(value) - PATTERN_CHARS + 1)]
+    return len(set(runs)) == len(runs) and not any(map(_counts, runs))
+
+
+def _counts(run: str) -> bool:
+    """Whether each character of ``run`` is the one after, or each the one before, the last."""
+    steps = {ord(b) - ord(a) for a, b in itertools.pairwise(run)}
+    return steps in ({1}, {-1})
 
 
 def _persistent_dev_secret(data_dir: Path) -> str:

@@ -1,5 +1,7 @@
 """The settings class refuses unsafe production configurations and parses env lists."""
 
+import base64
+import random
 import re
 from pathlib import Path
 
@@ -34,6 +36,35 @@ def test_production_with_strong_secret_and_postgres_starts() -> None:
 def test_production_refuses_unsafe_configuration(values: dict, complaint: str) -> None:
     with pytest.raises(ValidationError, match=complaint):
         settings(env="production", **values)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "your-secret-key-here-change-in-production",
+        "please-replace-me-with-32-random-bytes",
+        "0123456789" * 4,
+        "abcdefghijklmnopqrstuvwxyz123456",
+        "Zq8#" + "tralala-" * 4 + "kV2!",
+    ],
+)
+def test_production_refuses_a_placeholder_secret(secret: str) -> None:
+    with pytest.raises(ValidationError, match="at least 32 bytes of random data"):
+        settings(env="production", secret_key=secret, database_url=POSTGRES)
+
+
+def test_production_accepts_random_secrets_however_they_are_written() -> None:
+    """``secrets.token_urlsafe(32)``, ``openssl rand -hex 32``, ``openssl rand -base64 32``:
+    random bytes are never taken for a placeholder (seeded, so every run checks the same)."""
+    rng = random.Random(32)
+    for _ in range(500):
+        raw = rng.randbytes(32)
+        for secret in (
+            base64.urlsafe_b64encode(raw).rstrip(b"=").decode(),
+            raw.hex(),
+            base64.b64encode(raw).decode(),
+        ):
+            assert settings(env="production", secret_key=secret, database_url=POSTGRES)
 
 
 def test_production_is_refused_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
