@@ -5,7 +5,9 @@ its old data."""
 import asyncio
 import io
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -189,6 +191,29 @@ def test_rate_limits_are_one_budget_across_replicas(replicas: tuple[Api, Api]) -
     assert int(refused.headers["retry-after"]) > 0
     assert refused.headers["ratelimit-limit"] == "5"
     assert refused.headers["ratelimit-remaining"] == "0"
+
+
+def test_guesses_sent_together_to_both_replicas_are_checked_at_most_the_budget(
+    replicas: tuple[Api, Api],
+) -> None:
+    """Each guess spends the shared budget before it is checked, whichever replica has it."""
+    a, b = replicas
+    a.register("alice")
+    with ThreadPoolExecutor(10) as pool:
+        statuses = Counter(
+            pool.map(lambda n: (a, b)[n % 2].login("alice", f"wrong {n}").status_code, range(10))
+        )
+    assert statuses == Counter({401: 5, 429: 5})
+
+
+def test_a_login_on_one_replica_clears_the_failures_counted_on_the_other(
+    replicas: tuple[Api, Api],
+) -> None:
+    a, b = replicas
+    a.register("alice")
+    assert [a.login("alice", "a typo").status_code for _ in range(4)] == [401] * 4
+    assert b.login("alice").status_code == 200
+    assert [a.login("alice", "a typo").status_code for _ in range(5)] == [401] * 5
 
 
 def test_an_account_has_one_failure_budget_whatever_it_is_called(
