@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+import redis.asyncio as redis_asyncio
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -22,7 +23,7 @@ from sqlalchemy import update
 
 from app import migrate
 from app.backends import create_backends
-from app.backends.broker import RedisBroker
+from app.backends.broker import CHANNEL_PREFIX, RedisBroker, Subscription
 from app.backends.cache import EPOCH_KEY, DatabaseEpoch, RedisCache
 from app.backends.models import CacheEpoch
 from app.backends.redis import RedisBackend, RedisUnavailable
@@ -360,9 +361,10 @@ def test_a_redis_connection_opened_while_the_database_is_down_is_dropped_not_poo
             assert await redis.call(lambda client: client.get(EPOCH_KEY)) == b"7"
             async with broker.subscribe("room") as inbox:
                 for _ in range(100):  # until the pump has subscribed again
-                    await broker.publish("room", b"hello")
+                    # Published by another process: the broker delivers its own at once.
+                    await redis.call(lambda client: client.publish(CHANNEL_PREFIX + "room", b"hi"))
                     try:
-                        assert await asyncio.wait_for(inbox.queue.get(), 0.1) == b"hello"
+                        assert await asyncio.wait_for(inbox.queue.get(), 0.1) == b"hi"
                         break
                     except TimeoutError:
                         continue
@@ -377,6 +379,88 @@ def test_a_redis_connection_opened_while_the_database_is_down_is_dropped_not_poo
     asyncio.run(main())
     pump_lines = [r["event"] for r in records(log_lines) if r["event"].startswith("broker:")]
     assert pump_lines == ["broker: redis subscription lost", "broker: redis subscription restored"]
+
+
+async def pumps_subscribed(url: str) -> int:
+    """How many broker pumps hold their pattern subscription in Redis."""
+    # A connection of its own each time: a pooled one would not survive the restart.
+    async with redis_asyncio.Redis.from_url(url) as client:
+        clients = await client.client_list()
+    return sum(int(client["psub"]) > 0 for client in clients)
+
+
+async def wait_for_pumps(url: str, count: int) -> None:
+    async with asyncio.timeout(10):
+        while True:  # polled: Redis tells no one when a client subscribes
+            if await pumps_subscribed(url) == count:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def received_until(inbox: Subscription, last: bytes) -> list[bytes]:
+    """What ``inbox`` got, up to and including ``last``."""
+    messages: list[bytes] = []
+    async with asyncio.timeout(10):
+        while not messages or messages[-1] != last:
+            messages.append(await inbox.queue.get())
+    return messages
+
+
+def test_messages_sent_while_redis_restarts_reach_the_senders_process_once(
+    redis_server: RedisServer,
+) -> None:
+    """After a restart, a process's pump waits before subscribing again, and Redis passes
+    what is published meanwhile to nobody: the members on the sender's process must still
+    get every message, and once only when the pump is back."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        backends = [RedisBackend(url, timeout_seconds=2, breaker_seconds=0) for _ in range(3)]
+        # Three processes, whose pumps wait 3 s before subscribing again after losing
+        # Redis: long enough a gap for a restart and the messages sent in it.
+        here, there, elsewhere = (RedisBroker(redis, reconnect_seconds=3) for redis in backends)
+        pumps = [asyncio.create_task(broker.run()) for broker in (here, there)]
+        try:
+            await wait_for_pumps(url, 2)
+            async with (
+                here.subscribe("room") as sender,
+                here.subscribe("room") as neighbour,
+                there.subscribe("room") as remote,
+            ):
+                await here.publish("room", b"before")
+                # In threads: the pumps must see Redis go, as they would in production.
+                await asyncio.to_thread(redis_server.stop)
+                await asyncio.to_thread(redis_server.start)
+                for redis in backends:
+                    # Pooled connections to the old server would each fail one PUBLISH,
+                    # which the outage path covers: here every PUBLISH succeeds.
+                    await redis.client.connection_pool.disconnect()
+                assert await pumps_subscribed(url) == 0
+                gap = [f"gap {n}".encode() for n in range(5)]
+                for message in gap:
+                    await here.publish("room", message)
+                # Else these were not published in the gap this test is about.
+                assert await pumps_subscribed(url) == 0
+
+                await wait_for_pumps(url, 2)
+                await here.publish("room", b"after")
+                # Published once "after" reached Redis, so it comes through both pumps
+                # after "after" (or its copy, on here's) has.
+                await elsewhere.publish("room", b"last")
+                for inbox in (sender, neighbour):
+                    assert await received_until(inbox, b"last") == [
+                        b"before", *gap, b"after", b"last"
+                    ]  # fmt: skip
+                # Another process's members miss what was sent while its pump was down.
+                assert await received_until(remote, b"last") == [b"before", b"after", b"last"]
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for redis in backends:
+                await redis.close()
+
+    asyncio.run(main())
 
 
 def test_the_cache_epoch_sync_logs_an_outage_once_not_once_a_round(

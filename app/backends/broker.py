@@ -6,13 +6,20 @@ Every process delivers to its own subscribers from local bounded queues. With Re
 replica reaches subscribers on every replica. A subscriber whose queue is full loses
 messages (counted) instead of slowing everyone else down.
 
+A process delivers what it publishes to its own subscribers itself, at once, and its pump
+skips those messages when Redis passes them back: whether Redis passes them back at all
+depends on the pump holding its subscription, which it does not between a Redis restart
+and its re-subscription. So the members on the sender's process get every message exactly
+once whatever Redis does; other processes miss what is published while their pump is down.
+
 While Redis is unreachable, messages are delivered locally only and history is empty:
 chat degrades to "this replica", it does not fail.
 """
 
 import asyncio
 import contextlib
-from collections import defaultdict, deque
+import hashlib
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -27,6 +34,10 @@ logger = get_logger(__name__)
 
 CHANNEL_PREFIX = "rt:"
 HISTORY_PREFIX = "history:"
+# How many of its own messages a process remembers for its pump to skip. The pump sees one
+# back within milliseconds; only those Redis never passes back (published while the pump
+# was not subscribed) wait here until pushed out, so this bounds their memory.
+OWN_MESSAGES_REMEMBERED = 10_000
 
 
 class Subscription:
@@ -83,18 +94,58 @@ class LocalFanout:
                 del self.subscribers[channel]
 
 
+class OwnMessages:
+    """The messages this process delivered itself when publishing them, as digests (a
+    message may be 8 KiB), counted: identical messages may be published twice."""
+
+    def __init__(self, size: int = OWN_MESSAGES_REMEMBERED) -> None:
+        self.size = size
+        self.counts: OrderedDict[bytes, int] = OrderedDict()
+
+    def add(self, channel: str, message: bytes) -> None:
+        key = _digest(channel, message)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts.move_to_end(key)
+        if len(self.counts) > self.size:
+            self.counts.popitem(last=False)
+
+    def take(self, channel: str, message: bytes) -> bool:
+        """Whether the message is one of ours (forgotten now): the pump skips it."""
+        key = _digest(channel, message)
+        count = self.counts.get(key)
+        if count is None:
+            return False
+        if count == 1:
+            del self.counts[key]
+        else:
+            self.counts[key] = count - 1
+        return True
+
+
+def _digest(channel: str, message: bytes) -> bytes:
+    # The channel too: identical bytes (``{"jti": null}``) go to different users' channels.
+    digest = hashlib.blake2b(channel.encode(), digest_size=16)
+    digest.update(b"\0")
+    digest.update(message)
+    return digest.digest()
+
+
 class RedisBroker(LocalFanout):
     def __init__(self, redis: RedisBackend, reconnect_seconds: float = 1.0) -> None:
         super().__init__()
         self.redis = redis
         self.reconnect_seconds = reconnect_seconds
+        self.own = OwnMessages()
 
     async def publish(self, channel: str, message: bytes) -> None:
+        # Delivered here first: a PUBLISH that succeeds says nothing about this process's
+        # pump being subscribed, and one that fails may still have reached Redis.
+        self.deliver(channel, message)
+        self.own.add(channel, message)
         try:
             await self.redis.call(lambda client: client.publish(CHANNEL_PREFIX + channel, message))
         except RedisUnavailable:
-            logger.warning("broker: redis unavailable, delivering locally", channel=channel)
-            self.deliver(channel, message)
+            logger.warning("broker: redis unavailable, delivered locally", channel=channel)
 
     async def run(self) -> None:
         """The pump: Redis messages into local queues, reconnecting until cancelled."""
@@ -109,7 +160,8 @@ class RedisBroker(LocalFanout):
                     async for message in pubsub.listen():
                         if message["type"] == "pmessage":
                             channel = message["channel"].decode()[len(CHANNEL_PREFIX) :]
-                            self.deliver(channel, message["data"])
+                            if not self.own.take(channel, message["data"]):
+                                self.deliver(channel, message["data"])
             except (RedisError, OSError) as exc:
                 outage.failed(error=str(exc))
             await asyncio.sleep(self.reconnect_seconds)
