@@ -2,6 +2,7 @@
 held, given back on close, and lapsing when their holder dies without giving them back."""
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -10,8 +11,9 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+import redis.asyncio as redis_asyncio
 
-from app.backends.leases import Leases
+from app.backends.leases import PREFIX, Leases
 from app.backends.redis import RedisBackend
 from deploy.stack.redis import RedisServer
 
@@ -49,10 +51,51 @@ def test_the_cap_is_shared_and_a_closed_socket_frees_its_place(
     asyncio.run(main())
 
 
+def test_sockets_closed_while_redis_stalls_free_their_places_when_it_answers_again(
+    redis_server: RedisServer,
+) -> None:
+    """Redis stopped (SIGSTOP) while a user's two sockets close: their leases cannot be
+    given back then, but must be once Redis answers, well before they would lapse (60 s),
+    or the user is refused with no socket open."""
+    pid = redis_server.pid
+    assert pid is not None
+
+    async def leases_in_redis() -> int:
+        async with redis_asyncio.Redis.from_url(redis_server.url()) as client:
+            return await client.zcard(PREFIX + "user:1")
+
+    async def main() -> None:
+        # The service's timeout; a breaker that stays open through the second close.
+        leases = Leases(RedisBackend(redis_server.url(), timeout_seconds=0.25, breaker_seconds=5))
+        async with AsyncExitStack() as first, AsyncExitStack() as second:
+            assert await granted(leases, first)
+            assert await granted(leases, second)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await second.aclose()  # the other way round, cancel scopes would cross
+                await first.aclose()
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(30):  # half a lease's term
+            while True:  # polled: nothing announces the release
+                if await leases_in_redis() == 0:
+                    break
+                await asyncio.sleep(0.1)
+        other = Leases(backend(redis_server))  # another worker: both places are free
+        async with AsyncExitStack() as again:
+            assert await granted(other, again)
+            assert await granted(other, again)
+        await leases.close()
+
+    asyncio.run(main())
+
+
 # A worker holding one socket's lease, SIGKILLed by the test: it never gives it back.
 DYING_HOLDER = """
 import asyncio, sys
-from app.backends.leases import Leases
+import redis.asyncio as redis_asyncio
+
+from app.backends.leases import PREFIX, Leases
 from app.backends.redis import RedisBackend
 
 async def main():

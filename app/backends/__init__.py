@@ -50,6 +50,7 @@ class Backends:
         for task, result in zip(self.tasks, results, strict=True):
             if isinstance(result, Exception):
                 logger.error("backend task failed", task=task.get_name(), exc_info=result)
+        await self.leases.close()
         if self.redis is not None:
             await self.redis.close()
 

@@ -4,10 +4,14 @@ Each open socket holds a lease: a member of its holder's sorted set in Redis, sc
 its expiry on Redis' own clock (replicas' clocks do not matter). The socket renews it while
 it lives and gives it back when it closes; a worker that dies without giving its leases
 back loses them when they expire, so a crash cannot lock a user out for longer than one
-lease. Without Redis, or while it cannot be reached, each process counts its own sockets:
-the cap still bounds what one user holds, per process.
+lease. A lease that cannot be given back at once (Redis stalled, or the breaker open) is
+given back in the background, tried again until Redis takes it or it has lapsed anyway:
+the closed socket's place comes free as soon as Redis answers again. Without Redis, or
+while it cannot be reached, each process counts its own sockets: the cap still bounds what
+one user holds, per process.
 """
 
+import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -19,6 +23,10 @@ from app.backends.redis import RedisBackend, RedisUnavailable
 
 LEASE_SECONDS = 60
 PREFIX = "leases:"
+# How long the closing socket waits for Redis to take its lease back before leaving that to
+# the background, and how long the background waits between its tries.
+RELEASE_SECONDS = 1.0
+RELEASE_RETRY_SECONDS = 1.0
 
 # The expired leases go first, so the count is of live sockets only.
 _TAKE = """
@@ -46,6 +54,8 @@ class Leases:
         self.redis = redis
         self.lease_seconds = lease_seconds
         self.local: defaultdict[str, set[str]] = defaultdict(set)
+        # Strong references: the event loop keeps only weak ones to its tasks.
+        self._releases: set[asyncio.Task[None]] = set()
         if redis is not None:
             self._take = redis.client.register_script(_TAKE)
             self._renew = redis.client.register_script(_RENEW)
@@ -71,9 +81,18 @@ class Leases:
                 tasks.cancel_scope.cancel()
         finally:
             # Shielded: a socket closed by a cancellation (shutdown) still gives it back;
-            # bounded: if Redis is gone, the lease expires by itself.
-            with anyio.move_on_after(1, shield=True), suppress(RedisUnavailable):
-                await redis.call(lambda client: client.zrem(PREFIX + holder, member))
+            # bounded: the handler is not held up by a stalled Redis.
+            released = False
+            with anyio.move_on_after(RELEASE_SECONDS, shield=True):
+                released = await self._give_back(redis, holder, member)
+            if not released:
+                self._give_back_later(redis, holder, member)
+
+    async def close(self) -> None:
+        """Stop giving leases back in the background (shutdown): they lapse by themselves."""
+        for task in self._releases:
+            task.cancel()
+        await asyncio.gather(*self._releases, return_exceptions=True)
 
     @asynccontextmanager
     async def _hold_local(self, holder: str, member: str, limit: int) -> AsyncIterator[bool]:
@@ -98,6 +117,27 @@ class Leases:
             return bool(await redis.call(lambda _: self._take(keys=[PREFIX + holder], args=args)))
         except RedisUnavailable:
             return None
+
+    async def _give_back(self, redis: RedisBackend, holder: str, member: str) -> bool:
+        """Whether Redis took the lease back (removing it twice is harmless)."""
+        try:
+            await redis.call(lambda client: client.zrem(PREFIX + holder, member))
+        except RedisUnavailable:
+            return False
+        return True
+
+    def _give_back_later(self, redis: RedisBackend, holder: str, member: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._retry_give_back(redis, holder, member))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _retry_give_back(self, redis: RedisBackend, holder: str, member: str) -> None:
+        # Renewed at most a term ago, the lease lapses within one: no need to try longer.
+        with anyio.move_on_after(self.lease_seconds):
+            while True:
+                await anyio.sleep(RELEASE_RETRY_SECONDS)
+                if await self._give_back(redis, holder, member):
+                    return
 
     async def _keep(self, redis: RedisBackend, holder: str, member: str) -> None:
         args = [member, self.lease_seconds]
