@@ -27,12 +27,13 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.samples import Exemplar
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Message, Receive, Scope, Send
 
 from app import migrate
 from app.main import create_app
 from app.observability import metrics
-from app.observability.http_metrics import RouteSeries
+from app.observability.http_metrics import RouteSeries, observe_websocket
 from app.observability.system import HOST_CPU, SystemSampler, block_device_of
 from app.observability.tracing import tracer_provider_from_env
 from app.settings import Settings
@@ -127,9 +128,8 @@ def extended_app(settings: Settings) -> Iterator[TestClient]:
     @app.websocket("/ws-test/{room}")
     async def echo(websocket: WebSocket, room: str) -> None:
         await websocket.accept()
-        for _ in range(2):
-            await websocket.send_text(await websocket.receive_text())
-        await websocket.close()
+        async for text in websocket.iter_text():  # until the client leaves
+            await websocket.send_text(text)
 
     with TestClient(app, raise_server_exceptions=False, root_path="/svc") as client:
         yield client
@@ -202,30 +202,66 @@ def test_head_is_labelled_by_the_get_route_and_sends_no_body(extended_app: TestC
     )
 
 
-def test_websockets_are_counted_separately(extended_app: TestClient) -> None:
+def test_websockets_are_counted_separately_and_while_they_are_open(
+    extended_app: TestClient,
+) -> None:
+    """A session that lasts hours must show in the counters while it lasts, not once it
+    ends (nor never, when its worker is killed)."""
     client = extended_app
     route = "/svc/ws-test/{room}"
     before = scrape(client, "/svc")
+
+    def counted(samples: Samples) -> tuple[float, ...]:
+        return tuple(
+            value(samples, name, **labels) - value(before, name, **labels)
+            for name, labels in [
+                ("websocket_connections_total", {"route": route}),
+                ("websocket_messages_total", {"route": route, "direction": "received"}),
+                ("websocket_messages_total", {"route": route, "direction": "sent"}),
+            ]
+        )
+
     with client.websocket_connect("/svc/ws-test/lobby") as websocket:
-        during = scrape(client, "/svc")
         for text in ("one", "two"):
             websocket.send_text(text)
             assert websocket.receive_text() == text
+        # The echo's count follows its send, which the client may have seen first.
+        wait_for(
+            lambda: counted(scrape(client, "/svc")) == (1, 2, 2),
+            timeout=10,
+            what="the open socket's connection and messages counted",
+        )
+        during = scrape(client, "/svc")
     after = scrape(client, "/svc")
     assert value(during, "websocket_connections_active", route=route) == 1
     assert value(after, "websocket_connections_active", route=route) == 0
-    assert (
-        value(after, "websocket_connections_total", route=route)
-        - value(before, "websocket_connections_total", route=route)
-        == 1
-    )
-    for direction in ("received", "sent"):
-        assert (
-            value(after, "websocket_messages_total", route=route, direction=direction)
-            - value(before, "websocket_messages_total", route=route, direction=direction)
-            == 2
-        )
+    assert counted(after) == (1, 2, 2)
     assert not any(labels["route"] == route for labels in series(after, "http_requests_total"))
+
+
+def test_a_message_whose_send_failed_is_not_counted_as_sent() -> None:
+    """The client was gone: websocket_messages_total counts messages that left."""
+    route = "/ws-gone"
+    app = Starlette(routes=[WebSocketRoute(route, lambda _: None)])
+    sent = registry_value("websocket_messages_total", route=route, direction="sent")
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": "delivered"})
+        await send({"type": "websocket.send", "text": "lost"})
+
+    async def server_send(message: Message) -> None:
+        if message.get("text") == "lost":
+            raise OSError("connection reset by peer")
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    scope = {"type": "websocket", "path": route, "root_path": "", "app": app}
+    before = sent() or 0.0
+    with pytest.raises(OSError, match="reset"):
+        asyncio.run(observe_websocket(handler, scope, receive, server_send))
+    assert sent() == before + 1
 
 
 def test_a_websocket_refused_for_its_host_is_counted(database_url: str, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ series; paths that match no route share the label ``UNMATCHED`` (see routes.py).
 
 import threading
 from bisect import bisect_left
-from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -159,32 +158,36 @@ class SeriesLookup:
 
 
 async def observe_websocket(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Run a websocket session, counting its connections and messages by route."""
+    """Run a websocket session, counting its connection and messages by route as they
+    happen: a session that lasts hours shows in the counters while it lasts, and what a
+    worker counted is not lost with it when it is killed. A connection counts when its
+    handshake reaches the app (accepted or refused), a message it sends once the send
+    has succeeded."""
     route = route_template(scope)
+    # Bound once per session, not per message.
+    active = metrics.WEBSOCKET_CONNECTIONS.labels(route)
+    received = metrics.WEBSOCKET_MESSAGES.labels(route, "received")
+    sent = metrics.WEBSOCKET_MESSAGES.labels(route, "sent")
     accepted = False
-    received = sent = 0
 
     async def counting_receive() -> Message:
-        nonlocal received
         message = await receive()
         if message["type"] == "websocket.receive":
-            received += 1
+            received.inc()
         return message
 
-    def counting_send(message: Message) -> Awaitable[None]:
-        nonlocal accepted, sent
-        if message["type"] == "websocket.accept":
+    async def counting_send(message: Message) -> None:
+        nonlocal accepted
+        await send(message)
+        if message["type"] == "websocket.send":
+            sent.inc()
+        elif message["type"] == "websocket.accept":
             accepted = True
-            metrics.WEBSOCKET_CONNECTIONS.labels(route).inc()
-        elif message["type"] == "websocket.send":
-            sent += 1
-        return send(message)
+            active.inc()
 
+    metrics.WEBSOCKET_CONNECTIONS_TOTAL.labels(route).inc()
     try:
         await app(scope, counting_receive, counting_send)
     finally:
-        metrics.WEBSOCKET_CONNECTIONS_TOTAL.labels(route).inc()
         if accepted:
-            metrics.WEBSOCKET_CONNECTIONS.labels(route).dec()
-        metrics.WEBSOCKET_MESSAGES.labels(route, "received").inc(received)
-        metrics.WEBSOCKET_MESSAGES.labels(route, "sent").inc(sent)
+            active.dec()
