@@ -16,7 +16,7 @@ from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
-from app.backends.redis import RedisBackend, unreachable
+from app.backends.redis import RedisBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +57,7 @@ class RateLimiter:
             try:
                 await self.shared.clear(item, *identifiers)
             except StorageError as exc:
-                if unreachable(exc.storage_error):
-                    self.redis.trip()
+                self.redis.failed(exc.storage_error)
         await self.local.clear(item, *identifiers)
 
     async def _run(
@@ -74,8 +73,7 @@ class RateLimiter:
             try:
                 return await _decide(self.shared, item, identifiers, shared=True)
             except StorageError as exc:
-                if unreachable(exc.storage_error):
-                    self.redis.trip()
+                self.redis.failed(exc.storage_error)
         return await _decide(self.local, fallback or item, identifiers, shared=False)
 
 

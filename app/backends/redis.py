@@ -27,12 +27,6 @@ class RedisUnavailable(Exception):
     """Redis failed or the breaker is open; the caller takes its fallback."""
 
 
-def unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` says Redis could not be reached in time (the breaker's business),
-    rather than that it answered with an error."""
-    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
-
-
 class RedisBackend:
     def __init__(self, url: str, timeout_seconds: float, breaker_seconds: float) -> None:
         self.url = url
@@ -58,8 +52,11 @@ class RedisBackend:
     def available(self) -> bool:
         return time.monotonic() >= self._open_until
 
-    def trip(self) -> None:
-        self._open_until = time.monotonic() + self.breaker_seconds
+    def failed(self, exc: BaseException) -> None:
+        """Note a command that failed with ``exc``: the breaker opens if Redis could not be
+        reached in time, not for an error it answered (the module says why)."""
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+            self._open_until = time.monotonic() + self.breaker_seconds
 
     async def call(self, operation: Callable[[Redis], Awaitable[Any]]) -> Any:
         """Run ``operation`` against Redis or raise RedisUnavailable."""
@@ -68,8 +65,7 @@ class RedisBackend:
         try:
             return await operation(self.client)
         except (RedisError, OSError) as exc:
-            if unreachable(exc):
-                self.trip()
+            self.failed(exc)
             raise RedisUnavailable(str(exc)) from exc
 
     async def ping(self) -> bool:
