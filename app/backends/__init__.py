@@ -29,6 +29,9 @@ from app.settings import Settings
 
 logger = get_logger(__name__)
 
+# How long the shutdown waits for the backends' own tasks to end once cancelled.
+CLOSE_TIMEOUT_SECONDS = 5.0
+
 
 @dataclass
 class Backends:
@@ -46,10 +49,17 @@ class Backends:
             task.cancel()
         # A task that died of an error is reported, not re-raised: the rest of the
         # shutdown (Redis, the database pool, the last access lines) must still happen.
-        results = await asyncio.gather(*self.tasks, return_exceptions=True)
-        for task, result in zip(self.tasks, results, strict=True):
-            if isinstance(result, Exception):
-                logger.error("backend task failed", task=task.get_name(), exc_info=result)
+        # Bounded: a task that does not end on its cancellation must not hang the shutdown.
+        done, pending = (
+            await asyncio.wait(self.tasks, timeout=CLOSE_TIMEOUT_SECONDS)
+            if self.tasks
+            else (set(), set())
+        )
+        for task in pending:
+            logger.error("backend task did not stop", task=task.get_name())
+        for task in done:
+            if not task.cancelled() and isinstance(task.exception(), Exception):
+                logger.error("backend task failed", task=task.get_name(), exc_info=task.exception())
         await self.leases.close()
         if self.redis is not None:
             await self.redis.close()
@@ -96,7 +106,9 @@ async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
     # Bounds how long a replica that never lost Redis keeps an old epoch after another
     # replica wrote while it could not reach Redis (a partition, not a restart).
     outage = OutageLog(logger, "cache epoch sync failed", "cache epoch sync recovered")
-    while True:
+    # Until cancelled, even when a library swallowed the cancellation mid-job (it then
+    # looped on, and the shutdown waiting for it hung).
+    while not asyncio.current_task().cancelling():  # type: ignore[union-attr]
         await asyncio.sleep(seconds)
         try:
             await job()
