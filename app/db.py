@@ -6,6 +6,7 @@ SQLite stores in the file, by the migrations).
 """
 
 import re
+import traceback
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
@@ -128,6 +129,20 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+async def roll_back_failed_commit(session: AsyncSession, error: BaseException) -> None:
+    """Roll back after ``error`` failed a commit, before answering the request otherwise.
+
+    The failed statement's frames hold its driver cursor, which SQLAlchemy's aiosqlite
+    adapter does not close on error; released here, while its connection is idle.
+    Otherwise the cursor lives on in the exception's reference cycle, and when the
+    garbage collector frees it on the event loop's thread, sqlite3 waits there, with the
+    loop stopped, for the connection's mutex — held meanwhile by whichever request reuses
+    the connection and waits for the database lock, which another request of this loop
+    holds: every request stalls for the 30 s busy timeout."""
+    await session.rollback()
+    traceback.clear_frames(error.__traceback__)
 
 
 # Ids are 32-bit INTEGER columns on PostgreSQL: a larger path id is a 422, not a driver error.

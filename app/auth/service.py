@@ -8,7 +8,6 @@ family (every token descended from the same login) is revoked.
 
 import contextlib
 import time
-import traceback
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth.models import RefreshToken
 from app.auth.schemas import TokenPair
 from app.backends.revocation import Revocations
-from app.db import utcnow
+from app.db import roll_back_failed_commit, utcnow
 from app.errors import Conflict, Unauthorized
 from app.observability.logging import get_logger
 from app.observability.metrics import LOGINS, TOKEN_REFRESHES
@@ -86,15 +85,7 @@ async def commit_identity(session: AsyncSession) -> None:
     try:
         await session.commit()
     except IntegrityError as exc:
-        await session.rollback()
-        # The failed statement's frames hold its driver cursor, which SQLAlchemy's aiosqlite
-        # adapter does not close on error; released here, while its connection is idle.
-        # Otherwise the cursor lives on in this exception's reference cycle, and when the
-        # garbage collector frees it on the event loop's thread, sqlite3 waits there, with
-        # the loop stopped, for the connection's mutex — held meanwhile by whichever
-        # request reuses the connection and waits for the database lock, which another
-        # request of this loop holds: every request stalls for the 30 s busy timeout.
-        traceback.clear_frames(exc.__traceback__)
+        await roll_back_failed_commit(session, exc)
         raise Conflict("An account with this email or username already exists.") from exc
 
 
