@@ -2,13 +2,15 @@
 the ``create-superuser`` command), log in, and carry the tokens around."""
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from fastapi.testclient import TestClient
 from httpx2 import Response
-from sqlalchemy import update
+from sqlalchemy import Connection, Executable, event, update
 
 from app.cli import create_superuser
 from app.db import create_engine, create_sessionmaker
@@ -88,6 +90,28 @@ class Api:
                 await engine.dispose()
 
         asyncio.run(store())
+
+    @contextmanager
+    def meanwhile(self, before: str, write: Executable) -> Iterator[list[str]]:
+        """``write`` runs just before the service's first statement that starts with
+        ``before``, on the service's own connection: to that statement it is as if
+        another client had committed it a moment earlier, so a race is reproduced every
+        time. Yields the statements it ran before (one, once it has happened)."""
+        engine = self.client.app.state.engine.sync_engine  # type: ignore[attr-defined]
+        ran: list[str] = []
+
+        def another_client_writes(
+            connection: Connection, _: object, statement: str, *__: object
+        ) -> None:
+            if not ran and statement.startswith(before):
+                ran.append(statement)
+                connection.execute(write)
+
+        event.listen(engine, "before_cursor_execute", another_client_writes)
+        try:
+            yield ran
+        finally:
+            event.remove(engine, "before_cursor_execute", another_client_writes)
 
     def sign_in(self, account: Account) -> None:
         response = self.login(account.username, account.password)

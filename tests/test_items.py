@@ -1,7 +1,7 @@
 """Items: CRUD, the list envelope, search, validation, ownership and mass assignment."""
 
 import pytest
-from sqlalchemy import Connection, event, insert, select
+from sqlalchemy import Connection, delete, event, insert, select
 
 from app.items.models import Item
 from tests.api import Api, assert_problem
@@ -219,3 +219,15 @@ def test_a_page_and_its_total_agree_while_rows_are_written(api: Api) -> None:
         event.remove(engine, "after_cursor_execute", another_client_writes)
     assert reads  # the list was read from the database, not a cache
     assert page["total"] == len(page["items"])
+
+
+def test_an_item_deleted_while_it_is_changed_is_a_404(api: Api) -> None:
+    """Its owner deletes an item while an admin's change to it is under way: the change
+    found no row to update, and the admin got a 500."""
+    alice, admin = api.account("alice"), api.account("boss", role="admin")
+    item = api.create_item(alice)
+    url = f"/api/v1/items/{item['id']}"
+    with api.meanwhile("UPDATE items", delete(Item).where(Item.id == item["id"])) as raced:
+        response = api.client.patch(url, json={"title": "Moderated"}, headers=admin.headers)
+    assert raced
+    assert_problem(response, 404)

@@ -3,7 +3,9 @@ MANAGE_ANY_ITEM; every committed change invalidates the cache before answering."
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
+from app.db import roll_back_failed_commit
 from app.errors import Forbidden, NotFound
 from app.items.cache import ItemCache
 from app.items.models import Item
@@ -40,7 +42,12 @@ async def update_item(
     item = await _modifiable(session, actor, item_id)
     for field, value in data.model_dump(exclude_unset=True).items():
         setattr(item, field, value)
-    await session.commit()
+    try:
+        await session.commit()
+    except StaleDataError as exc:
+        # The UPDATE found no row: another request deleted the item since it was loaded.
+        await roll_back_failed_commit(session, exc)
+        raise NotFound("Item not found.") from exc
     await cache.invalidate(item.id)
     return item
 
