@@ -4,6 +4,7 @@ import pytest
 from sqlalchemy import Connection, delete, event, insert, select
 
 from app.items.models import Item
+from app.users.models import User
 from tests.api import Api, assert_problem
 
 
@@ -231,3 +232,16 @@ def test_an_item_deleted_while_it_is_changed_is_a_404(api: Api) -> None:
         response = api.client.patch(url, json={"title": "Moderated"}, headers=admin.headers)
     assert raced
     assert_problem(response, 404)
+
+
+def test_an_account_deleted_while_it_creates_an_item_is_a_401(api: Api) -> None:
+    """An admin deletes an account while its owner's new item is being saved: the item's
+    owner no longer existed, and the client got a 500."""
+    alice = api.account("alice")
+    with api.meanwhile("INSERT INTO items", delete(User).where(User.id == alice.id)) as raced:
+        response = api.client.post(
+            "/api/v1/items", json={"title": "Lamp", "price": 1}, headers=alice.headers
+        )
+    assert raced
+    assert_problem(response, 401)
+    assert api.client.get("/api/v1/items").json()["total"] == 0

@@ -2,11 +2,12 @@
 MANAGE_ANY_ITEM; every committed change invalidates the cache before answering."""
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from app.db import roll_back_failed_commit
-from app.errors import Forbidden, NotFound
+from app.errors import Forbidden, NotFound, Unauthorized
 from app.items.cache import ItemCache
 from app.items.models import Item
 from app.items.schemas import ItemCreate, ItemRead, ItemUpdate
@@ -31,7 +32,13 @@ async def create_item(
 ) -> Item:
     item = Item(**data.model_dump(), owner_id=owner.id)
     session.add(item)
-    await session.commit()
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        # The one constraint a validated item can break is its owner's foreign key: the
+        # account was deleted while the request ran, as an upload's owner can be.
+        await roll_back_failed_commit(session, exc)
+        raise Unauthorized("The account no longer exists.") from exc
     await cache.invalidate(item.id)
     return item
 
