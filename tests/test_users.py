@@ -6,7 +6,9 @@ from datetime import UTC, datetime
 
 import jwt
 import pytest
+from sqlalchemy import delete
 
+from app.users.models import User
 from tests.api import PASSWORD, Api, assert_problem
 
 
@@ -185,6 +187,27 @@ def test_admin_deletes_a_user_and_their_items(api: Api) -> None:
     assert_problem(api.client.get(f"/api/v1/users/{alice.id}", headers=admin.headers), 404)
     assert_problem(api.client.get(f"/api/v1/items/{item['id']}"), 404)
     assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
+
+
+@pytest.mark.parametrize("body", [{"role": "moderator"}, {"email": "new@example.com"}])
+def test_a_user_deleted_while_an_admin_changes_them_is_a_404(api: Api, body: dict) -> None:
+    """Another admin deletes an account while a change to it is under way: the change
+    found no row to update, and the admin got a 500."""
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    with api.meanwhile("UPDATE users", delete(User).where(User.id == alice.id)) as raced:
+        response = api.client.patch(f"/api/v1/users/{alice.id}", json=body, headers=admin.headers)
+    assert raced
+    assert_problem(response, 404)
+
+
+def test_an_account_deleted_while_it_changes_itself_is_a_401(api: Api) -> None:
+    alice = api.account("alice")
+    with api.meanwhile("UPDATE users", delete(User).where(User.id == alice.id)) as raced:
+        response = api.client.patch(
+            "/api/v1/users/me", json={"username": "alicia"}, headers=alice.headers
+        )
+    assert raced
+    assert_problem(response, 401)
 
 
 def test_a_deleted_users_token_never_passes_for_the_account_given_its_id(api: Api) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from app.auth.service import (
     commit_identity,
@@ -19,7 +20,8 @@ from app.auth.service import (
     revoke_all_for_user,
 )
 from app.backends.storage import Storage
-from app.errors import Conflict, Forbidden, NotFound
+from app.db import roll_back_failed_commit
+from app.errors import AppError, Conflict, Forbidden, NotFound, Unauthorized
 from app.files.service import delete_blobs, owned_files
 from app.items.cache import ItemCache
 from app.items.service import owned_item_ids
@@ -59,7 +61,9 @@ async def update_self(
         valid, _ = await hasher.verify_and_update(data.current_password or "", user.hashed_password)
         if not valid:
             raise WrongCurrentPassword("The current password is not correct.")
-    return await _apply(session, hasher, user, changes)
+    return await _apply(
+        session, hasher, user, changes, gone=Unauthorized("The account no longer exists.")
+    )
 
 
 class WrongCurrentPassword(Forbidden):
@@ -81,7 +85,7 @@ async def admin_update(
         raise Conflict("Change your own password through /users/me, with the current one.")
     if user.is_superuser and changes.get("is_superuser") is False:
         await _ensure_another_superuser(session, user)
-    return await _apply(session, hasher, user, changes)
+    return await _apply(session, hasher, user, changes, gone=NotFound("User not found."))
 
 
 async def _ensure_another_superuser(session: AsyncSession, user: User) -> None:
@@ -120,8 +124,14 @@ async def delete_user(
 
 
 async def _apply(
-    session: AsyncSession, hasher: PasswordHasher, user: User, changes: dict[str, Any]
+    session: AsyncSession,
+    hasher: PasswordHasher,
+    user: User,
+    changes: dict[str, Any],
+    *,
+    gone: AppError,
 ) -> Updated:
+    """Save ``changes``; ``gone`` is the answer when the user was deleted meanwhile."""
     await ensure_identity_free(
         session, email=changes.get("email"), username=changes.get("username"), exclude_id=user.id
     )
@@ -136,5 +146,10 @@ async def _apply(
         await revoke_all_for_user(session, user.id)
     for field, value in changes.items():
         setattr(user, field, value)
-    await commit_identity(session)
+    try:
+        await commit_identity(session)
+    except StaleDataError as exc:
+        # The UPDATE found no row: the account was deleted since it was loaded.
+        await roll_back_failed_commit(session, exc)
+        raise gone from exc
     return Updated(user, ends_sessions)
