@@ -101,3 +101,28 @@ def test_a_failing_record_does_not_fail_the_request(
         return value(samples, "background_tasks_total", task="audit", outcome="failure")
 
     wait_for(lambda: failures() - before == 2, timeout=10, what="two failed audit jobs")
+
+
+def test_an_event_keeps_its_actor_after_the_actor_is_deleted(api: Api, database_url: str) -> None:
+    """Who did something stays on record when their account goes: the actor of every
+    event of a deleted admin was erased (set to null), so nobody could tell any more who
+    had changed or deleted whom."""
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    demoted = api.client.patch(
+        f"/api/v1/users/{alice.id}", json={"role": "moderator"}, headers=admin.headers
+    )
+    assert demoted.status_code == 200
+    root = api.root()  # made boss an admin: its login and that change are events too
+    # The change's event first: background writes are not ordered between requests.
+    recorded(database_url, 7)
+    deleted = api.client.delete(f"/api/v1/users/{admin.id}", headers=root.headers)
+    assert deleted.status_code == 204
+    rows = recorded(database_url, 8)
+    change = next(row for row in rows if row.event == "user.updated" and row.subject_id == alice.id)
+    assert (change.actor_id, change.subject_id) == (admin.id, alice.id)
+    deletion = rows[-1]
+    assert (deletion.event, deletion.actor_id, deletion.subject_id) == (
+        "user.deleted",
+        root.id,
+        admin.id,
+    )
