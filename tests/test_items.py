@@ -245,3 +245,15 @@ def test_an_account_deleted_while_it_creates_an_item_is_a_401(api: Api) -> None:
     assert raced
     assert_problem(response, 401)
     assert api.client.get("/api/v1/items").json()["total"] == 0
+
+
+def test_of_two_deletes_of_one_item_only_one_succeeds(api: Api) -> None:
+    """Two clients delete one item at once: both were told 204, though one deleted
+    nothing (and the log got SQLAlchemy's warning); sent one after the other, the second
+    is a 404."""
+    alice = api.account("alice")
+    item = api.create_item(alice)
+    with api.meanwhile("DELETE FROM items", delete(Item).where(Item.id == item["id"])) as raced:
+        response = api.client.delete(f"/api/v1/items/{item['id']}", headers=alice.headers)
+    assert raced
+    assert_problem(response, 404)

@@ -1,7 +1,7 @@
 """Items: public to read (through the cache), changed only by their owner or a user with
 MANAGE_ANY_ITEM; every committed change invalidates the cache before answering."""
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
@@ -60,9 +60,13 @@ async def update_item(
 
 
 async def delete_item(session: AsyncSession, cache: ItemCache, actor: User, item_id: int) -> None:
-    item = await _modifiable(session, actor, item_id)
-    await session.delete(item)
+    await _modifiable(session, actor, item_id)
+    # One statement whose row count says whether this request deleted the item: the ORM's
+    # delete only warns when a concurrent request deleted it first.
+    deleted = await session.execute(delete(Item).where(Item.id == item_id))
     await session.commit()
+    if deleted.rowcount == 0:  # type: ignore[attr-defined]
+        raise NotFound("Item not found.")
     await cache.invalidate(item_id)
 
 
