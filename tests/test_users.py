@@ -210,6 +210,16 @@ def test_an_account_deleted_while_it_changes_itself_is_a_401(api: Api) -> None:
     assert_problem(response, 401)
 
 
+def test_of_two_admins_deleting_one_user_only_one_succeeds(api: Api) -> None:
+    """Two admins delete one account at once: both were told 204 (and both deletions
+    went to the audit trail), though the second deleted nothing."""
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    with api.meanwhile("DELETE FROM users", delete(User).where(User.id == alice.id)) as raced:
+        response = api.client.delete(f"/api/v1/users/{alice.id}", headers=admin.headers)
+    assert raced
+    assert_problem(response, 404)
+
+
 def test_a_deleted_users_token_never_passes_for_the_account_given_its_id(api: Api) -> None:
     """SQLite gives the next account the highest row id again once its holder is deleted:
     the deleted user's access token, still unexpired, must not authenticate the new one,

@@ -10,7 +10,7 @@ user's refresh tokens.
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -117,8 +117,12 @@ async def delete_user(
     # a row without its bytes).
     item_ids = await owned_item_ids(session, user.id)
     files = await owned_files(session, user.id)
-    await session.delete(user)
+    # One statement whose row count says whether this request deleted the account: the
+    # ORM's delete only warns when a concurrent request deleted it first.
+    deleted = await session.execute(delete(User).where(User.id == user.id))
     await session.commit()
+    if deleted.rowcount == 0:  # type: ignore[attr-defined]
+        raise NotFound("User not found.")
     await item_cache.invalidate(*item_ids)
     await delete_blobs(storage, files)
 
