@@ -105,10 +105,44 @@ def test_lists_come_from_comma_separated_env(monkeypatch: pytest.MonkeyPatch) ->
     assert loaded.cors_origins == ["https://a.example.com"]
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Defaults the reference describes in words, because they are derived from something else:
+# the data directory, APP_ENV, or the CPUs gunicorn may run on (deploy/gunicorn.conf.py).
+DERIVED_DEFAULTS = {"APP_DATABASE_URL", "APP_LOG_FORMAT", "WEB_CONCURRENCY"}
+
+
+def setting_names() -> dict[str, str]:
+    """Each setting's variable and its field name."""
+    return {
+        alias if isinstance(alias := field.validation_alias, str) else f"APP_{name.upper()}": name
+        for name, field in Settings.model_fields.items()
+    }
+
+
+def reference_defaults() -> dict[str, str | None]:
+    """The configuration reference's rows: variable → documented default, the text between
+    backticks (``None`` when the default is told in words: "unset", "empty (CORS off)"). A
+    row naming several variables (`A` / `B`) gives each its own default (`1` / `2`)."""
+    readme = README.read_text()
+    section = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    section = section.split("**Deployment variables**", 1)[0]
+    rows: dict[str, str | None] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = line.split("|")
+        names = re.findall(r"`([A-Z0-9_]+)`", cells[1])
+        defaults = re.findall(r"`([^`]*)`", cells[2])
+        # Values that do not pair up with the names describe a derived default.
+        paired = len(defaults) == len(names)
+        rows.update(zip(names, defaults, strict=True) if paired else dict.fromkeys(names))
+    return rows
+
+
 def test_the_readme_documents_every_setting() -> None:
     """The configuration reference is the operators' list: a setting missing from it is
     one nobody knows how to set."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = README.read_text()
     # The first cell of a table row names one variable or several (`A` / `B`).
     documented = {
         name
@@ -116,9 +150,27 @@ def test_the_readme_documents_every_setting() -> None:
         if line.startswith("| `")
         for name in re.findall(r"`([A-Z0-9_]+)`", line.split("|")[1])
     }
-    names = [
-        alias if isinstance(alias := field.validation_alias, str) else f"APP_{name.upper()}"
-        for name, field in Settings.model_fields.items()
-    ]
+    names = list(setting_names())
     assert len(names) > 40
     assert [name for name in names if name not in documented] == []
+
+
+def test_the_readme_gives_every_setting_its_real_default() -> None:
+    """A default the reference gets wrong is a limit or timeout operators plan with and do
+    not get: each documented value, parsed as the environment would give it, must be the
+    field's default, and a setting without one (unset, generated) must not show a value."""
+    documented = reference_defaults()
+    checked = []
+    for variable, field in setting_names().items():
+        if variable in DERIVED_DEFAULTS:
+            continue
+        default = Settings.model_fields[field].default
+        text = documented[variable]
+        if default is None or default == []:
+            assert text is None, f"{variable}: the README gives {text!r}, the code has none"
+            continue
+        assert text is not None, f"{variable}: the README gives no default, the code {default!r}"
+        parsed = getattr(settings(**{field: text}), field)
+        assert parsed == default, f"{variable}: the README says {text!r}, the code {default!r}"
+        checked.append(variable)
+    assert len(checked) > 35
