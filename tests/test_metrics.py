@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,15 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import REGISTRY, CollectorRegistry, Histogram, Summary, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Summary,
+    generate_latest,
+)
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.samples import Exemplar
 from starlette.applications import Starlette
@@ -32,7 +41,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app import migrate
 from app.main import create_app
-from app.observability import metrics
+from app.observability import metrics, system
 from app.observability.http_metrics import RouteSeries, observe_websocket
 from app.observability.system import HOST_CPU, SystemSampler, block_device_of
 from app.observability.tracing import tracer_provider_from_env
@@ -710,3 +719,32 @@ def test_request_series_update_like_the_public_methods() -> None:
     assert value(samples, "http_response_size_bytes_sum", **labels) == 5 * len(durations)
     assert value(samples, "http_requests_total", **labels, status="201") == len(durations)
     assert value(samples, "http_requests_in_progress", **labels) == 0
+
+
+def test_the_readme_lists_every_metric_with_its_labels() -> None:
+    """Dashboards and alerts are written from the README's table: a metric missing from it,
+    or a label it leaves out, is one nobody queries; a name in it that the service does not
+    export is a query that finds nothing."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Metrics (`GET /metrics`)", 1)[1].split("\n### ", 1)[0]
+    rows = {
+        name: labels
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for names, labels in [line.split("|")[1:3]]
+        for name in re.findall(r"`([a-z_]+)`", names)
+    }
+    exported = {
+        wrapper._name + ("_total" if isinstance(wrapper, Counter) else ""): wrapper._labelnames
+        for module in (metrics, system)
+        for wrapper in vars(module).values()
+        if isinstance(wrapper, MetricWrapperBase)
+    }
+    assert len(exported) > 30
+    assert sorted(set(exported) - set(rows)) == []
+    assert sorted(set(rows) - set(exported)) == []
+    unlisted = {
+        name: [label for label in labels if f"`{label}`" not in rows[name]]
+        for name, labels in exported.items()
+    }
+    assert {name: labels for name, labels in unlisted.items() if labels} == {}
