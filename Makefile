@@ -29,10 +29,13 @@ run: $(VENV)/.installed
 stack: $(VENV)/.installed
 	$(BIN)/python -m deploy.stack
 
-## Lint, check formatting, and run the whole test suite.
-test: $(VENV)/.installed-dev
+## Lint and check formatting (ruff), as `make test` does first.
+lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## Lint, check formatting, and run the whole test suite.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 format: $(VENV)/.installed-dev

@@ -3,6 +3,8 @@ any directory as a separate process, the way operators run them."""
 
 import asyncio
 import os
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from contextlib import closing
 from pathlib import Path
 
 import httpx2
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -187,3 +190,26 @@ def test_serve_runs_the_embedded_default_from_any_directory(tmp_path: Path) -> N
     assert (tmp_path / "var" / "app.db").is_file()
     assert (tmp_path / "var" / "secret_key").is_file()
     assert server.returncode == 0
+
+
+def test_every_make_target_declared_has_a_recipe() -> None:
+    """A target named in .PHONY but never written answers "Nothing to be done" and exits
+    0: `make lint` passed without linting anything."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    makefile = (ROOT / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.M)
+    assert phony is not None
+    targets = phony.group(1).split()
+    assert {"run", "test", "lint", "stack"} <= set(targets)
+    for target in targets:
+        dry_run = subprocess.run(
+            ["make", "--dry-run", "--no-print-directory", target],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert dry_run.returncode == 0, dry_run.stderr
+        assert dry_run.stdout.strip(), f"make {target} does nothing"
+        assert "Nothing to be done" not in dry_run.stdout, f"make {target} does nothing"
