@@ -12,8 +12,8 @@ through the broker. Run it with the compose ``loadtest`` profile, or locally wit
 
 The service's own limits apply to load tests too: registration and login are limited per
 client address (5 and 10 per minute by default), so raise ``APP_RATE_LIMIT_REGISTER``,
-``APP_RATE_LIMIT_LOGIN``, ``APP_RATE_LIMIT_DEFAULT`` and ``APP_RATE_LIMIT_CHAT_MESSAGES``
-for a test with many users.
+``APP_RATE_LIMIT_LOGIN``, ``APP_RATE_LIMIT_DEFAULT``, ``APP_RATE_LIMIT_UPLOADS`` and
+``APP_RATE_LIMIT_CHAT_MESSAGES`` for a test with many users.
 
 Options of this scenario (command line, or the ``LOCUST_*`` variable ``_options`` gives
 each; ``locust --help`` is printed before this file is imported, so it does not list them):
