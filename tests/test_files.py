@@ -304,6 +304,42 @@ def test_a_cmyk_jpeg_keeps_the_colour_space_its_profile_describes(api: Api) -> N
         assert image.info["icc_profile"][16:20] == b"CMYK"
 
 
+def webp_bitstream(data: bytes) -> bytes:
+    """The kind of a WebP's image data: b"VP8L" (lossless) or b"VP8 " (lossy)."""
+    return next(kind for kind in (b"VP8L", b"VP8 ") if kind in data[12:])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    # The second budget lets the image in, but not its lossless encoder's best method.
+    [{}, {"max_image_memory_bytes": images.BYTES_PER_PIXEL["image/webp"] * 64 * 48}],
+    ids=["default", "budget-for-the-cheapest-method"],
+)
+def test_a_lossless_webp_stays_lossless_and_a_lossy_one_lossy(
+    api_with: Callable[..., Api], overrides: dict[str, int]
+) -> None:
+    size = (64, 48)
+    api = api_with(**overrides)
+    alice = api.account("alice")
+    # Noise, which any lossy encoding changes, some of it fully transparent yet coloured.
+    pixels = Image.frombytes("RGBA", size, random.Random(7).randbytes(size[0] * size[1] * 4))
+    pixels.putalpha(pixels.getchannel("A").point(lambda alpha: 0 if alpha < 64 else alpha))
+    lossless = io.BytesIO()
+    pixels.save(lossless, "WEBP", lossless=True, exact=True, exif=gps_exif())
+    meta = uploaded(upload(api, alice, "drawing.webp", lossless.getvalue(), "image/webp"))
+    served = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    assert webp_bitstream(served.content) == b"VP8L"
+    with Image.open(io.BytesIO(served.content)) as image:
+        assert "exif" not in image.info
+        assert image.convert("RGBA").tobytes() == pixels.rotate(-90, expand=True).tobytes()
+
+    lossy = io.BytesIO()
+    pixels.convert("RGB").save(lossy, "WEBP", quality=80)
+    meta = uploaded(upload(api, alice, "photo.webp", lossy.getvalue(), "image/webp"))
+    served = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    assert webp_bitstream(served.content) == b"VP8 "
+
+
 def gif_with_metadata(payload: bytes) -> bytes:
     """A looping 3-frame GIF carrying a comment and an XMP packet with a GPS position,
     ``payload`` appended after its trailer."""
