@@ -427,6 +427,25 @@ def test_gif_metadata_hidden_in_the_blocks_kept_never_comes_back(api: Api) -> No
         assert image.info["duration"] == 100
 
 
+def test_gif_plain_text_blocks_never_come_back(api: Api) -> None:
+    """Text GIF89a viewers of old drew over the image, which browsers and Pillow skip:
+    hidden from whoever looks at the image, as a comment is."""
+    alice = api.account("alice")
+    original = gif_with_metadata(b"")
+    # Grid position and size, cell size, foreground and background colour indexes.
+    grid = struct.pack("<4H4B", 0, 0, 40, 30, 8, 8, 1, 0)
+    plain_text = b"\x21\x01\x0c" + grid + sub_blocks(b"meet me at 52.52N 13.40E") + b"\x00"
+    texted = with_extension(original, plain_text)
+    assert frames_of(texted) == frames_of(original)  # sanity: Pillow reads past it
+
+    meta = uploaded(upload(api, alice, "texted.gif", texted, "image/gif"))
+    served = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    assert b"52.52N" not in served.content
+    assert frames_of(served.content) == frames_of(original)
+    with Image.open(io.BytesIO(served.content)) as image:
+        assert (image.info["loop"], image.info["duration"]) == (0, 100)
+
+
 def test_a_gif_cut_anywhere_before_its_trailer_is_malformed() -> None:
     whole = gif_with_metadata(b"")
     for end in range(len(whole)):

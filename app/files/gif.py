@@ -6,7 +6,10 @@ every frame. GIF has no EXIF, but it carries comments and application extensions
 those hold what EXIF holds elsewhere (an XMP packet with the GPS position, the editing
 software, the author) as well as anything else a client wants served back under an image
 type. So only what renders is kept: the screen descriptor and colour tables, each frame
-with its graphic control and plain-text extensions, and the loop count. Of an extension
+with its graphic control extension, and the loop count. A plain-text extension is dropped
+too: GIF89a has it draw text over the image, but browsers and Pillow, as most viewers, skip
+it, so its text is content most who look at the image never see, as a comment's is (a
+graphic control before it stays: those readers apply it to the next frame). Of an extension
 whose first block is all players read (a graphic control, a loop count), only that block
 is kept: sub-blocks after it are skipped by every reader, so they could carry anything (an
 XMP packet after a loop count was served back). The ICC profile extension is dropped: few
@@ -23,7 +26,7 @@ import struct
 # Application extensions holding the loop count, by identifier.
 LOOP_APPLICATIONS = frozenset({b"NETSCAPE2.0", b"ANIMEXTS1.0"})
 _EXTENSION, _IMAGE, _TRAILER = 0x21, 0x2C, 0x3B
-_GRAPHIC_CONTROL, _PLAIN_TEXT, _APPLICATION = 0xF9, 0x01, 0xFF
+_GRAPHIC_CONTROL, _APPLICATION = 0xF9, 0xFF
 # Ten times the default cap is 400 frames of 1000 by 1000 pixels, decoded at every loop.
 FRAMES_PIXEL_CAPS = 10
 
@@ -82,8 +85,6 @@ def _rendering_part(extension: memoryview) -> bytes:
     """What players read of ``extension`` (introducer to terminator, whose sub-blocks are
     complete), as an extension of its own: nothing if they read none of it."""
     label, first_size = extension[1], extension[2]
-    if label == _PLAIN_TEXT:
-        return bytes(extension)
     if label == _GRAPHIC_CONTROL and first_size == 4:
         return bytes(extension[:7]) + b"\x00"
     # An application extension opens with an 11-byte block, identifier and code; the loop
