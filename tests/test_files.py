@@ -59,19 +59,37 @@ def gps_exif() -> Image.Exif:
     return exif
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The type and data of each chunk of the PNG ``data``."""
+    chunks, position = [], len(PNG_SIGNATURE)
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunks.append(
+            (data[position + 4 : position + 8], data[position + 8 : position + 8 + length])
+        )
+        position += 12 + length
+    return chunks
+
+
 def huge_png(width: int, height: int) -> bytes:
     """A real 1-bit PNG of this size; all-zero rows compress to almost nothing."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
-
     compressor = zlib.compressobj(9)
     row = bytes(1 + (width + 7) // 8)
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
     return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+        PNG_SIGNATURE
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -259,6 +277,42 @@ def test_a_16_bit_greyscale_png_keeps_its_depth_in_the_original_and_the_thumbnai
         with Image.open(io.BytesIO(served.content)) as image:
             assert (image.mode, image.size) == ("I;16", size)
             assert image.getextrema() == (40_000, 40_000)
+
+
+@pytest.mark.parametrize(("colour_type", "channels"), [(2, 3), (6, 4)], ids=["RGB", "RGBA"])
+def test_a_16_bit_colour_png_keeps_its_pixels_at_their_depth(
+    api: Api, colour_type: int, channels: int
+) -> None:
+    """Pillow has no 16-bit colour mode (and cannot write one): such a PNG is served with
+    its pixel data as it came, only its metadata dropped."""
+    alice = api.account("alice")
+    width, height = 300, 200
+    noise = random.Random(colour_type)
+    # Unfiltered rows of 16-bit samples: what a decoder of the served file must get back.
+    rows = b"".join(b"\x00" + noise.randbytes(width * channels * 2) for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    sent = (
+        PNG_SIGNATURE
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"eXIf", gps_exif().tobytes()[6:])  # a PNG's EXIF has no "Exif\0\0"
+        + png_chunk(b"tEXt", b"Comment\x00taken at home")
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+        + b"<script>trailing</script>"
+    )
+    meta = uploaded(upload(api, alice, "scan.png", sent, "image/png"))
+
+    served = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    for secret in (b"SpyCam", b"taken at home", b"<script>"):
+        assert secret not in served.content
+    chunks = png_chunks(served.content)
+    assert chunks[0] == (b"IHDR", header)  # 16 bits per sample still
+    assert zlib.decompress(b"".join(data for kind, data in chunks if kind == b"IDAT")) == rows
+    with Image.open(io.BytesIO(served.content)) as image:
+        # Still displayed turned as uploaded, by its orientation, the only tag left.
+        assert dict(image.getexif()) == {ExifTags.Base.Orientation: 6}
+    thumb = api.client.get(f"/api/v1/files/{meta['id']}/thumbnail", headers=alice.headers)
+    assert Image.open(io.BytesIO(thumb.content)).size == (171, 256)
 
 
 def test_a_png_keeps_the_chunks_that_say_what_its_colours_are(api: Api) -> None:

@@ -11,18 +11,22 @@ Metadata: EXIF (GPS position, camera serial…) must not be served back, so JPEG
 WebP originals are re-encoded without it, upright (EXIF orientation applied, since the tag
 that carried it is dropped). The cost is one more lossy generation for JPEG and lossy WebP
 at quality 90 (a lossless WebP stays lossless), and only the first frame of an animated
-PNG/WebP is kept; the ICC profile is kept because colours depend on it. GIF has no EXIF but
-holds the same in comments and XMP: its metadata blocks are dropped losslessly (gif.py).
+PNG/WebP is kept; the ICC profile is kept because colours depend on it. Pillow decodes a
+PNG of 16 bits per colour channel to 8 and cannot write it back deeper, so such a PNG is not
+re-encoded: its other chunks are dropped, its pixels kept as they came, and an orientation
+kept as its only EXIF tag rather than applied. GIF has no EXIF but holds the same in
+comments and XMP: its metadata blocks are dropped losslessly (gif.py).
 """
 
 import io
 import re
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 
 from app.files import gif
 from app.observability.logging import get_logger
@@ -32,6 +36,13 @@ logger = get_logger(__name__)
 THUMBNAIL_SIZE = (256, 256)
 PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
 LOSSY_QUALITY = 90
+# A PNG of 16 bits per colour channel is not re-encoded (Pillow would write it at 8): it
+# keeps these chunks as they came, those ``_encode`` passes on of any other PNG.
+PNG_KEPT_CHUNKS = frozenset(
+    {b"IHDR", b"PLTE", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"IDAT", b"IEND"}
+)
+# EXIF orientations that ImageOps.exif_transpose turns (1 is upright already).
+UPRIGHTED = range(2, 9)
 # A lossless WebP is re-encoded lossless at method 2, which compresses within 1% of libwebp's
 # default (method 4) on a photo and a screenshot at a fifth of its CPU time: ~2 s for 9 MP of
 # noise, as the lossy encoder at LOSSY_QUALITY takes. Its hash chains cost more memory than
@@ -106,8 +117,9 @@ def process(path: Path, content_type: str, max_pixels: int, max_memory: int) -> 
                 # In place, and the thumbnail made from the same pixels once the cleaned
                 # original is encoded: one decoded copy of the image at a time (a copy each
                 # was 360 MB more at the pixel cap); BYTES_PER_PIXEL is measured so.
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
                 ImageOps.exif_transpose(image, in_place=True)
-                cleaned = _cleaned(image, path, content_type, limit, max_memory)
+                cleaned = _cleaned(image, path, content_type, limit, max_memory, orientation)
                 thumbnail = _thumbnail(image)
                 return ProcessedImage(_encode(thumbnail, thumbnail_type(content_type)), cleaned)
         except ImageRejected:
@@ -126,11 +138,19 @@ def process(path: Path, content_type: str, max_pixels: int, max_memory: int) -> 
 
 
 def _cleaned(
-    image: Image.Image, path: Path, content_type: str, max_pixels: int, max_memory: int
+    image: Image.Image,
+    path: Path,
+    content_type: str,
+    max_pixels: int,
+    max_memory: int,
+    orientation: int,
 ) -> bytes:
-    """The original at ``path``, decoded as ``image``, without its metadata."""
+    """The original at ``path``, decoded (and turned upright from ``orientation``) as
+    ``image``, without its metadata."""
     if content_type == "image/gif":
         return gif.without_metadata(path.read_bytes(), max_pixels)
+    if content_type == "image/png" and _is_deep_colour_png(path):
+        return _png_without_metadata(path.read_bytes(), orientation)
     if content_type == "image/webp" and _is_lossless_webp(path):
         fits = image.width * image.height * LOSSLESS_WEBP_BYTES_PER_PIXEL <= max_memory
         return _encode(image, content_type, lossless_method=2 if fits else 0)
@@ -150,6 +170,48 @@ def _is_lossless_webp(path: Path) -> bool:
                 return fourcc == b"VP8L"
             file.seek(16 if fourcc == b"ANMF" else size + (size & 1), io.SEEK_CUR)
     return False
+
+
+def _is_deep_colour_png(path: Path) -> bool:
+    """Whether the PNG at ``path`` has 16 bits per channel in colour or with alpha, which
+    Pillow decodes to 8 bits (it has no deeper mode but 16-bit greyscale)."""
+    with path.open("rb") as file:
+        header = file.read(26)  # signature, then IHDR's length, type, size, depth and type
+    return header[12:16] == b"IHDR" and header[24] == 16 and header[25] in (2, 4, 6)
+
+
+def _png_without_metadata(data: bytes, orientation: int) -> bytes:
+    """The PNG ``data`` with only the chunks ``_encode`` would write (pixels, palette,
+    transparency, colour), each copied as it came, so its pixels are those uploaded, at
+    their depth; up to IEND, so whatever follows is dropped. The pixels are not turned
+    upright, so an ``orientation`` other than upright is kept in an EXIF block of its own,
+    before the pixels as the eXIf chunk must be; viewers turn the image by it."""
+    view = memoryview(data)
+    kept: list[bytes | memoryview] = [view[:8]]  # the signature
+    position = 8
+    untagged = orientation in UPRIGHTED
+    while position + 12 <= len(view):
+        length = int.from_bytes(view[position : position + 4], "big")
+        kind = bytes(view[position + 4 : position + 8])
+        end = position + 12 + length  # length, type, data, CRC
+        if end > len(view):
+            raise ValueError("The PNG ends inside a chunk.")
+        if kind == b"IDAT" and untagged:
+            exif = Image.Exif()
+            exif[ExifTags.Base.Orientation] = orientation
+            kept.append(_png_chunk(b"eXIf", exif.tobytes()[6:]))  # without "Exif\0\0"
+            untagged = False
+        if kind in PNG_KEPT_CHUNKS:
+            kept.append(view[position:end])
+        if kind == b"IEND":
+            return b"".join(kept)
+        position = end
+    raise ValueError("The PNG ends before its IEND chunk.")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data)
+    return len(data).to_bytes(4, "big") + kind + data + crc.to_bytes(4, "big")
 
 
 def _thumbnail(image: Image.Image) -> Image.Image:
