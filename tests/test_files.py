@@ -20,7 +20,7 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
-from PIL import ExifTags, Image, ImageCms, ImageSequence, PngImagePlugin
+from PIL import ExifTags, Image, ImageCms, ImageSequence, JpegImagePlugin, PngImagePlugin
 from starlette.types import Message
 
 from app.backends import storage as storage_module
@@ -342,6 +342,23 @@ def test_jpeg_comments_never_come_back(api: Api) -> None:
         served = api.client.get(f"/api/v1/files/{meta['id']}/{path}", headers=alice.headers)
         assert "comment" not in Image.open(io.BytesIO(served.content)).info
         assert b"52.52N" not in served.content
+
+
+def test_a_jpeg_keeps_its_chroma_resolution(api: Api) -> None:
+    """Columns of red and blue a pixel wide, sampled 4:4:4: halving the chroma, as a
+    default re-encoding does, turns them purple."""
+    alice = api.account("alice")
+    stripes = Image.new("RGB", (64, 48), "red")
+    for x in range(1, 64, 2):
+        stripes.paste("blue", (x, 0, x + 1, 48))
+    buffer = io.BytesIO()
+    stripes.save(buffer, "JPEG", quality=95, subsampling=0)
+    meta = uploaded(upload(api, alice, "stripes.jpg", buffer.getvalue(), "image/jpeg"))
+    served = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+    with Image.open(io.BytesIO(served.content)) as image:
+        assert JpegImagePlugin.get_sampling(image) == 0  # 4:4:4
+        red, _, blue = image.convert("RGB").getpixel((10, 24))
+        assert (red > 200, blue < 60) == (True, True)  # red, not purple
 
 
 def test_a_cmyk_jpeg_keeps_the_colour_space_its_profile_describes(api: Api) -> None:

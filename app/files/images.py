@@ -10,8 +10,9 @@ scans are counted first too.
 Metadata: EXIF (GPS position, camera serial…) must not be served back, so JPEG, PNG and
 WebP originals are re-encoded without it, upright (EXIF orientation applied, since the tag
 that carried it is dropped). The cost is one more lossy generation for JPEG and lossy WebP
-at quality 90 (a lossless WebP stays lossless), and only the first frame of an animated
-PNG/WebP is kept; the ICC profile is kept because colours depend on it. Pillow decodes a
+at quality 90 (a JPEG at its own chroma sampling; a lossless WebP stays lossless), and
+only the first frame of an animated PNG/WebP is kept; the ICC profile is kept because
+colours depend on it. Pillow decodes a
 PNG of 16 bits per colour channel to 8 and cannot write it back deeper, so such a PNG is not
 re-encoded: its other chunks are dropped, its pixels kept as they came, and an orientation
 kept as its only EXIF tag rather than applied. GIF has no EXIF but holds the same in
@@ -262,6 +263,10 @@ def _encode(image: Image.Image, content_type: str, *, lossless_method: int | Non
         if image.mode not in ("RGB", "L", "CMYK"):
             image = image.convert("RGB")
         options["quality"] = LOSSY_QUALITY
+        if image.format == "JPEG":  # the decoded JPEG itself, not a conversion of it
+            # Its chroma sampled as the original's was: libjpeg's default halves it both
+            # ways, which blurred the colours of fine detail a 4:4:4 original kept sharp.
+            options["subsampling"] = "keep"
     elif content_type == "image/webp" and lossless_method is not None:
         options.update(
             lossless=True, exact=True, method=lossless_method, quality=LOSSLESS_WEBP_EFFORT
