@@ -61,6 +61,9 @@ SHUTDOWN_SECONDS = max(1, min(timeout or graceful_timeout, graceful_timeout) - 5
 # How long a quick shutdown (SIGINT, SIGQUIT) leaves the handlers of closed sockets to end
 # by themselves, as after a SIGTERM, before it cancels what still runs.
 QUICK_SHUTDOWN_SECONDS = 1.0
+# How long after that the answers of what was cancelled (a 503, a 1012) have to reach their
+# clients before the connections still open are dropped.
+QUICK_DRAIN_SECONDS = 0.5
 
 
 class ServiceWorker(UvicornWorker):
@@ -89,15 +92,26 @@ class ServiceWorker(UvicornWorker):
     def _quit(server: Server) -> None:
         """Stop at once, not after the graceful window: the server closes every connection
         now (websockets with 1012, which their handlers see and end on), what still runs a
-        moment later is cancelled (a request in flight is a 503, an upload cleans up), and
-        the lifespan shutdown runs (access lines written, connections closed)."""
+        moment later is cancelled (a request in flight is a 503, an upload cleans up), the
+        connections still open are dropped, and the lifespan shutdown runs (access lines
+        written, connections closed)."""
         server.should_exit = True
 
         def cancel_the_rest() -> None:
             for task in server.server_state.tasks:
                 task.cancel()
 
-        asyncio.get_running_loop().call_later(QUICK_SHUTDOWN_SECONDS, cancel_the_rest)
+        def drop_the_rest() -> None:
+            # A closed connection lingers until its client has read what is left to send
+            # it, and uvicorn waits for every connection before the lifespan shutdown: a
+            # client that reads nothing (a stalled download, a websocket that pings without
+            # reading the pongs) held the quick shutdown for the whole graceful window.
+            for connection in list(server.server_state.connections):
+                connection.transport.abort()
+
+        loop = asyncio.get_running_loop()
+        loop.call_later(QUICK_SHUTDOWN_SECONDS, cancel_the_rest)
+        loop.call_later(QUICK_SHUTDOWN_SECONDS + QUICK_DRAIN_SECONDS, drop_the_rest)
 
 
 wsgi_app = "app.main:create_app()"

@@ -327,6 +327,34 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(
     assert registry.get_sample_value("uploads_total", {"outcome": "aborted"}) == 1
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
+def test_a_quick_shutdown_does_not_wait_for_a_client_that_reads_nothing(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """A closed connection lingers until its client has read what is left to send it, and
+    the server waits for every connection before the application's shutdown. A client
+    that reads nothing (here a websocket pinging without reading the pongs) must not hold a
+    quick shutdown (Ctrl-C) for the whole graceful window, 55 s here: its connection is
+    dropped once what still ran is cancelled."""
+    process, base, log = launched(
+        tmp_path, WEB_CONCURRENCY="1", GUNICORN_TIMEOUT="60", GUNICORN_GRACEFUL_TIMEOUT="60"
+    )
+    try:
+        await_answer(f"{base}/health/ready", process, log, "gunicorn")
+        token = signed_up(base, "stalled")
+        with raw_notifications_socket(base, token) as connection:
+            ping_without_reading(connection)
+            process.send_signal(stop)
+            assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    assert "Application shutdown complete." in text
+    assert "timeout graceful shutdown exceeded" not in text
+
+
 def test_system_series_are_not_multiplied_by_workers(gunicorn: Gunicorn) -> None:
     wait_for(
         lambda: len(series(gunicorn.scrape(), "app_worker_resident_memory_bytes")) == 2,
@@ -371,9 +399,20 @@ def test_a_client_pinging_without_reading_the_pongs_cannot_grow_a_worker(
     reads must find its sends blocked once the pongs fill the buffers, not have the worker
     hold every pong (memory, not time, is what is bounded here)."""
     token = signed_up(gunicorn.base_url, "pinger")
-    address = urlsplit(gunicorn.base_url)
+    with raw_notifications_socket(gunicorn.base_url, token) as connection:
+        before = sum(worker.memory_info().rss for worker in gunicorn.workers())
+        ping_without_reading(connection)
+        grown = sum(worker.memory_info().rss for worker in gunicorn.workers()) - before
+    assert grown < 32 * MIB, f"the workers grew by {grown / MIB:.0f} MiB"
+
+
+@contextlib.contextmanager
+def raw_notifications_socket(base_url: str, token: str) -> Iterator[socket.socket]:
+    """A notifications websocket opened by hand, with a small receive buffer so that what
+    the server sends it backs up early; open until the block ends."""
+    address = urlsplit(base_url)
     connection = socket.socket()
-    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # pongs back up early
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     connection.connect((address.hostname, address.port))
     with connection:
         key = base64.b64encode(os.urandom(16)).decode()
@@ -386,15 +425,18 @@ def test_a_client_pinging_without_reading_the_pongs_cannot_grow_a_worker(
             ).encode()
         )
         assert connection.recv(12) == b"HTTP/1.1 101"
-        # Masked pings of the largest control payload, 125 bytes: 1 MiB at a time.
-        pings = (bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125) * 8000
-        before = sum(worker.memory_info().rss for worker in gunicorn.workers())
-        connection.settimeout(5)
-        with contextlib.suppress(TimeoutError):  # the server stopped reading: as it should
-            for _ in range(128):
-                connection.sendall(pings)
-        grown = sum(worker.memory_info().rss for worker in gunicorn.workers()) - before
-    assert grown < 32 * MIB, f"the workers grew by {grown / MIB:.0f} MiB"
+        yield connection
+
+
+def ping_without_reading(connection: socket.socket) -> None:
+    """Send pings, reading none of the pongs, until the server stops reading them (no
+    progress for 5 s) or 128 MiB have gone."""
+    # Masked pings of the largest control payload, 125 bytes: 1 MiB at a time.
+    pings = (bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125) * 8000
+    connection.settimeout(5)
+    with contextlib.suppress(TimeoutError):  # the server stopped reading: as it should
+        for _ in range(128):
+            connection.sendall(pings)
 
 
 def test_logs_are_json_with_request_ids_and_no_secrets(gunicorn: Gunicorn) -> None:
