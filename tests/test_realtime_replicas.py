@@ -80,6 +80,7 @@ class Cluster:
     b: Replica
     start: Callable[[str], Replica]  # one more replica on the same database and Redis
     root_token: str
+    redis_url: str
 
     def token(self, username: str) -> str:
         """A new account, registered on A and logged in on B (one JWT secret)."""
@@ -158,7 +159,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
         try:
             a, b = start("a"), start("b")
-            yield Cluster(a, b, start, login(a, "root"))
+            yield Cluster(a, b, start, login(a, "root"), redis_server.url())
         finally:
             for replica in replicas:
                 replica.stop()
@@ -400,3 +401,41 @@ def test_failed_logins_on_both_replicas_share_one_budget(cluster: Cluster) -> No
         for replica in [cluster.a, cluster.b] * 3
     ]
     assert statuses == [401] * 5 + [429]
+
+
+def test_sessions_ended_twice_close_the_sockets_the_second_time_too(cluster: Cluster) -> None:
+    """A replica delivers what it publishes itself and skips it when Redis passes it back;
+    what Redis never passes back (published while its pump was not subscribed, as after a
+    Redis restart) it remembers. Ending a user's sessions published the same bytes each
+    time, so a later end of their sessions on another replica was taken for that one and
+    skipped: a user deactivated on B kept their socket on A."""
+    uma = cluster.token("uma")
+    uma_id = cluster.user_id(uma)
+    admin = {"Authorization": f"Bearer {cluster.root_token}"}
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        # No pump can subscribe for a while: A's own message never comes back to it.
+        client.execute_command("ACL", "SETUSER", "default", "-psubscribe")
+        client.client_kill_filter(_type="pubsub")
+        wait_for(
+            lambda: not any(int(c["psub"]) for c in client.client_list()),
+            timeout=TIMEOUT,
+            what="no broker pump subscribed",
+        )
+        response = httpx2.patch(
+            f"{cluster.a.http}/api/v1/users/{uma_id}", json={"role": "moderator"}, headers=admin
+        )
+        assert response.status_code == 200, response.text  # her sessions ended, from A
+    finally:
+        client.execute_command("ACL", "SETUSER", "default", "+psubscribe")
+        client.close()
+    wait_for_pumps(cluster.redis_url, 2)
+
+    with cluster.a.ws("/api/v1/ws/notifications", login(cluster.b, "uma")) as on_a:
+        send(on_a, type="ping")
+        assert recv(on_a) == {"type": "pong"}  # subscribed from here on
+        response = httpx2.patch(
+            f"{cluster.b.http}/api/v1/users/{uma_id}", json={"is_active": False}, headers=admin
+        )
+        assert response.status_code == 200, response.text
+        assert close_code(on_a) == POLICY_VIOLATION

@@ -11,6 +11,10 @@ skips those messages when Redis passes them back: whether Redis passes them back
 depends on the pump holding its subscription, which it does not between a Redis restart
 and its re-subscription. So the members on the sender's process get every message exactly
 once whatever Redis does; other processes miss what is published while their pump is down.
+A process tells its own messages by their bytes, and remembers those Redis never passed
+back: every message published on a channel must differ from every other (those of the
+service carry an id, presence events a time to the microsecond), or another process's
+identical one would be skipped for it.
 
 While Redis is unreachable, messages are delivered locally only and history is empty:
 chat degrades to "this replica", it does not fail.
@@ -123,7 +127,8 @@ class OwnMessages:
 
 
 def _digest(channel: str, message: bytes) -> bytes:
-    # The channel too: identical bytes (``{"jti": null}``) go to different users' channels.
+    # The channel too: identical bytes go to several channels (a private message to its
+    # sender's and its recipient's).
     digest = hashlib.blake2b(channel.encode(), digest_size=16)
     digest.update(b"\0")
     digest.update(message)

@@ -37,6 +37,7 @@ from app.realtime.schemas import (
     PresenceKind,
     PrivateFrame,
     PrivateMessage,
+    new_id,
 )
 from app.users import service as users_service
 from app.users.models import User
@@ -131,8 +132,11 @@ class Realtime:
     async def end_sessions(self, user_id: int, token_id: str | None = None) -> None:
         """Close the user's sockets on every replica (1008, as when a token expires): all of
         them, or those opened with the access token ``token_id`` (a logout). Called once
-        their tokens are revoked, so a reconnecting client is refused."""
-        await self.broker.publish(sessions_channel(user_id), json.dumps({"jti": token_id}).encode())
+        their tokens are revoked, so a reconnecting client is refused. Each its own id: the
+        broker tells its own messages by their bytes (see its module), and one such message
+        taken for another was skipped."""
+        message = {"jti": token_id, "id": new_id()}
+        await self.broker.publish(sessions_channel(user_id), json.dumps(message).encode())
 
     @asynccontextmanager
     async def _sessions_ended(self, socket_user: SocketUser) -> AsyncIterator[anyio.Event]:
