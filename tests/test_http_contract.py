@@ -356,3 +356,29 @@ def test_a_compressed_body_is_a_415_problem(api: Api) -> None:
     identity = alice.headers | {"Content-Encoding": "identity"}
     created = api.client.post("/api/v1/items", json={"title": "Lamp", "price": 1}, headers=identity)
     assert created.status_code == 201
+
+
+def test_no_content_answers_carry_no_body_headers(api: Api) -> None:
+    """A 204 has no body, so no Content-Type (a client would look for JSON that is not
+    there) and no Content-Length."""
+    alice, admin = api.account("alice"), api.root()
+    item = api.create_item(alice)
+    uploaded = api.client.post(
+        "/api/v1/files", files={"file": ("a.txt", b"hello", "text/plain")}, headers=alice.headers
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    answers = [
+        api.client.delete(f"/api/v1/items/{item['id']}", headers=alice.headers),
+        api.client.delete(f"/api/v1/files/{uploaded.json()['id']}", headers=alice.headers),
+        api.client.post(
+            "/api/v1/auth/logout",
+            json={"refresh_token": alice.tokens["refresh_token"]},
+            headers=alice.headers,
+        ),
+        api.client.delete(f"/api/v1/users/{alice.id}", headers=admin.headers),
+    ]
+    for answer in answers:
+        assert answer.status_code == 204, answer.text
+        assert answer.content == b""
+        assert "content-type" not in answer.headers
+        assert "content-length" not in answer.headers

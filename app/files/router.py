@@ -128,7 +128,7 @@ async def download_thumbnail(
     return await blob_response(storage, service.thumbnail_key(record.storage_key), media_type, name)
 
 
-@router.delete("/{file_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{file_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
 async def delete_file(
     file_id: IdPath, user: CurrentUser, session: SessionDep, storage: StorageDep
 ) -> None:

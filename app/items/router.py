@@ -45,7 +45,7 @@ async def update_item(
     return await service.update_item(session, cache, user, item_id, data)
 
 
-@router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
 async def delete_item(
     item_id: IdPath, user: CurrentUser, session: SessionDep, cache: ItemCacheDep
 ) -> None:

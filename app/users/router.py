@@ -1,6 +1,6 @@
 import contextlib
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 from pydantic import BaseModel
 
 from app.audit.deps import AuditDep
@@ -83,7 +83,7 @@ async def update_user(
     return updated.user
 
 
-@router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
 async def delete_user(
     user_id: IdPath,
     actor: UserManager,
