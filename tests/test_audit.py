@@ -79,6 +79,33 @@ def test_password_change_records_field_names_only(api: Api, database_url: str) -
     assert "brand new" not in str(change.details)
 
 
+def test_an_update_that_changes_nothing_is_not_recorded(api: Api, database_url: str) -> None:
+    alice, admin = api.account("alice"), api.root()
+    for path, headers in (
+        ("/api/v1/users/me", alice.headers),
+        (f"/api/v1/users/{alice.id}", admin.headers),
+    ):
+        response = api.client.patch(path, json={}, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["username"] == "alice"
+    renamed = api.client.patch(
+        "/api/v1/users/me", json={"username": "alicia"}, headers=alice.headers
+    )
+    assert renamed.status_code == 200
+    found: list[AuditEvent] = []
+
+    def renamed_recorded() -> bool:
+        found[:] = asyncio.run(events(database_url))
+        return any(
+            row.event == "user.updated" and row.details == {"fields": ["username"]} for row in found
+        )
+
+    wait_for(renamed_recorded, timeout=10, what="the rename's audit event")
+    assert [row.details for row in found if row.event == "user.updated"] == [
+        {"fields": ["username"]}
+    ]
+
+
 def test_a_failing_record_does_not_fail_the_request(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,7 +43,8 @@ async def update_me(
         updated = await service.update_self(session, hasher, user, data)
     if updated.sessions_ended:
         await realtime.end_sessions(user.id)
-    audit("user.updated", actor_id=user.id, subject_id=user.id, fields=changed_fields(data))
+    if fields := changed_fields(data):
+        audit("user.updated", actor_id=user.id, subject_id=user.id, fields=fields)
     return updated.user
 
 
@@ -71,15 +72,16 @@ async def update_user(
     updated = await service.admin_update(session, hasher, actor, user_id, data)
     if updated.sessions_ended:
         await realtime.end_sessions(user_id)
-    audit(
-        "user.updated",
-        actor_id=actor.id,
-        subject_id=user_id,
-        fields=changed_fields(data),
-        role=updated.user.role.value,
-        is_active=updated.user.is_active,
-        is_superuser=updated.user.is_superuser,
-    )
+    if fields := changed_fields(data):
+        audit(
+            "user.updated",
+            actor_id=actor.id,
+            subject_id=user_id,
+            fields=fields,
+            role=updated.user.role.value,
+            is_active=updated.user.is_active,
+            is_superuser=updated.user.is_superuser,
+        )
     return updated.user
 
 
@@ -99,5 +101,6 @@ async def delete_user(
 
 
 def changed_fields(data: BaseModel) -> list[str]:
-    # Names only: the values may be a password.
+    # Names only: the values may be a password. An empty body (or only current_password)
+    # changes nothing, and an event for it would be noise in the trail.
     return sorted(data.model_dump(exclude_unset=True, exclude={"current_password"}))
