@@ -55,6 +55,7 @@ def test_security_events_are_recorded(api: Api, database_url: str) -> None:
         "user.deleted",
     ]
     assert by_event["login.failure"].details == {"login": "alice"}
+    assert by_event["login.failure"].subject_id == alice.id
     assert by_event["token.reuse_detected"].subject_id == alice.id
     update = by_event["user.updated"]
     assert (update.actor_id, update.subject_id) == (admin.id, alice.id)
@@ -77,6 +78,17 @@ def test_password_change_records_field_names_only(api: Api, database_url: str) -
     assert change.event == "user.updated"
     assert change.details == {"fields": ["password"]}
     assert "brand new" not in str(change.details)
+
+
+def test_a_failed_login_keeps_no_name_that_matches_no_account(api: Api, database_url: str) -> None:
+    # A password pasted into the username field, the commonest way one reaches a trail.
+    pasted = "Correct-Horse-Battery-Staple"
+    assert api.login(pasted, "anything").status_code == 401
+    [failure] = recorded(database_url, 1)
+    assert failure.event == "login.failure"
+    assert failure.details == {"unknown_account": True}
+    assert failure.subject_id is None
+    assert pasted.lower() not in str(failure.details).lower()
 
 
 def test_an_update_that_changes_nothing_is_not_recorded(api: Api, database_url: str) -> None:

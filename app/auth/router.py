@@ -65,7 +65,12 @@ async def login(
         async with policy.password_guess(account_budget(user and user.id, login)):
             user = await service.authenticate(session, hasher, user, form.password)
     except Unauthorized:
-        audit("login.failure", login=login)
+        # The name as typed is kept only when it names an account: otherwise it is often a
+        # password typed into the wrong field, which the trail must not hold.
+        if user is None:
+            audit("login.failure", unknown_account=True)
+        else:
+            audit("login.failure", subject_id=user.id, login=login)
         raise
     except RateLimited:  # the account's failure budget is spent: no guess was checked
         LOGINS.labels("locked").inc()
