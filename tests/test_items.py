@@ -52,6 +52,10 @@ def test_creating_needs_a_user(api: Api) -> None:
         {"title": "", "price": 1},
         {"title": "   ", "price": 1},
         {"title": "x" * 201, "price": 1},
+        # Invisible characters only (zero-width space, joiner, BOM, bidi override) would
+        # list as a blank item.
+        {"title": "\u200b\u200d\ufeff", "price": 1},
+        {"title": " \u202e\u2028 ", "price": 1},
         {"price": 1},
         {"title": "x"},
         {"title": "x", "price": 1, "owner_id": 1},

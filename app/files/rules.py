@@ -2,13 +2,13 @@
 must agree with the name and the declared type, and what an original name may contain."""
 
 import codecs
-import unicodedata
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
 import filetype
 
 from app.errors import UnsupportedMediaType
+from app.text import without_invisible
 
 # The first bytes are enough for every signature filetype knows.
 SNIFF_BYTES = 8192
@@ -96,19 +96,12 @@ def check_type(detected: str | None, filename: str, declared: str | None) -> str
     return detected
 
 
-# Characters a name must not hold: controls (Cc); format characters (Cf), which are
-# invisible or reorder the text around them ("invoice\u202egnp.txt" displays as
-# "invoicetxt.png", "\u200b.txt" as ".txt"); line and paragraph separators, which break
-# a name shown in one line; and lone surrogates, which no file system or header encodes.
-_REMOVED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
-
-
 def sanitize_filename(raw: str | None) -> str:
     """A display name only (storage uses generated keys), yet it ends up in headers and
     on users' disks: the last path component, no control, invisible or line-breaking
     characters, at most 255 bytes."""
     name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if unicodedata.category(ch) not in _REMOVED_CATEGORIES).strip()
+    name = without_invisible(name).strip()
     if name in ("", ".", ".."):
         return FALLBACK_NAME
     if len(name.encode()) > MAX_NAME_BYTES:

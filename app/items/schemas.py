@@ -14,10 +14,14 @@ from pydantic import (
 )
 
 from app.db import WithoutNul
+from app.text import Visible
 from app.users.schemas import StrictModel
 
 Title = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), WithoutNul
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    WithoutNul,
+    Visible,
 ]
 Description = Annotated[str, Field(max_length=5000), WithoutNul]
 
