@@ -7,6 +7,7 @@ client, and shutdown waits for the jobs in flight (bounded) instead of dropping 
 """
 
 import asyncio
+import collections
 from collections.abc import Coroutine
 from typing import Annotated, Any
 
@@ -20,12 +21,16 @@ logger = get_logger(__name__)
 
 class BackgroundJobs:
     def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[None]] = set()
+        # Each task with its job's name: what shutdown cancels is counted by name.
+        self.tasks: dict[asyncio.Task[None], str] = {}
 
     def spawn(self, name: str, job: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(self._run(name, job), name=f"job:{name}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks[task] = name
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        del self.tasks[task]
 
     @staticmethod
     async def _run(name: str, job: Coroutine[Any, Any, None]) -> None:
@@ -38,13 +43,23 @@ class BackgroundJobs:
             BACKGROUND_TASKS.labels(name, "success").inc()
 
     async def drain(self, timeout_seconds: float) -> None:
+        """Wait for the jobs in flight, then cancel the rest: each one lost that way is
+        counted (``outcome="cancelled"``) and the log says how many of each, since the
+        work they stood for (an audit record, an e-mail) will not happen."""
         if not self.tasks:
             return
         _, pending = await asyncio.wait(self.tasks, timeout=timeout_seconds)
+        if not pending:
+            return
+        lost = collections.Counter(self.tasks[task] for task in pending)
         for task in pending:
             task.cancel()
-        if pending:
-            logger.warning("background jobs cancelled at shutdown", count=len(pending))
+        for name, count in lost.items():
+            BACKGROUND_TASKS.labels(name, "cancelled").inc(count)
+        logger.warning("background jobs cancelled at shutdown", jobs=dict(lost))
+        # Let them unwind (close a connection, roll back) before the loop goes away; a job
+        # that ignores its cancellation is not waited for past this.
+        await asyncio.wait(pending, timeout=1)
 
 
 async def get_jobs(request: Request) -> BackgroundJobs:

@@ -1,6 +1,7 @@
 """E-mail goes to a real SMTP server (aiosmtpd on a free port) when one is configured."""
 
 import asyncio
+import io
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -10,13 +11,16 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
+from app.background import BackgroundJobs
 from app.email import Mailer
 from app.main import create_app
 from app.settings import Settings
 from deploy.stack.process import free_port, wait_for
 from tests.api import Api
 from tests.conftest import make_settings
+from tests.logs import attach, records
 
 
 class Inbox:
@@ -85,3 +89,32 @@ def test_a_notification_to_one_user_is_also_emailed(
         wait_for(lambda: len(inbox.messages) >= 1, timeout=10, what="the e-mail")
     [message] = inbox.messages  # the broadcast is not e-mailed
     assert (message["To"], message["Subject"]) == ("alice@example.com", "Maintenance")
+
+
+def test_jobs_cut_short_by_shutdown_are_counted_and_logged(log_lines: io.StringIO) -> None:
+    """An e-mail or audit record that shutdown gives up on is not lost without a trace."""
+    attach(log_lines)
+    cancelled = {"task": "email", "outcome": "cancelled"}
+    before = REGISTRY.get_sample_value("background_tasks_total", cancelled) or 0
+    unwound: list[str] = []
+
+    async def stuck() -> None:
+        try:
+            await asyncio.Event().wait()  # an SMTP server that never answers
+        finally:
+            unwound.append("email")
+
+    async def shut_down() -> None:
+        jobs = BackgroundJobs()
+        jobs.spawn("email", stuck())
+        jobs.spawn("email", stuck())
+        await asyncio.sleep(0)
+        await jobs.drain(timeout_seconds=0.05)
+
+    asyncio.run(shut_down())
+    assert REGISTRY.get_sample_value("background_tasks_total", cancelled) == before + 2
+    assert unwound == ["email", "email"]
+    [line] = [
+        r for r in records(log_lines) if r["event"] == "background jobs cancelled at shutdown"
+    ]
+    assert line["jobs"] == {"email": 2}

@@ -113,3 +113,7 @@ for _outcome in ("success", "invalid", "reuse_detected"):
     TOKEN_REFRESHES.labels(_outcome)
 for _outcome in ("ok", "too_large", "bad_type", "bomb", "invalid", "aborted", "no_space"):
     UPLOADS.labels(_outcome)
+# Rare by nature (a cancellation happens at a shutdown): a series born at 1 shows no increase.
+for _task in ("audit", "email"):
+    for _outcome in ("success", "failure", "cancelled"):
+        BACKGROUND_TASKS.labels(_task, _outcome)
