@@ -24,7 +24,9 @@ class BackgroundJobs:
         # Each task with its job's name: what shutdown cancels is counted by name.
         self.tasks: dict[asyncio.Task[None], str] = {}
 
-    def spawn(self, name: str, job: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, name: str, job: Coroutine[Any, Any, str | None]) -> None:
+        """Run ``job``; it is counted as ``success`` unless it returns another outcome (an
+        e-mail that was only logged is ``skipped``: nobody received it)."""
         task = asyncio.create_task(self._run(name, job), name=f"job:{name}")
         self.tasks[task] = name
         task.add_done_callback(self._finished)
@@ -33,14 +35,14 @@ class BackgroundJobs:
         del self.tasks[task]
 
     @staticmethod
-    async def _run(name: str, job: Coroutine[Any, Any, None]) -> None:
+    async def _run(name: str, job: Coroutine[Any, Any, str | None]) -> None:
         try:
-            await job
+            outcome = await job
         except Exception:
             BACKGROUND_TASKS.labels(name, "failure").inc()
             logger.exception("background job failed", job=name)
         else:
-            BACKGROUND_TASKS.labels(name, "success").inc()
+            BACKGROUND_TASKS.labels(name, outcome or "success").inc()
 
     async def drain(self, timeout_seconds: float) -> None:
         """Wait for the jobs in flight, then cancel the rest: each one lost that way is

@@ -20,11 +20,12 @@ class Mailer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    async def send(self, to: str, subject: str, body: str) -> None:
+    async def send(self, to: str, subject: str, body: str) -> str | None:
+        """Deliver the mail; the outcome ``skipped`` when there is no server to send to."""
         settings = self.settings
         if settings.smtp_host is None:
             logger.info("email not sent: SMTP is not configured", to=to, subject=subject)
-            return
+            return "skipped"
         message = EmailMessage()
         message["From"] = settings.smtp_from
         message["To"] = to
@@ -39,6 +40,7 @@ class Mailer:
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
             timeout=settings.smtp_timeout_seconds,
         )
+        return None
 
 
 async def get_mailer(request: Request) -> Mailer:

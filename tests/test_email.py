@@ -21,6 +21,7 @@ from deploy.stack.process import free_port, wait_for
 from tests.api import Api
 from tests.conftest import make_settings
 from tests.logs import attach, records
+from tests.prom import parse, value
 
 
 class Inbox:
@@ -89,6 +90,31 @@ def test_a_notification_to_one_user_is_also_emailed(
         wait_for(lambda: len(inbox.messages) >= 1, timeout=10, what="the e-mail")
     [message] = inbox.messages  # the broadcast is not e-mailed
     assert (message["To"], message["Subject"]) == ("alice@example.com", "Maintenance")
+
+
+def test_mail_that_was_only_logged_is_not_counted_as_sent(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Without SMTP nobody receives the mail: a dashboard of e-mail successes must not
+    say otherwise."""
+    settings = make_settings(database_url, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        alice, admin = api.account("alice"), api.root()
+
+        def email(outcome: str) -> float:
+            samples = parse(client.get("/metrics").text)
+            return value(samples, "background_tasks_total", task="email", outcome=outcome)
+
+        sent, skipped = email("success"), email("skipped")
+        response = client.post(
+            "/api/v1/notifications",
+            json={"title": "Maintenance", "user_id": alice.id},
+            headers=admin.headers,
+        )
+        assert response.status_code == 202
+        wait_for(lambda: email("skipped") == skipped + 1, timeout=10, what="the mail's outcome")
+        assert email("success") == sent
 
 
 def test_jobs_cut_short_by_shutdown_are_counted_and_logged(log_lines: io.StringIO) -> None:

@@ -117,3 +117,4 @@ for _outcome in ("ok", "too_large", "bad_type", "bomb", "invalid", "aborted", "n
 for _task in ("audit", "email"):
     for _outcome in ("success", "failure", "cancelled"):
         BACKGROUND_TASKS.labels(_task, _outcome)
+BACKGROUND_TASKS.labels("email", "skipped")
