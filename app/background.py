@@ -20,19 +20,29 @@ logger = get_logger(__name__)
 
 
 class BackgroundJobs:
-    def __init__(self) -> None:
+    def __init__(self, max_jobs_per_task: int) -> None:
         # Each task with its job's name: what shutdown cancels is counted by name.
         self.tasks: dict[asyncio.Task[None], str] = {}
+        self.max_jobs_per_task = max_jobs_per_task
+        self.in_flight: collections.Counter[str] = collections.Counter()
 
     def spawn(self, name: str, job: Coroutine[Any, Any, str | None]) -> None:
         """Run ``job``; it is counted as ``success`` unless it returns another outcome (an
-        e-mail that was only logged is ``skipped``: nobody received it)."""
+        e-mail that was only logged is ``skipped``: nobody received it). While
+        ``max_jobs_per_task`` jobs of that name are in flight (their dependency is stalled),
+        it is dropped instead, counted as ``dropped`` and logged."""
+        if self.in_flight[name] >= self.max_jobs_per_task:
+            job.close()
+            BACKGROUND_TASKS.labels(name, "dropped").inc()
+            logger.warning("background job dropped: too many in flight", job=name)
+            return
         task = asyncio.create_task(self._run(name, job), name=f"job:{name}")
         self.tasks[task] = name
+        self.in_flight[name] += 1
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        del self.tasks[task]
+        self.in_flight[self.tasks.pop(task)] -= 1
 
     @staticmethod
     async def _run(name: str, job: Coroutine[Any, Any, str | None]) -> None:

@@ -4,6 +4,7 @@ Always sent from a background job (app/background.py): a slow or failing mail se
 must not slow down or fail the request that caused the mail.
 """
 
+import asyncio
 from email.message import EmailMessage
 from typing import Annotated
 
@@ -19,6 +20,7 @@ logger = get_logger(__name__)
 class Mailer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.connections = asyncio.Semaphore(settings.smtp_max_connections)
 
     async def send(self, to: str, subject: str, body: str) -> str | None:
         """Deliver the mail; the outcome ``skipped`` when there is no server to send to."""
@@ -31,15 +33,18 @@ class Mailer:
         message["To"] = to
         message["Subject"] = subject
         message.set_content(body)
-        await aiosmtplib.send(
-            message,
-            hostname=settings.smtp_host,
-            port=settings.smtp_port,
-            start_tls=settings.smtp_starttls,
-            username=settings.smtp_username,
-            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
-            timeout=settings.smtp_timeout_seconds,
-        )
+        async with self.connections:
+            await aiosmtplib.send(
+                message,
+                hostname=settings.smtp_host,
+                port=settings.smtp_port,
+                start_tls=settings.smtp_starttls,
+                username=settings.smtp_username,
+                password=settings.smtp_password.get_secret_value()
+                if settings.smtp_password
+                else None,
+                timeout=settings.smtp_timeout_seconds,
+            )
         return None
 
 

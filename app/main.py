@@ -53,7 +53,7 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     backends = create_backends(settings, application.state.sessionmaker)
     application.state.backends = backends
     application.state.rate_policy = RatePolicy(backends.limiter, settings)
-    application.state.jobs = jobs = BackgroundJobs()
+    application.state.jobs = jobs = BackgroundJobs(settings.background_max_jobs)
     application.state.mailer = Mailer(settings)
     application.state.item_cache = ItemCache(
         backends.cache, settings.cache_item_ttl_seconds, settings.cache_list_ttl_seconds

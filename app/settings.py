@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_from: str = "no-reply@localhost"
     smtp_timeout_seconds: float = Field(default=10, gt=0)
+    # Mail sent at once by one process: a mail server that is slow or down is not also
+    # flooded with connections, each one held until it times out.
+    smtp_max_connections: int = Field(default=2, ge=1, le=100)
+    # Jobs of one kind (audit, email) in flight in one process, beyond which new ones are
+    # dropped (counted and logged): a stalled dependency must not grow memory without end.
+    background_max_jobs: int = Field(default=1000, ge=1)
     # gunicorn's worker count: in-process backends cannot be shared between workers.
     web_concurrency: int = Field(default=1, ge=1, validation_alias="WEB_CONCURRENCY")
     data_dir: Path = Path("./var")

@@ -92,6 +92,73 @@ def test_a_notification_to_one_user_is_also_emailed(
     assert (message["To"], message["Subject"]) == ("alice@example.com", "Maintenance")
 
 
+class SlowInbox(Inbox):
+    """A mail server that holds every message at DATA until released: down, for a client."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = asyncio.Event()  # on the server's own loop, waited for there only
+        self.holding = self.most_held = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.holding += 1
+        self.most_held = max(self.most_held, self.holding)
+        try:
+            await self.released.wait()
+            return await super().handle_DATA(server, session, envelope)
+        finally:
+            self.holding -= 1
+
+
+def test_a_stalled_mail_server_gets_few_connections_and_a_bounded_backlog(
+    database_url: str, tmp_path: Path, log_lines: io.StringIO
+) -> None:
+    inbox, port = SlowInbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        smtp_host="127.0.0.1",
+        smtp_port=port,
+        smtp_starttls=False,
+        smtp_max_connections=2,
+        background_max_jobs=3,
+    )
+    try:
+        with TestClient(create_app(settings)) as client:
+            attach(log_lines)
+            api = Api(client, settings)
+            alice, admin = api.account("alice"), api.root()
+            dropped = value(
+                parse(client.get("/metrics").text),
+                "background_tasks_total",
+                task="email",
+                outcome="dropped",
+            )
+            for number in range(5):
+                response = client.post(
+                    "/api/v1/notifications",
+                    json={"title": f"Notice {number}", "user_id": alice.id},
+                    headers=admin.headers,
+                )
+                assert response.status_code == 202  # never waits on the mail server
+            wait_for(lambda: inbox.holding == 2, timeout=10, what="two mails at DATA")
+            samples = parse(client.get("/metrics").text)
+            assert (
+                value(samples, "background_tasks_total", task="email", outcome="dropped")
+                == dropped + 2
+            )
+            controller.loop.call_soon_threadsafe(inbox.released.set)
+            wait_for(lambda: len(inbox.messages) == 3, timeout=10, what="the mails kept")
+    finally:
+        controller.stop()
+    assert inbox.most_held == 2
+    assert sorted(m["Subject"] for m in inbox.messages) == ["Notice 0", "Notice 1", "Notice 2"]
+    drops = [r for r in records(log_lines) if r["event"].startswith("background job dropped")]
+    assert [r["job"] for r in drops] == ["email", "email"]
+
+
 def test_mail_that_was_only_logged_is_not_counted_as_sent(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -131,7 +198,7 @@ def test_jobs_cut_short_by_shutdown_are_counted_and_logged(log_lines: io.StringI
             unwound.append("email")
 
     async def shut_down() -> None:
-        jobs = BackgroundJobs()
+        jobs = BackgroundJobs(max_jobs_per_task=10)
         jobs.spawn("email", stuck())
         jobs.spawn("email", stuck())
         await asyncio.sleep(0)

@@ -115,6 +115,6 @@ for _outcome in ("ok", "too_large", "bad_type", "bomb", "invalid", "aborted", "n
     UPLOADS.labels(_outcome)
 # Rare by nature (a cancellation happens at a shutdown): a series born at 1 shows no increase.
 for _task in ("audit", "email"):
-    for _outcome in ("success", "failure", "cancelled"):
+    for _outcome in ("success", "failure", "cancelled", "dropped"):
         BACKGROUND_TASKS.labels(_task, _outcome)
 BACKGROUND_TASKS.labels("email", "skipped")
