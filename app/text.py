@@ -4,12 +4,14 @@ import unicodedata
 
 from pydantic import AfterValidator
 
-# Characters that show nothing or break a line: controls (Cc); format characters (Cf),
+# Controls (Cc: tab, CR, LF, NEL …) and line and paragraph separators: what ends a line
+# for str.splitlines, and so for an e-mail header, which the email package refuses.
+_LINE_BREAKING_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
+# Characters that show nothing or break a line: those above; format characters (Cf),
 # which are invisible or reorder the text around them ("invoice\u202egnp.txt" displays as
-# "invoicetxt.png", "\u200b.txt" as ".txt"); line and paragraph separators, which break
-# text shown in one line; and lone surrogates, which no file system, header or database
-# encoding holds.
-_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+# "invoicetxt.png", "\u200b.txt" as ".txt"); and lone surrogates, which no file system,
+# header or database encoding holds.
+_INVISIBLE_CATEGORIES = _LINE_BREAKING_CATEGORIES | {"Cf", "Cs"}
 
 
 def without_invisible(text: str) -> str:
@@ -23,5 +25,13 @@ def _visible(value: str) -> str:
     return value
 
 
+def _single_line(value: str) -> str:
+    if any(unicodedata.category(ch) in _LINE_BREAKING_CATEGORIES for ch in value):
+        raise ValueError("must be one line, without control characters")
+    return value
+
+
 # For a name or title: one of invisible characters only would show as blank.
 Visible = AfterValidator(_visible)
+# For text that becomes a header line (an e-mail subject).
+SingleLine = AfterValidator(_single_line)

@@ -18,7 +18,7 @@ from app.email import Mailer
 from app.main import create_app
 from app.settings import Settings
 from deploy.stack.process import free_port, wait_for
-from tests.api import Api
+from tests.api import Api, assert_problem
 from tests.conftest import make_settings
 from tests.logs import attach, records
 from tests.prom import parse, value
@@ -90,6 +90,38 @@ def test_a_notification_to_one_user_is_also_emailed(
         wait_for(lambda: len(inbox.messages) >= 1, timeout=10, what="the e-mail")
     [message] = inbox.messages  # the broadcast is not e-mailed
     assert (message["To"], message["Subject"]) == ("alice@example.com", "Maintenance")
+
+
+@pytest.mark.parametrize(
+    "title", ["Maintenance\r\nBcc: eve@example.com", "Maintenance\u2028Bcc: eve@example.com"]
+)
+def test_a_subject_that_would_break_the_header_is_refused_up_front(
+    smtp: tuple[Inbox, int], database_url: str, tmp_path: Path, title: str
+) -> None:
+    """A line break in the title cannot become an e-mail header; it was refused only by
+    the background job, after the admin had been told 202 (sent)."""
+    inbox, port = smtp
+    settings = make_settings(
+        database_url, tmp_path, smtp_host="127.0.0.1", smtp_port=port, smtp_starttls=False
+    )
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        alice, admin = api.account("alice"), api.root()
+        refused = client.post(
+            "/api/v1/notifications",
+            json={"title": title, "user_id": alice.id},
+            headers=admin.headers,
+        )
+        assert_problem(refused, 422)
+        sent = client.post(
+            "/api/v1/notifications",
+            json={"title": "Maintenance", "user_id": alice.id},
+            headers=admin.headers,
+        )
+        assert sent.status_code == 202
+        wait_for(lambda: len(inbox.messages) >= 1, timeout=10, what="the e-mail")
+    assert [message["Subject"] for message in inbox.messages] == ["Maintenance"]
+    assert all(message["Bcc"] is None for message in inbox.messages)
 
 
 class SlowInbox(Inbox):

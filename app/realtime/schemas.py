@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from app.db import MAX_ID
+from app.text import SingleLine, Visible
 from app.users.schemas import StrictModel, Username
 
 MAX_FRAME_BYTES = 8 * 1024
@@ -134,7 +135,13 @@ class Error(ServerFrame):
 
 
 class NotificationCreate(StrictModel):
-    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    # Also an e-mail's subject: a line break in it would fail the mail after the 202.
+    title: Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+        SingleLine,
+        Visible,
+    ]
     body: str = Field(default="", max_length=MAX_CONTENT_CHARS)
     # Absent: everyone connected to /ws/notifications receives it.
     user_id: Annotated[StrictInt, Field(ge=1, le=MAX_ID)] | None = None
