@@ -5,13 +5,14 @@ right connections, bad frames answered without dropping the socket, and shutdown
 import asyncio
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
@@ -21,7 +22,7 @@ from app.main import create_app
 from app.middleware import HttpMiddleware
 from app.realtime import deps
 from app.realtime.service import Realtime, close_connections
-from tests.api import Account, Api, assert_problem
+from tests.api import PASSWORD, Account, Api, assert_problem
 from tests.conftest import make_settings
 from tests.prom import parse, value
 
@@ -497,6 +498,42 @@ def test_ending_a_users_sessions_closes_their_sockets_at_once(api: Api) -> None:
         )
         assert deactivated.status_code == 200
         assert close_code(phone_ws) == POLICY_VIOLATION
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/users/me", {"password": "a new passphrase", "current_password": PASSWORD}),
+        ("/api/v1/auth/logout", None),
+    ],
+    ids=["new password", "logout"],
+)
+def test_sessions_ended_while_a_socket_is_admitted_close_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, str] | None
+) -> None:
+    """Between a socket's token check and its being served comes the socket cap's lease
+    (a round trip to Redis). Sessions ended then were missed: a new password leaves the
+    token valid, and a socket once subscribed never heard of the end, so it stayed open
+    until its token expired. Here the sessions end from inside that gap, every time."""
+    alice = api.account("alice")
+    body = body or {"refresh_token": alice.tokens["refresh_token"]}
+    app = api.client.app
+    leases = app.state.backends.leases  # type: ignore[attr-defined]
+    hold = leases.hold
+
+    @asynccontextmanager
+    async def sessions_ended_first(holder: str, limit: int) -> AsyncIterator[bool]:
+        transport = httpx2.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            method = "PATCH" if path == "/api/v1/users/me" else "POST"
+            ended = await c.request(method, path, json=body, headers=alice.headers)
+            assert ended.status_code in (200, 204), ended.text
+        async with hold(holder, limit) as granted:
+            yield granted
+
+    monkeypatch.setattr(leases, "hold", sessions_ended_first)
+    with api.client.websocket_connect(NOTIFICATIONS, headers=alice.headers) as ws:
+        assert close_code(ws) == POLICY_VIOLATION
 
 
 def test_a_user_flooding_a_room_is_slowed_down(database_url: str, tmp_path: Path) -> None:

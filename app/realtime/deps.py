@@ -9,7 +9,7 @@ answer the handshake itself with HTTP 403.
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
 import anyio
@@ -58,44 +58,47 @@ RoomName = Annotated[str, Depends(room_name)]
 async def admitted(websocket: WebSocket) -> AsyncIterator[SocketUser | None]:
     """The socket's user while the socket is open, or None once it is closed (1008): it
     failed to authenticate, or its user already holds APP_WS_MAX_SOCKETS_PER_USER."""
-    socket_user = await authenticate(websocket)
-    if socket_user is None:
-        yield None
-        return
-    limit = websocket.app.state.settings.ws_max_sockets_per_user
-    leases: Leases = websocket.app.state.backends.leases
-    async with leases.hold(f"user:{socket_user.user.id}", limit) as granted:
-        if not granted:
-            detail = f"Too many open sockets: at most {limit} per user."
-            await _refuse(websocket, "socket_cap", detail)
-        yield socket_user if granted else None
+    async with authenticated(websocket) as socket_user:
+        if socket_user is None:
+            yield None
+            return
+        limit = websocket.app.state.settings.ws_max_sockets_per_user
+        leases: Leases = websocket.app.state.backends.leases
+        async with leases.hold(f"user:{socket_user.user.id}", limit) as granted:
+            if not granted:
+                detail = f"Too many open sockets: at most {limit} per user."
+                await _refuse(websocket, "socket_cap", detail)
+            yield socket_user if granted else None
 
 
-async def authenticate(websocket: WebSocket) -> SocketUser | None:
-    """Accept the socket and return its user, or close it (1008) and return None.
+@asynccontextmanager
+async def authenticated(websocket: WebSocket) -> AsyncIterator[SocketUser | None]:
+    """Accept the socket and yield its user, or close it (1008) and yield None.
 
     The handshake's bearer header is checked before accepting; without one the socket is
     accepted and the first frame must be ``{"type": "auth", "token": …}`` within 5 s.
     """
     if _credential_in_url(websocket):
         await _refuse(websocket, "credentials_in_url", "Credentials are not accepted in the URL.")
-        return None
+        yield None
+        return
     header = websocket.headers.get("authorization")
-    if header is not None:
-        found = await _user_for(websocket, _bearer_token(header))
-        if found is not None:
-            await websocket.accept()
-    else:
+    if header is None:
         await websocket.accept()
-        found = await _user_for(websocket, await _first_frame_token(websocket))
-    if found is None:
-        await _refuse(websocket, "authentication", "Authentication failed.")
-        return None
-    # Every later log line of this connection names the user, and so does its access
-    # line (app/middleware.py), as for HTTP requests.
-    user_id_var.set(found.user.id)
-    websocket.state.user_id = found.user.id
-    return found
+        token = await _first_frame_token(websocket)
+    else:
+        token = _bearer_token(header)
+    async with _checked(websocket, token) as found:
+        if found is None:
+            await _refuse(websocket, "authentication", "Authentication failed.")
+        else:
+            if header is not None:
+                await websocket.accept()
+            # Every later log line of this connection names the user, and so does its
+            # access line (app/middleware.py), as for HTTP requests.
+            user_id_var.set(found.user.id)
+            websocket.state.user_id = found.user.id
+        yield found
 
 
 def _credential_in_url(websocket: WebSocket) -> bool:
@@ -123,17 +126,38 @@ async def _first_frame_token(websocket: WebSocket) -> str | None:
     return None
 
 
-async def _user_for(websocket: WebSocket, token: str | None) -> SocketUser | None:
+@asynccontextmanager
+async def _checked(websocket: WebSocket, token: str | None) -> AsyncIterator[SocketUser | None]:
+    """The user of a valid access token, or None. Its sessions channel is subscribed to
+    before the token is checked and stays so while the block runs: whatever ends the
+    sessions after the check (which a new password or role does not make fail) reaches
+    the socket however long it takes to be served."""
+    claims = _claims(websocket, token)
+    if claims is None:
+        yield None
+        return
+    state = websocket.app.state
+    async with realtime_of(websocket.app).sessions(int(claims["sub"])) as sessions:
+        async with state.sessionmaker() as session:
+            try:
+                user = await user_from_access_claims(session, state.backends.revocations, claims)
+            except Unauthorized:
+                found = None
+            else:
+                found = SocketUser(user, float(claims["exp"]), claims["jti"], sessions)
+        yield found
+
+
+def _claims(websocket: WebSocket, token: str | None) -> dict[str, Any] | None:
+    """The verified claims of an access token naming a user id, or None."""
     if token is None:
         return None
-    state = websocket.app.state
-    async with state.sessionmaker() as session:
-        try:
-            claims = access_claims(websocket, token)
-            user = await user_from_access_claims(session, state.backends.revocations, claims)
-        except Unauthorized:
-            return None
-    return SocketUser(user, float(claims["exp"]), claims["jti"])
+    try:
+        claims = access_claims(websocket, token)
+        int(claims["sub"])
+    except (Unauthorized, ValueError):
+        return None
+    return claims
 
 
 async def _refuse(websocket: WebSocket, reason: RefusalReason, detail: str) -> None:

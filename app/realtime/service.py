@@ -13,7 +13,7 @@ the application shuts down.
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -60,6 +60,9 @@ class SocketUser:
     user: User
     expires_at: float
     token_id: str  # the access token's jti: a logout ends the sockets opened with it
+    # The user's sessions channel, subscribed to before the token was checked: an end of
+    # their sessions at any moment after that check is in it (see Realtime.sessions).
+    sessions: Subscription
 
 
 def sessions_channel(user_id: int) -> str:
@@ -138,22 +141,26 @@ class Realtime:
         message = {"jti": token_id, "id": new_id()}
         await self.broker.publish(sessions_channel(user_id), json.dumps(message).encode())
 
+    def sessions(self, user_id: int) -> AbstractAsyncContextManager[Subscription]:
+        """What ends the user's sessions from now on, for a socket to subscribe to before
+        its token is checked (app/realtime/deps.py). Subscribed after the check, a socket
+        missed an end that came in between (the lease's round trip to Redis is there): with
+        a new password or role its token still passed, and it stayed open until it expired."""
+        return self.broker.subscribe(sessions_channel(user_id), 4)
+
     @asynccontextmanager
     async def _sessions_ended(self, socket_user: SocketUser) -> AsyncIterator[anyio.Event]:
         """Set when ``end_sessions`` reaches this socket, for ``Connection.serve`` to close it."""
         ended = anyio.Event()
 
-        async def watch(subscription: Subscription) -> None:
-            async for message in subscription:
+        async def watch() -> None:
+            async for message in socket_user.sessions:
                 if json.loads(message)["jti"] in (None, socket_user.token_id):
                     ended.set()
                     return
 
-        async with (
-            self.broker.subscribe(sessions_channel(socket_user.user.id), 4) as subscription,
-            anyio.create_task_group() as tasks,
-        ):
-            tasks.start_soon(watch, subscription)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch)
             yield ended
             tasks.cancel_scope.cancel()
 
