@@ -240,7 +240,17 @@ def shutting_down(scope: Scope) -> JSONResponse:
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-    return problem_response(request.scope, HTTPStatus.INTERNAL_SERVER_ERROR, "Internal error.")
+    # The server closes the connection after an error escapes the application (uvicorn
+    # does once the response has started, as this one will have), whether or not the body
+    # was read. Said so, a client does not send its next request on it, nor the rest of a
+    # body the route never read (HttpMiddleware says so on its own refusals; this answer
+    # is rendered outside it).
+    return problem_response(
+        request.scope,
+        HTTPStatus.INTERNAL_SERVER_ERROR,
+        "Internal error.",
+        headers={"Connection": "close"},
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -416,3 +417,28 @@ def test_a_refusal_before_the_body_is_read_closes_the_connection(tmp_path: Path)
             again = http.client.HTTPResponse(connection)
             again.begin()
             assert again.status == 200
+
+
+def test_an_unhandled_error_closes_the_connection_and_says_so(tmp_path: Path) -> None:
+    """A 500 is rendered outside the middleware that marks refusals sent before the body
+    was read, and lacked `Connection: close`: the server closes the connection after an
+    unhandled error anyway, so a keep-alive client sent its next request, or the rest of
+    an upload, into a closed connection. The table the routes read users from is renamed
+    away under the server: every authenticated request fails unhandled."""
+    with upload_server(tmp_path, 64 * MIB) as (base, _, token):
+        with contextlib.closing(sqlite3.connect(tmp_path / "app.db")) as database:
+            database.execute("ALTER TABLE users RENAME TO users_elsewhere")
+        upload = (
+            "POST /api/v1/files HTTP/1.1\r\n"
+            f"Authorization: Bearer {token}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {2**40}\r\n"
+        )
+        with refused_mid_body(base, upload, HEAD) as (response, connection):
+            assert response.status == 500
+            assert response.getheader("connection") == "close"
+            assert reset_while_sending(connection, b"a" * MIB, 256)  # the server reads no more
+        read = f"GET /api/v1/users/me HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
+        with refused_mid_body(base, read, b"") as (response, _):
+            assert response.status == 500
+            assert response.getheader("connection") == "close"
