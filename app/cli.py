@@ -10,19 +10,25 @@ import getpass
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import uvicorn
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
 
 from app import migrate
 from app.auth import service as auth_service
-from app.db import create_engine, create_sessionmaker
+from app.db import DatabaseUnreachable, create_engine, create_sessionmaker
 from app.errors import Conflict
 from app.security import PasswordHasher
 from app.server import SERVER_OPTIONS
 from app.settings import Settings
 from app.users.models import Role
 from app.users.schemas import UserCreate
+
+# Not 1 (a migration that failed, a name taken): the database may only not be up yet,
+# which a wrapper script can tell apart and retry.
+EXIT_UNREACHABLE = 3
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -49,12 +55,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"configuration refused: {exc}")
     if args.command == "serve":
         run_server(settings, args.host, args.port)
-    elif args.command == "migrate":
-        migrate.upgrade(settings.effective_database_url)
-        print("database is at the latest migration")
-    else:
-        password = read_password(args.password_stdin)
-        sys.exit(asyncio.run(create_superuser(settings, args.email, args.username, password)))
+        return
+    try:
+        if args.command == "migrate":
+            migrate.upgrade(
+                settings.effective_database_url,
+                connect_timeout_seconds=settings.db_connect_timeout_seconds,
+            )
+            print("database is at the latest migration")
+        else:
+            password = read_password(args.password_stdin)
+            sys.exit(asyncio.run(create_superuser(settings, args.email, args.username, password)))
+    except DatabaseUnreachable as exc:
+        exit_unreachable(settings.effective_database_url, exc)
+
+
+def exit_unreachable(database_url: str, exc: DatabaseUnreachable) -> NoReturn:
+    # One line naming the server, its password masked, instead of a driver's traceback.
+    where = make_url(database_url).render_as_string(hide_password=True)
+    print(f"cannot reach the database at {where}: {exc}", file=sys.stderr)
+    sys.exit(EXIT_UNREACHABLE)
 
 
 def run_server(settings: Settings, host: str, port: int) -> None:
@@ -98,7 +118,7 @@ async def create_superuser(settings: Settings, email: str, username: str, passwo
         for error in exc.errors():
             print(f"invalid {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
         return 2
-    engine = create_engine(settings.effective_database_url)
+    engine = create_engine(settings.effective_database_url, settings)
     try:
         async with create_sessionmaker(engine)() as session:
             user = await auth_service.register(

@@ -86,8 +86,13 @@ def create_engine(url: str, settings: Settings | None = None) -> AsyncEngine:
                 "connect_args": {"timeout": settings.db_connect_timeout_seconds},
             }
         engine = create_async_engine(url, **options)
-    event.listen(engine.sync_engine, "do_connect", _connect_or_unreachable)
+    report_unreachable(engine)
     return engine
+
+
+def report_unreachable(engine: AsyncEngine) -> None:
+    """Make every failure to connect through ``engine`` a ``DatabaseUnreachable``."""
+    event.listen(engine.sync_engine, "do_connect", _connect_or_unreachable)
 
 
 def _connect_or_unreachable(
@@ -98,7 +103,9 @@ def _connect_or_unreachable(
     try:
         return dialect.connect(*cargs, **cparams)
     except Exception as exc:
-        raise DatabaseUnreachable(f"{type(exc).__name__}: {exc}") from exc
+        # A timeout has no message: its name alone, not "TimeoutError: ".
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise DatabaseUnreachable(reason) from exc
 
 
 def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

@@ -10,6 +10,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
+from app.settings import DB_CONNECT_TIMEOUT_SECONDS
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -20,16 +22,24 @@ def script_location() -> Path:
     raise RuntimeError("Alembic migration scripts not found next to the app package")
 
 
-def alembic_config(database_url: str) -> Config:
+def alembic_config(
+    database_url: str, connect_timeout_seconds: float = DB_CONNECT_TIMEOUT_SECONDS
+) -> Config:
     config = Config()
     config.set_main_option("script_location", str(script_location()))
     # Passed as an attribute, not a main option: ConfigParser would mangle a '%' in it.
     config.attributes["database_url"] = database_url
+    config.attributes["connect_timeout_seconds"] = connect_timeout_seconds
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(
+    database_url: str,
+    revision: str = "head",
+    connect_timeout_seconds: float = DB_CONNECT_TIMEOUT_SECONDS,
+) -> None:
+    """Raises ``app.db.DatabaseUnreachable`` if no connection can be made in time."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(database_url), revision)
+    command.upgrade(alembic_config(database_url, connect_timeout_seconds), revision)

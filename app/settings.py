@@ -44,6 +44,8 @@ PATTERN_CHARS = 8
 OWASP_ARGON2_MEMORY_KIB = 19 * 1024
 OWASP_ARGON2_TIME_COST = 2
 OWASP_ARGON2_PARALLELISM = 1
+# Rather than asyncpg's 60 s: the service's requests and `python -m app migrate` alike.
+DB_CONNECT_TIMEOUT_SECONDS = 5.0
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -133,7 +135,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, gt=0)
     db_max_overflow: int = Field(default=10, ge=0)
     # Fail fast (503) rather than hold a request for asyncpg's 60 s / SQLAlchemy's 30 s.
-    db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    db_connect_timeout_seconds: float = Field(default=DB_CONNECT_TIMEOUT_SECONDS, gt=0)
     db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("cors_origins", "allowed_hosts", "metrics_allowed_networks", mode="before")

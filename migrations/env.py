@@ -11,8 +11,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from app.db import report_unreachable
 from app.models import Base
-from app.settings import Settings
+from app.settings import DB_CONNECT_TIMEOUT_SECONDS, Settings
 
 config = context.config
 target_metadata = Base.metadata
@@ -49,7 +50,17 @@ def run_with_connection(connection: Connection) -> None:
 
 
 async def run_async() -> None:
-    engine = create_async_engine(database_url(), poolclass=NullPool)
+    # Not app.db.create_engine: its SQLite connections enforce foreign keys, and a batch
+    # migration that recreates a table would then cascade-delete the rows referring to it.
+    url = database_url()
+    connect_args: dict[str, float] = {}
+    if not url.startswith("sqlite"):
+        # Bounded, so an unreachable server is an error in seconds, not a minute's hang.
+        connect_args["timeout"] = config.attributes.get(
+            "connect_timeout_seconds", DB_CONNECT_TIMEOUT_SECONDS
+        )
+    engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args)
+    report_unreachable(engine)
     if engine.dialect.name == "sqlite":
         # Stored in the file, so once here rather than on each of the service's
         # connections: readers run beside the writer.

@@ -5,6 +5,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -74,6 +75,12 @@ def test_a_migrated_sqlite_database_is_in_wal_mode(tmp_path: Path) -> None:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+SUPERUSER_ARGS = (
+    *("create-superuser", "--email", "ops@example.com", "--username", "ops"),
+    "--password-stdin",
+)
+
+
 def run_cli(
     *args: str, cwd: Path, env: dict[str, str], stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
@@ -140,6 +147,41 @@ def test_migrate_and_create_superuser_from_another_directory(
     assert "tiny!" not in weak.stdout + weak.stderr
 
 
+def test_commands_report_an_unreachable_database_in_one_line(tmp_path: Path) -> None:
+    """A server that accepts connections and never answers (a firewall, a hung host) and
+    one that refuses them: one line naming the server, its password masked, and exit 3,
+    within the connect timeout rather than asyncpg's minute, with no traceback."""
+    password = "a-database-password"
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts
+        port = silent.getsockname()[1]
+        for url in (
+            f"postgresql+asyncpg://app:{password}@127.0.0.1:{port}/app",
+            f"postgresql+asyncpg://app:{password}@127.0.0.1:{free_port()}/app",
+        ):
+            env = {
+                "APP_ENV": "test",
+                "APP_DATABASE_URL": url,
+                "APP_DB_CONNECT_TIMEOUT_SECONDS": "1",
+            }
+            for args, stdin in (
+                (("migrate",), ""),
+                (SUPERUSER_ARGS, "an operator's long password\n"),
+            ):
+                failed = run_cli(*args, cwd=tmp_path, env=env, stdin=stdin)
+                assert failed.returncode == 3, failed.stderr
+                assert failed.stderr.startswith(
+                    "cannot reach the database at postgresql+asyncpg://app:***@127.0.0.1:"
+                )
+                assert "Traceback" not in failed.stderr
+                assert password not in failed.stdout + failed.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_create_superuser_reads_a_password_line_ended_by_crlf(tmp_path: Path) -> None:
     """A password file saved on Windows: the superuser logs in with the password, not the
     password and a carriage return."""
@@ -147,8 +189,7 @@ def test_create_superuser_reads_a_password_line_ended_by_crlf(tmp_path: Path) ->
     migrate.upgrade(database_url)
     password = "an operator's long password "
     created = run_cli(
-        *("create-superuser", "--email", "ops@example.com", "--username", "ops"),
-        "--password-stdin",
+        *SUPERUSER_ARGS,
         cwd=tmp_path,
         env={"APP_ENV": "test", "APP_DATABASE_URL": database_url},
         stdin=password + "\r\n",
