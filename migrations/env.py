@@ -7,6 +7,7 @@ alembic.ini, or from the service settings, in that order.
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -43,9 +44,20 @@ def run_offline() -> None:
         context.run_migrations()
 
 
+# Any fixed number, the same in every release: the key of the advisory lock below.
+MIGRATION_LOCK_KEY = 0x6D6967726174650A
+
+
 def run_with_connection(connection: Connection) -> None:
     configure(connection=connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Two replicas or Jobs migrating at once both created the same tables and one
+            # failed. The lock queues them; it is released when the transaction ends, and
+            # the one that waited reads the version only then, finds it current and stops.
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
         context.run_migrations()
 
 

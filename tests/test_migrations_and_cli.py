@@ -18,12 +18,14 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import migrate
 from app.db import create_engine
 from app.main import create_app
 from app.models import Base
+from deploy.stack.postgres import PostgresServer
 from tests.api import Api
 from tests.app_server import app_server
 from tests.conftest import make_settings
@@ -180,6 +182,66 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_replicas_migrating_one_new_database_at_once_all_succeed(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Several replicas (or a Job and a rollout) starting with `migrate` against the same
+    fresh database: without a lock two of them created the same tables and one failed."""
+    postgres.create_database("migrated_at_once")
+    url = postgres.url("migrated_at_once")
+    codes, errors = asyncio.run(migrate_together(url, tmp_path, replicas=4))
+    assert codes == [0] * 4, errors
+    assert asyncio.run(schema_drift(url)) == []
+
+
+async def migrate_together(
+    database_url: str, cwd: Path, replicas: int
+) -> tuple[list[int], list[str]]:
+    """Runs `migrate` in several processes that all reach the database before any of them
+    has created a table: a transaction of the test's holds the version table uncommitted
+    until every one of them waits for a lock, then gives it up. Without this the processes
+    overlap only by chance (their start-up takes longer than the migration)."""
+    env = os.environ | {"APP_ENV": "test", "APP_DATABASE_URL": database_url}
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as holder, engine.connect() as observer:
+            await holder.execute(text("CREATE TABLE alembic_version (version_num varchar(32))"))
+            processes = [
+                await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "app", "migrate"),
+                    cwd=cwd,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                for _ in range(replicas)
+            ]
+            async with asyncio.timeout(120):
+                await wait_for_lock_waiters(observer, replicas)
+            await holder.rollback()
+        outcomes = [await process.communicate() for process in processes]
+    finally:
+        await engine.dispose()
+    return (
+        [process.returncode or 0 for process in processes],
+        [stderr.decode() for _, stderr in outcomes],
+    )
+
+
+async def wait_for_lock_waiters(observer: AsyncConnection, count: int) -> None:
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    while True:
+        found = (await observer.execute(waiting)).scalar_one()
+        # pg_stat_activity is a snapshot per transaction: a new one for each look.
+        await observer.rollback()
+        if found >= count:
+            return
+        await asyncio.sleep(0.1)
 
 
 def test_create_superuser_reads_a_password_line_ended_by_crlf(tmp_path: Path) -> None:
