@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 MIN_SECRET_BYTES = 32
 # What placeholder secrets are made of; six letters or more, so that a random secret
@@ -48,6 +51,11 @@ OWASP_ARGON2_PARALLELISM = 1
 DB_CONNECT_TIMEOUT_SECONDS = 5.0
 
 CommaList = Annotated[list[str], NoDecode]
+
+# The async drivers the service is built on; any other URL failed only when first used,
+# with a driver's traceback ("Can't load plugin: sqlalchemy.dialects:postgres").
+DATABASE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _valid_rate_limit(value: str) -> str:
@@ -143,6 +151,37 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    # The messages name what is accepted, never the value: a URL carries its password.
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database_url(cls, value: str | None) -> str | None:
+        if not value:
+            return value
+        try:
+            driver = make_url(value).drivername
+        except ArgumentError:
+            raise ValueError(
+                "APP_DATABASE_URL is not a URL: use "
+                "postgresql+asyncpg://user:password@host:port/name"
+            ) from None
+        if driver not in DATABASE_DRIVERS:
+            raise ValueError(
+                f"APP_DATABASE_URL: {driver}:// is not supported, use "
+                "postgresql+asyncpg://user:password@host:port/name (or sqlite+aiosqlite:///path)"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _supported_redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # `APP_REDIS_URL=` in a .env means unset, as for the database
+        if urllib.parse.urlsplit(value).scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                "APP_REDIS_URL must be redis://[:password@]host:port/db, rediss://… or unix://…"
+            )
         return value
 
     @model_validator(mode="after")

@@ -174,3 +174,27 @@ def test_the_readme_gives_every_setting_its_real_default() -> None:
         assert parsed == default, f"{variable}: the README says {text!r}, the code {default!r}"
         checked.append(variable)
     assert len(checked) > 35
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"database_url": "postgres://app:pw-in-url@db/app"}, "postgres:// is not supported"),
+        ({"database_url": "postgresql://app:pw-in-url@db/app"}, "postgresql:// is not"),
+        ({"database_url": "app:pw-in-url@db:5432/app"}, "APP_DATABASE_URL is not a URL"),
+        ({"redis_url": "pw-in-url@redis:6379"}, "APP_REDIS_URL must be redis://"),
+        ({"redis_url": "http://:pw-in-url@redis:6379/0"}, "APP_REDIS_URL must be redis://"),
+    ],
+)
+def test_an_unusable_url_is_refused_at_start_without_its_password(
+    values: dict, complaint: str
+) -> None:
+    """Before, these started and failed at the first connection, or at start-up, with a
+    driver's traceback ("Can't load plugin: sqlalchemy.dialects:postgres")."""
+    with pytest.raises(ValidationError, match=re.escape(complaint)) as refused:
+        settings(**values)
+    assert "pw-in-url" not in str(refused.value)
+
+
+def test_an_empty_redis_url_means_the_embedded_backends() -> None:
+    assert settings(redis_url="").redis_url is None
