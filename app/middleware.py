@@ -55,6 +55,12 @@ CACHE_POLICIES = (
     (("/api/v1/auth", "/api/v1/users"), (_CACHE_CONTROL, b"no-store")),
     (("/api/v1/files",), (_CACHE_CONTROL, b"private, no-cache")),
 )
+# Asked for by address, not by the public name: the image's HEALTHCHECK
+# (127.0.0.1:8000), kubelet probes (the pod's IP) and Prometheus (the instance's
+# address). APP_ALLOWED_HOSTS does not apply to them, or setting it would mark every
+# instance unhealthy and unscraped; their answers name no host (/metrics has its own
+# network allow-list).
+ANY_HOST_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
 # Where bodies are streamed, and capped, by the routes themselves (uploads): elsewhere they
 # are read whole before validation, so HttpMiddleware caps them.
 STREAMED_BODY_PREFIXES = ("/api/v1/files",)
@@ -78,6 +84,7 @@ class RequestPlan:
     cache_control: tuple[bytes, bytes] | None  # forced on the response (CACHE_POLICIES)
     max_body: int | None  # None where the routes cap bodies themselves
     log_level: str
+    hosts: "HostPolicy"  # the Host headers accepted (ANY_HOST_PATHS or APP_ALLOWED_HOSTS)
 
 
 class HttpMiddleware:
@@ -95,6 +102,7 @@ class HttpMiddleware:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.hosts = HostPolicy(allowed_hosts)
+        self.any_host = HostPolicy(["*"])
         self.series = SeriesLookup()
         self.plans: dict[tuple[str, str, str], RequestPlan] = {}
         self.traced = traced
@@ -147,7 +155,7 @@ class HttpMiddleware:
             return send(message)
 
         try:
-            if self.hosts.allows(hosts):
+            if plan.hosts.allows(hosts):
                 # HEAD is GET without the body (RFC 9110 section 9.3.2), which the server
                 # drops; FastAPI routes only take the methods they list.
                 app_scope = scope
@@ -190,6 +198,7 @@ class HttpMiddleware:
             ),
             max_body=None if path.startswith(STREAMED_BODY_PREFIXES) else self.max_body_bytes,
             log_level=level_of(path),
+            hosts=self.any_host if path in ANY_HOST_PATHS else self.hosts,
         )
         if len(self.plans) < PLAN_CACHE_SIZE:  # clients choose paths and methods
             self.plans[key] = plan

@@ -47,3 +47,26 @@ def test_unreachable_database_is_not_ready_but_alive(tmp_path: Path) -> None:
     with TestClient(create_app(settings)) as client:
         assert client.get("/health/ready").status_code == 503
         assert client.get("/health/live").status_code == 200
+
+
+def test_probes_and_scrapes_by_address_pass_the_allowed_hosts(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The image's HEALTHCHECK asks 127.0.0.1:8000, a kubelet the pod's IP, Prometheus
+    the instance's address: with APP_ALLOWED_HOSTS set to the public name they got 400s,
+    so every instance was unhealthy (restarted, never ready) and unscraped."""
+    settings = make_settings(
+        database_url,
+        tmp_path / "data",
+        allowed_hosts=["api.example.com"],
+        metrics_allowed_networks=["127.0.0.0/8"],
+    )
+    app = create_app(settings)
+    with TestClient(app, base_url="http://127.0.0.1:8000", client=("127.0.0.1", 5000)) as client:
+        assert client.get("/health/live").status_code == 200
+        assert client.get("/health/ready").json() == HEALTHY
+        assert client.get("/metrics").status_code == 200
+        # Everything else still answers the public name only.
+        assert client.get("/api/v1/items").status_code == 400
+        public = client.get("/api/v1/items", headers={"Host": "api.example.com"})
+        assert public.status_code == 200

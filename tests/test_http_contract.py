@@ -202,9 +202,10 @@ def test_untrusted_host_is_a_400_problem(database_url: str, tmp_path: Path) -> N
     settings = make_settings(
         database_url, tmp_path, allowed_hosts="api.example.com,*.internal.example.com"
     )
+    # Not a probe's path: those answer any host (test_health.py).
     with TestClient(create_app(settings), base_url="http://api.example.com") as client:
-        assert client.get("/health/live").status_code == 200
-        subdomain = client.get("/health/live", headers={"Host": "a.internal.example.com"})
+        assert client.get("/api/v1/items").status_code == 200
+        subdomain = client.get("/api/v1/items", headers={"Host": "a.internal.example.com"})
         assert subdomain.status_code == 200
         for hostile in (
             "evil.example.com",
@@ -213,7 +214,7 @@ def test_untrusted_host_is_a_400_problem(database_url: str, tmp_path: Path) -> N
             "evil.com?.internal.example.com",
             "a.internal.example.com:notaport",
         ):
-            assert_problem(client.get("/health/live", headers={"Host": hostile}), 400)
+            assert_problem(client.get("/api/v1/items", headers={"Host": hostile}), 400)
 
 
 @pytest.mark.parametrize("allowed_hosts", ["*", "api.example.com"])
