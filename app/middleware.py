@@ -50,9 +50,10 @@ _CACHE_CONTROL = b"cache-control"
 # The Cache-Control of every response under these paths, replacing the app's own. Tokens
 # and accounts are never stored. A user's files may be kept by their own browser but never
 # by a shared cache, and are checked each time (their ETag makes that a 304): without it a
-# browser could go on showing a deleted file from its heuristic cache.
+# browser could go on showing a deleted file from its heuristic cache. A probe's answer is
+# only true when given: a cached "ok" would hide an outage from a load balancer.
 CACHE_POLICIES = (
-    (("/api/v1/auth", "/api/v1/users"), (_CACHE_CONTROL, b"no-store")),
+    (("/api/v1/auth", "/api/v1/users", "/health/"), (_CACHE_CONTROL, b"no-store")),
     (("/api/v1/files",), (_CACHE_CONTROL, b"private, no-cache")),
 )
 # Asked for by address, not by the public name: the image's HEALTHCHECK

@@ -14,10 +14,13 @@ DOWN = {"status": "unavailable", "checks": {"database": "unavailable", "redis": 
 
 
 def test_live_and_ready(client: TestClient) -> None:
-    assert client.get("/health/live").json() == {"status": "ok", "checks": {}}
+    live = client.get("/health/live")
+    assert live.json() == {"status": "ok", "checks": {}}
     ready = client.get("/health/ready")
     assert ready.status_code == 200
     assert ready.json() == HEALTHY
+    # No cache between a load balancer and the instance may answer for it.
+    assert live.headers["cache-control"] == ready.headers["cache-control"] == "no-store"
 
 
 def test_readiness_follows_a_postgres_that_stops_and_comes_back(tmp_path: Path) -> None:
