@@ -81,6 +81,12 @@ def test_healthcheck_probes_the_port_gunicorn_binds(tmp_path: Path) -> None:
             sys.executable, str(HEALTHCHECK), env=env | {"GUNICORN_BIND": f"0.0.0.0:{port}"}
         )
         assert serving.returncode == 0, serving.stderr
+        # A container given a proxy for its outbound calls still probes itself directly.
+        proxy = f"http://127.0.0.1:{free_port()}"
+        proxied = env | {"GUNICORN_BIND": f"0.0.0.0:{port}"}
+        proxied |= {"HTTP_PROXY": proxy, "http_proxy": proxy, "ALL_PROXY": proxy}
+        through_proxy = run(sys.executable, str(HEALTHCHECK), env=proxied)
+        assert through_proxy.returncode == 0, through_proxy.stderr
         elsewhere = env | {"GUNICORN_BIND": f"0.0.0.0:{free_port()}"}
         refused = run(sys.executable, str(HEALTHCHECK), env=elsewhere)
         assert refused.returncode == 1
