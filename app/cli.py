@@ -120,6 +120,16 @@ async def create_superuser(settings: Settings, email: str, username: str, passwo
         return 2
     engine = create_engine(settings.effective_database_url, settings)
     try:
+        async with engine.connect() as connection:
+            current = await connection.run_sync(migrate.is_current)
+        if not current:
+            # Rather than "no such table: users" at the end of a traceback.
+            print(
+                "not created: the database is not at the latest migration;"
+                " run `python -m app migrate` first",
+                file=sys.stderr,
+            )
+            return 1
         async with create_sessionmaker(engine)() as session:
             user = await auth_service.register(
                 session, PasswordHasher(settings), data, role=Role.ADMIN, is_superuser=True

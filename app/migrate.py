@@ -8,7 +8,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.engine import make_url
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, make_url
 
 from app.settings import DB_CONNECT_TIMEOUT_SECONDS
 
@@ -43,3 +45,9 @@ def upgrade(
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(database_url, connect_timeout_seconds), revision)
+
+
+def is_current(connection: Connection) -> bool:
+    """Whether the database's schema is this code's latest migration."""
+    heads = ScriptDirectory(str(script_location())).get_heads()
+    return set(MigrationContext.configure(connection).get_current_heads()) == set(heads)

@@ -244,6 +244,20 @@ async def wait_for_lock_waiters(observer: AsyncConnection, count: int) -> None:
         await asyncio.sleep(0.1)
 
 
+def test_create_superuser_before_migrate_says_to_migrate(database_url: str, tmp_path: Path) -> None:
+    """Run in the wrong order (a new database, a Job that raced the migration), it said
+    "no such table: users" / "relation "users" does not exist" at the end of a traceback."""
+    command.downgrade(migrate.alembic_config(database_url), "base")
+    env = {"APP_ENV": "test", "APP_DATABASE_URL": database_url}
+    refused = run_cli(*SUPERUSER_ARGS, cwd=tmp_path, env=env, stdin="a long enough password\n")
+    assert refused.returncode == 1
+    assert "run `python -m app migrate` first" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert run_cli("migrate", cwd=tmp_path, env=env).returncode == 0
+    created = run_cli(*SUPERUSER_ARGS, cwd=tmp_path, env=env, stdin="a long enough password\n")
+    assert created.returncode == 0, created.stderr
+
+
 def test_create_superuser_reads_a_password_line_ended_by_crlf(tmp_path: Path) -> None:
     """A password file saved on Windows: the superuser logs in with the password, not the
     password and a carriage return."""
