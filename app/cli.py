@@ -22,7 +22,7 @@ from app.db import DatabaseUnreachable, create_engine, create_sessionmaker
 from app.errors import Conflict
 from app.security import PasswordHasher
 from app.server import SERVER_OPTIONS
-from app.settings import Settings
+from app.settings import Settings, load_or_exit
 from app.users.models import Role
 from app.users.schemas import UserCreate
 
@@ -49,10 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     args = parser.parse_args(argv)
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        sys.exit(f"configuration refused: {exc}")
+    settings = load_or_exit()
     if args.command == "serve":
         run_server(settings, args.host, args.port)
         return

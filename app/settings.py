@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,6 +21,7 @@ from pydantic import (
     Field,
     IPvAnyNetwork,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -232,6 +234,16 @@ class Settings(BaseSettings):
         if self.secret_key is not None:
             return self.secret_key.get_secret_value()
         return _persistent_dev_secret(self.data_dir)
+
+
+def load_or_exit() -> Settings:
+    """The settings from the environment, for a process starting (``python -m app``,
+    gunicorn's config): if refused, it exits 1 with the reasons, in one message without a
+    traceback, and without the refused values (``hide_input_in_errors``)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        sys.exit(f"configuration refused: {exc}")
 
 
 def is_strong_secret(value: str) -> bool:

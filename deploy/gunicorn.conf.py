@@ -40,12 +40,14 @@ from uvicorn_worker import UvicornWorker
 from app.observability import WORKER_ID_ENV
 from app.observability.logging import capture_warnings, dict_config
 from app.server import SERVER_OPTIONS
-from app.settings import Settings
+from app.settings import load_or_exit
 
 # Settled before the settings are read: they are validated for this many workers.
 workers = int(os.environ.get("WEB_CONCURRENCY") or len(os.sched_getaffinity(0)))
 os.environ["WEB_CONCURRENCY"] = str(workers)
-_settings = Settings()
+# Refused, gunicorn would print "Failed to read config file" and this file's traceback
+# before the reason.
+_settings = load_or_exit()
 
 
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))

@@ -67,6 +67,19 @@ def test_serve_empties_the_metrics_directory_and_runs_gunicorn(tmp_path: Path) -
     assert (tmp_path / "prometheus").is_dir()
 
 
+def test_serve_refuses_an_unsafe_configuration_in_one_message(tmp_path: Path) -> None:
+    """The image's default command with a weak secret: the reason, as `python -m app`
+    gives it, not gunicorn's "Failed to read config file" and a traceback before it."""
+    weak = "weak-secret-value"
+    env = entrypoint_env(tmp_path) | {"APP_ENV": "production", "APP_SECRET_KEY": weak}
+    refused = run(str(ENTRYPOINT), "serve", env=env)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("configuration refused: ")
+    assert "APP_SECRET_KEY must be at least 32 bytes" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert weak not in refused.stdout + refused.stderr
+
+
 def test_other_commands_pass_through(tmp_path: Path) -> None:
     result = run(str(ENTRYPOINT), "python", "-m", "app", "--help", env=entrypoint_env(tmp_path))
     assert result.returncode == 0, result.stderr
