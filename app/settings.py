@@ -155,6 +155,14 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("secret_key", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `APP_SECRET_KEY=` as .env.example has it, until filled in: an empty JWT key made
+        # every login a 500, and an empty Redis URL failed at start; unset, the service
+        # generates a development secret and uses its in-process backends.
+        return None if value == "" else value
+
     # The messages name what is accepted, never the value: a URL carries its password.
     @field_validator("database_url")
     @classmethod
@@ -178,9 +186,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _supported_redis_url(cls, value: str | None) -> str | None:
-        if not value:
-            return None  # `APP_REDIS_URL=` in a .env means unset, as for the database
-        if urllib.parse.urlsplit(value).scheme not in REDIS_SCHEMES:
+        if value is not None and urllib.parse.urlsplit(value).scheme not in REDIS_SCHEMES:
             raise ValueError(
                 "APP_REDIS_URL must be redis://[:password@]host:port/db, rediss://… or unix://…"
             )

@@ -198,3 +198,12 @@ def test_an_unusable_url_is_refused_at_start_without_its_password(
 
 def test_an_empty_redis_url_means_the_embedded_backends() -> None:
     assert settings(redis_url="").redis_url is None
+
+
+def test_an_empty_secret_key_is_a_missing_one(tmp_path: Path) -> None:
+    """`cp .env.example .env` leaves `APP_SECRET_KEY=`: a development server signed its
+    tokens with an empty key, which PyJWT refuses, so every login was a 500."""
+    development = settings(secret_key="", data_dir=tmp_path)
+    assert len(development.signing_key()) >= 32  # the generated one
+    with pytest.raises(ValidationError, match="APP_SECRET_KEY is required"):
+        settings(env="production", secret_key="", database_url=POSTGRES)
