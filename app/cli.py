@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import uvicorn
+from alembic.util import CommandError
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
@@ -55,16 +56,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         if args.command == "migrate":
-            migrate.upgrade(
-                settings.effective_database_url,
-                connect_timeout_seconds=settings.db_connect_timeout_seconds,
-            )
-            print("database is at the latest migration")
+            run_migrations(settings)
         else:
             password = read_password(args.password_stdin)
             sys.exit(asyncio.run(create_superuser(settings, args.email, args.username, password)))
     except DatabaseUnreachable as exc:
         exit_unreachable(settings.effective_database_url, exc)
+
+
+def run_migrations(settings: Settings) -> None:
+    try:
+        migrate.upgrade(
+            settings.effective_database_url,
+            connect_timeout_seconds=settings.db_connect_timeout_seconds,
+        )
+    except CommandError as exc:
+        # Alembic's own refusals are meant for operators ("Can't locate revision identified
+        # by '0005'": a newer release migrated this database); a traceback only hid them.
+        sys.exit(f"not migrated: {exc}")
+    print("database is at the latest migration")
 
 
 def exit_unreachable(database_url: str, exc: DatabaseUnreachable) -> NoReturn:

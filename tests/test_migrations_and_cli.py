@@ -258,6 +258,18 @@ def test_create_superuser_before_migrate_says_to_migrate(database_url: str, tmp_
     assert created.returncode == 0, created.stderr
 
 
+def test_migrate_on_a_database_a_newer_release_migrated(tmp_path: Path) -> None:
+    """An image rolled back after its successor migrated: Alembic's reason, in one line."""
+    path = tmp_path / "app.db"
+    migrate.upgrade(f"sqlite+aiosqlite:///{path}")
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999'")
+    env = {"APP_ENV": "test", "APP_DATABASE_URL": f"sqlite+aiosqlite:///{path}"}
+    refused = run_cli("migrate", cwd=tmp_path, env=env)
+    assert refused.returncode == 1
+    assert refused.stderr == "not migrated: Can't locate revision identified by '9999'\n"
+
+
 def test_create_superuser_reads_a_password_line_ended_by_crlf(tmp_path: Path) -> None:
     """A password file saved on Windows: the superuser logs in with the password, not the
     password and a carriage return."""
