@@ -6,6 +6,7 @@ process at start-up, before it can accept a request.
 """
 
 import contextlib
+import ipaddress
 import itertools
 import os
 import secrets
@@ -181,6 +182,25 @@ class Settings(BaseSettings):
                 f"APP_DATABASE_URL: {driver}:// is not supported, use "
                 "postgresql+asyncpg://user:password@host:port/name (or sqlite+aiosqlite:///path)"
             )
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses_or_networks(cls, value: str) -> str:
+        # Read as uvicorn and gunicorn read it, except that they take an entry that is not
+        # an address ("172.28.0.l0", "10.0.0.1/8") for a Unix socket's name and trust no
+        # proxy by it: every client then had nginx's address, one login limit for all.
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                if "/" in entry:
+                    ipaddress.ip_network(entry)
+                elif entry != "*":
+                    ipaddress.ip_address(entry)
+            except ValueError:
+                raise ValueError(
+                    f"APP_FORWARDED_ALLOW_IPS: {entry!r} is not an IP address or network"
+                    " (172.28.0.10, 10.0.0.0/8, or * for any)"
+                ) from None
         return value
 
     @field_validator("redis_url")

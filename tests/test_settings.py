@@ -207,3 +207,16 @@ def test_an_empty_secret_key_is_a_missing_one(tmp_path: Path) -> None:
     assert len(development.signing_key()) >= 32  # the generated one
     with pytest.raises(ValidationError, match="APP_SECRET_KEY is required"):
         settings(env="production", secret_key="", database_url=POSTGRES)
+
+
+@pytest.mark.parametrize("typo", ["172.28.0.l0", "10.0.0.1/8", "10.0.0.0/33", "nginx"])
+def test_a_trusted_proxy_that_is_no_address_is_refused(typo: str) -> None:
+    """uvicorn took these for Unix socket names and trusted no proxy by them: behind nginx,
+    every client had nginx's address and they all shared one login rate limit."""
+    with pytest.raises(ValidationError, match=re.escape(f"{typo!r} is not an IP address")):
+        settings(forwarded_allow_ips=f"127.0.0.1, {typo}")
+
+
+@pytest.mark.parametrize("proxies", ["127.0.0.1", "172.28.0.10, 10.0.0.0/8", "::1", "*"])
+def test_trusted_proxies_by_address_or_network(proxies: str) -> None:
+    assert settings(forwarded_allow_ips=proxies).forwarded_allow_ips == proxies
