@@ -111,8 +111,15 @@ def read_password(from_stdin: bool) -> str:
         return password
     if not sys.stdin.isatty():
         sys.exit("no password: use --password-stdin, APP_SUPERUSER_PASSWORD or a terminal")
-    first = getpass.getpass("Password: ")
-    if first != getpass.getpass("Password (again): "):
+    try:
+        first = getpass.getpass("Password: ")
+        again = getpass.getpass("Password (again): ")
+    except (KeyboardInterrupt, EOFError):
+        # Ctrl-C or Ctrl-D at the prompt: the operator changed their mind, not a bug to
+        # show a traceback for. A new line, as the prompt's own is never ended.
+        print(file=sys.stderr)
+        sys.exit("cancelled: no superuser created")
+    if first != again:
         sys.exit("passwords do not match")
     return first
 

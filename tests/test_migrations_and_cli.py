@@ -3,8 +3,11 @@ any directory as a separate process, the way operators run them."""
 
 import asyncio
 import os
+import pty
 import re
+import select
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -268,6 +271,57 @@ def test_migrate_on_a_database_a_newer_release_migrated(tmp_path: Path) -> None:
     refused = run_cli("migrate", cwd=tmp_path, env=env)
     assert refused.returncode == 1
     assert refused.stderr == "not migrated: Can't locate revision identified by '9999'\n"
+
+
+@pytest.mark.parametrize("key", ["\x03", "\x04"], ids=["ctrl-c", "ctrl-d"])
+def test_create_superuser_given_up_at_the_prompt(key: str, tmp_path: Path) -> None:
+    """Ctrl-C or Ctrl-D at the password prompt ended in a KeyboardInterrupt or EOFError
+    traceback."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+    migrate.upgrade(database_url)
+    env = os.environ | {"APP_ENV": "test", "APP_DATABASE_URL": database_url}
+    code, output = run_in_terminal(
+        [sys.executable, "-m", "app", *SUPERUSER_ARGS[:-1]], env, b"Password: ", key.encode()
+    )
+    assert code == 1
+    assert "cancelled: no superuser created" in output
+    assert "Traceback" not in output
+
+
+def run_in_terminal(
+    command: list[str], env: dict[str, str], prompt: bytes, keys: bytes
+) -> tuple[int, str]:
+    """Runs ``command`` on a terminal of its own (getpass reads /dev/tty), types ``keys``
+    once ``prompt`` is shown, and returns its exit code and everything it wrote."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: nothing but exec, it is a fork of the test process
+        try:
+            os.execve(command[0], command, env)  # noqa: S606 - a fixed argv, no shell
+        finally:
+            os._exit(127)
+    output = b""
+    typed = False
+    try:
+        while True:
+            ready, _, _ = select.select([terminal], [], [], 60)
+            if not ready:
+                break  # it hangs: the assertions on the output say how
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # EIO: the child has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+            if not typed and prompt in output:
+                os.write(terminal, keys)
+                typed = True
+    finally:
+        if not typed:
+            os.kill(pid, signal.SIGKILL)
+        os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
 
 
 def test_create_superuser_reads_a_password_line_ended_by_crlf(tmp_path: Path) -> None:
