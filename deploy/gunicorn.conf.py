@@ -21,7 +21,7 @@ across reloads), and a dead worker's live gauges are removed in ``child_exit``.
 
 import asyncio
 import os
-import shutil
+import re
 import signal
 import sys
 import tempfile
@@ -137,10 +137,38 @@ logconfig_dict = dict_config(_settings.log_level, _settings.effective_log_format
 capture_warnings()
 
 
+# What prometheus_client (a file per metric type and process) and the service's processes
+# (their flock files) leave in PROMETHEUS_MULTIPROC_DIR.
+_METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db|[a-z-]+\.lock")
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """What ``directory`` holds that no run of the service wrote there."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if entry.is_symlink() or not entry.is_file() or not _METRICS_FILE.fullmatch(entry.name)
+    )
+
+
+# Emptied at start (on_starting): a path mistyped to name a data volume (APP_DATA_DIR, the
+# uploads) would lose its files, so a directory holding anything else is refused instead.
+if _foreign := foreign_files(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])):
+    sys.exit(
+        f"configuration refused: PROMETHEUS_MULTIPROC_DIR holds files that are not metrics "
+        f"({', '.join(_foreign[:3])}); give the metrics a directory of their own"
+    )
+
+
 def on_starting(server: Arbiter) -> None:
+    # A previous run's files would be added to this run's counters. Only those go: the
+    # directory itself may be a volume of its own.
     directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in directory.iterdir():
+        entry.unlink(missing_ok=True)
 
 
 def pre_fork(server: Arbiter, worker: Worker) -> None:

@@ -515,6 +515,31 @@ def test_check_config_and_refusal_of_unsafe_production(tmp_path: Path) -> None:
     assert "APP_SECRET_KEY is required" in refused.stderr
 
 
+def test_a_metrics_directory_holding_other_files_is_refused_not_emptied(
+    tmp_path: Path,
+) -> None:
+    """gunicorn empties PROMETHEUS_MULTIPROC_DIR as it starts: pointed by mistake at the
+    data volume, it deleted the database and every upload."""
+    data = tmp_path / "volume"
+    (data / "uploads").mkdir(parents=True)
+    (data / "uploads" / "report.pdf").write_bytes(b"%PDF-1.7 a user's file")
+    (data / "app.db").write_bytes(b"SQLite format 3")
+    (data / "counter_4242.db").write_bytes(b"left over by a previous run")
+    process, _, log = launched(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(data))
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    output = log.read_text()
+    assert process.returncode == 1, output
+    assert "PROMETHEUS_MULTIPROC_DIR holds files that are not metrics (app.db, uploads)" in output
+    assert "Traceback" not in output
+    assert (data / "uploads" / "report.pdf").read_bytes() == b"%PDF-1.7 a user's file"
+    assert (data / "app.db").exists()
+    assert (data / "counter_4242.db").exists()
+
+
 def test_production_checks_count_the_default_workers(tmp_path: Path) -> None:
     """Without WEB_CONCURRENCY gunicorn runs a worker per CPU: the settings must be checked
     for that many, or in-process caches and rate limits would split between workers."""
