@@ -1,6 +1,7 @@
 """E-mail goes to a real SMTP server (aiosmtpd on a free port) when one is configured."""
 
 import asyncio
+import contextlib
 import io
 from collections.abc import Iterator
 from email import message_from_bytes
@@ -18,7 +19,7 @@ from app.email import Mailer
 from app.main import create_app
 from app.settings import Settings
 from deploy.stack.process import free_port, wait_for
-from tests.api import Api, assert_problem
+from tests.api import Account, Api, assert_problem
 from tests.conftest import make_settings
 from tests.logs import attach, records
 from tests.prom import parse, value
@@ -42,6 +43,25 @@ def smtp() -> Iterator[tuple[Inbox, int]]:
         yield inbox, port
     finally:
         controller.stop()
+
+
+@contextlib.contextmanager
+def mailing_service(
+    database_url: str, tmp_path: Path, port: int, **overrides: object
+) -> Iterator[tuple[TestClient, Account, Account]]:
+    """The service mailing through the SMTP server on ``port``: its client, alice and an
+    admin."""
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        smtp_host="127.0.0.1",
+        smtp_port=port,
+        smtp_starttls=False,
+        **overrides,
+    )
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        yield client, api.account("alice"), api.root()
 
 
 def test_mail_is_delivered_over_smtp(smtp: tuple[Inbox, int]) -> None:
@@ -71,12 +91,7 @@ def test_a_notification_to_one_user_is_also_emailed(
     smtp: tuple[Inbox, int], database_url: str, tmp_path: Path
 ) -> None:
     inbox, port = smtp
-    settings = make_settings(
-        database_url, tmp_path, smtp_host="127.0.0.1", smtp_port=port, smtp_starttls=False
-    )
-    with TestClient(create_app(settings)) as client:
-        api = Api(client, settings)
-        alice, admin = api.account("alice"), api.root()
+    with mailing_service(database_url, tmp_path, port) as (client, alice, admin):
         sent = client.post(
             "/api/v1/notifications",
             json={"title": "Maintenance", "body": "Tonight.", "user_id": alice.id},
@@ -101,12 +116,7 @@ def test_a_subject_that_would_break_the_header_is_refused_up_front(
     """A line break in the title cannot become an e-mail header; it was refused only by
     the background job, after the admin had been told 202 (sent)."""
     inbox, port = smtp
-    settings = make_settings(
-        database_url, tmp_path, smtp_host="127.0.0.1", smtp_port=port, smtp_starttls=False
-    )
-    with TestClient(create_app(settings)) as client:
-        api = Api(client, settings)
-        alice, admin = api.account("alice"), api.root()
+    with mailing_service(database_url, tmp_path, port) as (client, alice, admin):
         refused = client.post(
             "/api/v1/notifications",
             json={"title": title, "user_id": alice.id},
@@ -148,20 +158,11 @@ def test_a_stalled_mail_server_gets_few_connections_and_a_bounded_backlog(
     inbox, port = SlowInbox(), free_port()
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
-    settings = make_settings(
-        database_url,
-        tmp_path,
-        smtp_host="127.0.0.1",
-        smtp_port=port,
-        smtp_starttls=False,
-        smtp_max_connections=2,
-        background_max_jobs=3,
-    )
     try:
-        with TestClient(create_app(settings)) as client:
+        with mailing_service(
+            database_url, tmp_path, port, smtp_max_connections=2, background_max_jobs=3
+        ) as (client, alice, admin):
             attach(log_lines)
-            api = Api(client, settings)
-            alice, admin = api.account("alice"), api.root()
             dropped = value(
                 parse(client.get("/metrics").text),
                 "background_tasks_total",
