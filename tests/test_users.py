@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import jwt
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 
 from app.users.models import User
 from tests.api import PASSWORD, Api, assert_problem
@@ -313,3 +313,21 @@ def test_unknown_user_ids(api: Api) -> None:
     assert_problem(api.client.get("/api/v1/users/0", headers=root.headers), 422)
     assert_problem(api.client.get(f"/api/v1/users/{2**40}", headers=root.headers), 422)
     assert_problem(api.client.get("/api/v1/users/abc", headers=root.headers), 422)
+
+
+def test_two_superusers_demoting_each_other_at_once_leave_one_superuser(api: Api) -> None:
+    """Root takes the flag from Bob while Bob takes it from root: each request saw the
+    other still a superuser, both succeeded, and nobody was left to grant the flag."""
+    root, bob = api.root(), api.account("bob")
+    demote = {"is_superuser": False}
+    granted = api.client.patch(
+        f"/api/v1/users/{bob.id}", json={"is_superuser": True}, headers=root.headers
+    )
+    assert granted.status_code == 200
+    bob_demotes_root = update(User).where(User.id == root.id).values(is_superuser=False)
+    with api.meanwhile("UPDATE users", bob_demotes_root) as raced:
+        response = api.client.patch(f"/api/v1/users/{bob.id}", json=demote, headers=root.headers)
+    assert raced
+    assert_problem(response, 409)
+    bob_now = api.client.get("/api/v1/users/me", headers=bob.headers).json()
+    assert bob_now["is_superuser"] is True

@@ -10,8 +10,10 @@ user's refresh tokens.
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
 from app.auth.service import (
@@ -84,16 +86,42 @@ async def admin_update(
         # take the account over; an admin's must not do it here without one.
         raise Conflict("Change your own password through /users/me, with the current one.")
     if user.is_superuser and changes.get("is_superuser") is False:
-        await _ensure_another_superuser(session, user)
+        await _give_up_superuser(session, user)
+        del changes["is_superuser"]
     return await _apply(session, hasher, user, changes, gone=NotFound("User not found."))
 
 
-async def _ensure_another_superuser(session: AsyncSession, user: User) -> None:
-    """409 unless an active superuser other than ``user`` remains: only a superuser can
-    grant the flag, so without one only the ``create-superuser`` command could."""
-    other = select(User.id).where(User.is_superuser, User.is_active, User.id != user.id)
-    if await session.scalar(other.limit(1)) is None:
+async def _give_up_superuser(session: AsyncSession, user: User) -> None:
+    """Take the flag from ``user`` in this transaction; 409 unless an active superuser
+    other than them remains: only a superuser can grant the flag, so without one only
+    the ``create-superuser`` command could.
+
+    Checked by the UPDATE itself, not by a read before it: two superusers demoting each
+    other at once both read the other as a superuser, and both succeeded. On PostgreSQL
+    the active superusers are locked first, in id order (no deadlock), so the second
+    demotion waits for the first and then sees its outcome; SQLite runs one writer at a
+    time (and ignores FOR UPDATE)."""
+    superusers = select(User.id).where(User.is_superuser, User.is_active)
+    await session.execute(superusers.order_by(User.id).with_for_update())
+    other = aliased(User)
+    another_remains = exists().where(other.is_superuser, other.is_active, other.id != user.id)
+    demoted = await session.execute(
+        update(User)
+        .where(User.id == user.id, another_remains)
+        .values(is_superuser=False)
+        .returning(User.updated_at),
+        # The ORM would evaluate the WHERE in Python to update loaded objects, which it
+        # cannot do for EXISTS; ``user`` is updated below instead.
+        execution_options={"synchronize_session": False},
+    )
+    updated_at = demoted.scalar_one_or_none()
+    if updated_at is None:
+        if await session.scalar(select(User.id).where(User.id == user.id)) is None:
+            raise NotFound("User not found.")
         raise Conflict("The last superuser cannot give up superuser status.")
+    # Already written: the ORM must not see it as a pending change.
+    set_committed_value(user, "is_superuser", False)
+    set_committed_value(user, "updated_at", updated_at)
 
 
 def _would_keep_user_management(user: User, changes: dict[str, Any]) -> bool:
