@@ -1,8 +1,11 @@
 """Items: CRUD, the list envelope, search, validation, ownership and mass assignment."""
 
-import pytest
-from sqlalchemy import Connection, delete, event, insert, select
+import re
 
+import pytest
+from sqlalchemy import Connection, delete, event, insert, select, update
+
+from app.items.cache import ItemCache
 from app.items.models import Item
 from app.users.models import User
 from tests.api import Api, assert_problem
@@ -261,3 +264,83 @@ def test_of_two_deletes_of_one_item_only_one_succeeds(api: Api) -> None:
         response = api.client.delete(f"/api/v1/items/{item['id']}", headers=alice.headers)
     assert raced
     assert_problem(response, 404)
+
+
+def test_a_patch_with_a_stale_if_match_is_a_412_and_changes_nothing(api: Api) -> None:
+    """Two clients edit the same item from the copy they read: the second one's PATCH
+    silently overwrote the first one's change."""
+    alice, admin = api.account("alice"), api.account("boss", role="admin")
+    url = f"/api/v1/items/{api.create_item(alice)['id']}"
+    read = api.client.get(url)
+    etag = read.headers["etag"]
+    assert re.fullmatch(r'"[^"]+"', etag)  # strong (no W/): byte-for-byte the same
+    assert api.client.get(url).headers["etag"] == etag  # unchanged item, same ETag
+    first = api.client.patch(url, json={"price": 25}, headers=admin.headers | {"If-Match": etag})
+    assert first.status_code == 200
+    assert first.headers["etag"] != etag
+    assert first.json()["updated_at"] != read.json()["updated_at"]
+    assert first.headers["etag"] == api.client.get(url).headers["etag"]
+    second = api.client.patch(
+        url, json={"title": "Mine"}, headers=alice.headers | {"If-Match": etag}
+    )
+    assert_problem(second, 412)
+    assert api.client.get(url).json() == first.json()
+    # The current ETag, among others, or *, or no If-Match at all: the change is made.
+    listed = f'"stale", {first.headers["etag"]}'
+    for headers in ({"If-Match": listed}, {"If-Match": "*"}, {}):
+        changed = api.client.patch(url, json={"title": "Mine"}, headers=alice.headers | headers)
+        assert changed.status_code == 200, headers
+    assert_problem(
+        api.client.patch(url, json={"title": "Mine"}, headers=alice.headers | {"If-Match": etag}),
+        412,
+    )
+
+
+@pytest.mark.parametrize("if_match", [True, False])
+def test_a_change_committed_between_the_check_and_the_write_is_a_412(
+    api: Api, if_match: bool
+) -> None:
+    """Another client's change lands after this PATCH compared its If-Match with the
+    item and before it writes: the If-Match held when checked, yet the write must not
+    overwrite a version the client never saw. Without If-Match the last write wins."""
+    alice = api.account("alice")
+    item = api.create_item(alice)
+    url = f"/api/v1/items/{item['id']}"
+    headers = alice.headers | (
+        {"If-Match": api.client.get(url).headers["etag"]} if if_match else {}
+    )
+    theirs = update(Item).where(Item.id == item["id"]).values(price=25)
+    with api.meanwhile("UPDATE items", theirs) as raced:
+        response = api.client.patch(url, json={"title": "Mine"}, headers=headers)
+    assert raced
+    if if_match:
+        assert_problem(response, 412)
+        assert api.client.get(url).json()["title"] == "Lamp"
+    else:
+        assert response.status_code == 200
+        assert (response.json()["title"], response.json()["price"]) == ("Mine", 25)
+
+
+def test_a_stale_cached_copy_neither_causes_nor_hides_a_412(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache may serve an item's old copy for a moment after a write (its
+    invalidation not yet arrived): If-Match is checked against the database."""
+    alice = api.account("alice")
+    url = f"/api/v1/items/{api.create_item(alice)['id']}"
+    old = api.client.get(url).headers["etag"]  # now cached
+
+    async def not_arrived(self: ItemCache, *item_ids: int) -> None:
+        pass
+
+    monkeypatch.setattr(ItemCache, "invalidate", not_arrived)
+    first = api.client.patch(url, json={"price": 25}, headers=alice.headers | {"If-Match": old})
+    assert first.status_code == 200
+    assert api.client.get(url).headers["etag"] == old  # the stale copy
+    stale = api.client.patch(url, json={"title": "A"}, headers=alice.headers | {"If-Match": old})
+    assert_problem(stale, 412)
+    current = {"If-Match": first.headers["etag"]}
+    assert (
+        api.client.patch(url, json={"title": "A"}, headers=alice.headers | current).status_code
+        == 200
+    )

@@ -90,12 +90,12 @@ def precondition(request: Headers, method: str, etag: str, last_modified: str) -
     safe = method in ("GET", "HEAD")
     modified = _http_date(last_modified) or 0.0
     if_match, if_none_match = request.get("if-match"), request.get("if-none-match")
-    if if_match is not None and not _lists(if_match, etag, weak=False):
+    if if_match is not None and not etag_listed(if_match, etag, weak=False):
         return 412
     unmodified_since = _http_date(request.get("if-unmodified-since"))
     if if_match is None and unmodified_since is not None and modified > unmodified_since:
         return 412
-    if if_none_match is not None and _lists(if_none_match, etag, weak=True):
+    if if_none_match is not None and etag_listed(if_none_match, etag, weak=True):
         return 304 if safe else 412
     modified_since = _http_date(request.get("if-modified-since"))
     if if_none_match is None and safe and modified_since is not None:
@@ -103,7 +103,7 @@ def precondition(request: Headers, method: str, etag: str, last_modified: str) -
     return None
 
 
-def _lists(header: str, etag: str, *, weak: bool) -> bool:
+def etag_listed(header: str, etag: str, *, weak: bool) -> bool:
     """Whether an If-Match / If-None-Match header names ``etag`` (a strong one), by the
     weak comparison (a W/ tag matches too) or the strong one."""
     if header.strip() == "*":

@@ -1,4 +1,6 @@
-from fastapi import APIRouter, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response, status
 
 from app.auth.deps import CurrentUser
 from app.db import IdPath, SessionDep
@@ -11,9 +13,14 @@ from app.pagination import Page, PageParamsDep
 router = APIRouter(prefix="/items", tags=["items"])
 
 
-def json_bytes(body: bytes) -> Response:
+def json_bytes(body: bytes, headers: dict[str, str] | None = None) -> Response:
     # Cached reads are already-serialised JSON: returned as they are, not re-encoded.
-    return Response(body, media_type="application/json")
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def item_response(body: bytes) -> Response:
+    # The ETag is that of these bytes, so a client's If-Match names what it was sent.
+    return json_bytes(body, {"ETag": service.etag(body)})
 
 
 @router.get("", response_model=Page[ItemRead])
@@ -28,7 +35,7 @@ async def read_item(item_id: IdPath, session: SessionDep, cache: ItemCacheDep) -
     body = await cache.item(item_id, lambda: service.item_json(session, item_id))
     if body is None:
         raise NotFound("Item not found.")
-    return json_bytes(body)
+    return item_response(body)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ItemRead)
@@ -40,9 +47,14 @@ async def create_item(
 
 @router.patch("/{item_id}", response_model=ItemRead)
 async def update_item(
-    item_id: IdPath, data: ItemUpdate, user: CurrentUser, session: SessionDep, cache: ItemCacheDep
-) -> object:
-    return await service.update_item(session, cache, user, item_id, data)
+    item_id: IdPath,
+    data: ItemUpdate,
+    user: CurrentUser,
+    session: SessionDep,
+    cache: ItemCacheDep,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    return item_response(await service.update_item(session, cache, user, item_id, data, if_match))
 
 
 @router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)

@@ -1,13 +1,15 @@
 """Items: public to read (through the cache), changed only by their owner or a user with
 MANAGE_ANY_ITEM; every committed change invalidates the cache before answering."""
 
-from sqlalchemy import delete, select
+import hashlib
+
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm.exc import StaleDataError
 
 from app.db import roll_back_failed_commit
-from app.errors import Forbidden, NotFound, Unauthorized
+from app.errors import Forbidden, NotFound, PreconditionFailed, Unauthorized
+from app.files.downloads import etag_listed
 from app.items.cache import ItemCache
 from app.items.models import Item
 from app.items.schemas import ItemCreate, ItemRead, ItemUpdate
@@ -15,9 +17,20 @@ from app.pagination import Page, PageParams, fetch_page, matching
 from app.users.models import Permission, User
 
 
+def item_body(item: Item) -> bytes:
+    return ItemRead.model_validate(item).model_dump_json().encode()
+
+
+def etag(body: bytes) -> str:
+    """A strong ETag: a digest of the exact bytes served, so it changes whenever any
+    field does (updated_at included), and an item recreated under a reused id has
+    another (its created_at differs)."""
+    return f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+
+
 async def item_json(session: AsyncSession, item_id: int) -> bytes | None:
     item = await session.get(Item, item_id)
-    return None if item is None else ItemRead.model_validate(item).model_dump_json().encode()
+    return None if item is None else item_body(item)
 
 
 async def page_json(session: AsyncSession, page: PageParams) -> bytes:
@@ -44,19 +57,48 @@ async def create_item(
 
 
 async def update_item(
-    session: AsyncSession, cache: ItemCache, actor: User, item_id: int, data: ItemUpdate
-) -> Item:
+    session: AsyncSession,
+    cache: ItemCache,
+    actor: User,
+    item_id: int,
+    data: ItemUpdate,
+    if_match: str | None,
+) -> bytes:
+    """Apply ``data`` and return the item's new body. With an ``If-Match`` that does not
+    name the item's current ETag, a 412 and nothing changes; ``*`` or none: no check."""
     item = await _modifiable(session, actor, item_id)
-    for field, value in data.model_dump(exclude_unset=True).items():
-        setattr(item, field, value)
-    try:
-        await session.commit()
-    except StaleDataError as exc:
-        # The UPDATE found no row: another request deleted the item since it was loaded.
-        await roll_back_failed_commit(session, exc)
-        raise NotFound("Item not found.") from exc
-    await cache.invalidate(item.id)
-    return item
+    # Compared with the row just read from the database, never with the cached copy,
+    # which may be older than the last write (its invalidation not yet done).
+    if if_match is not None and not etag_listed(if_match, etag(item_body(item)), weak=False):
+        raise _changed_meanwhile()
+    changes = data.model_dump(exclude_unset=True)
+    if not changes:
+        return item_body(item)
+    write = update(Item).where(Item.id == item_id).values(**changes)
+    conditional = if_match is not None and if_match.strip() != "*"
+    if conditional:
+        # The UPDATE applies only to the version the ETag was checked against: a write
+        # committed since then set another updated_at (every write sets it), so this
+        # one finds no row, and no other writer can slip between check and write.
+        write = write.where(Item.updated_at == item.updated_at)
+    saved = await session.scalar(
+        write.returning(Item), execution_options={"populate_existing": True}
+    )
+    if saved is None:
+        # No row: another request deleted the item since it was loaded or, when this
+        # write was conditional, changed it.
+        if conditional and await session.scalar(select(Item.id).where(Item.id == item_id)):
+            raise _changed_meanwhile()
+        raise NotFound("Item not found.")
+    await session.commit()
+    await cache.invalidate(item_id)
+    return item_body(saved)
+
+
+def _changed_meanwhile() -> PreconditionFailed:
+    return PreconditionFailed(
+        "The item has changed since the ETag in If-Match was read: fetch it again."
+    )
 
 
 async def delete_item(session: AsyncSession, cache: ItemCache, actor: User, item_id: int) -> None:
