@@ -68,12 +68,19 @@ class DatabaseUnreachable(ConnectionError):
     database's condition, not a bug (app/errors.py answers it with a 503)."""
 
 
-def create_engine(url: str, settings: Settings | None = None) -> AsyncEngine:
+def create_engine(
+    url: str, settings: Settings | None = None, *, connections: int | None = None
+) -> AsyncEngine:
+    """``connections``: a pool of exactly that many, never more (the readiness probe's own
+    engine); otherwise the settings' pool."""
     # A failed statement's error (logged with its traceback) would otherwise print its
     # parameters: login names, e-mail addresses, password hashes.
     options: dict[str, Any] = {"hide_parameters": True}
+    pool: dict[str, Any] = {}
+    if connections is not None:
+        pool = {"pool_size": connections, "max_overflow": 0}
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30}, **options)
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **options, **pool)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
         options["pool_pre_ping"] = True
@@ -85,7 +92,7 @@ def create_engine(url: str, settings: Settings | None = None) -> AsyncEngine:
                 # asyncpg's timeout covers the whole connect, the TCP and the handshake.
                 "connect_args": {"timeout": settings.db_connect_timeout_seconds},
             }
-        engine = create_async_engine(url, **options)
+        engine = create_async_engine(url, **(options | pool))
     report_unreachable(engine)
     return engine
 

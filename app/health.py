@@ -67,8 +67,9 @@ async def _check_redis(redis: RedisBackend | None, limit_seconds: float) -> Chec
 
 
 async def _check_database(request: Request, limit_seconds: float) -> CheckState:
+    engine = request.app.state.probe_engine
     try:
-        async with asyncio.timeout(limit_seconds), request.app.state.engine.connect() as connection:
+        async with asyncio.timeout(limit_seconds), engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
     except Exception as exc:  # any failure means "not ready"; the reason goes to the log
         logger.warning("readiness: database check failed: %r", exc)

@@ -49,6 +49,9 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     if provider is not None:
         tracing.instrument_clients(engine, provider)
     application.state.engine = engine
+    # Readiness has a connection of its own: taken from the requests' pool, it waited for
+    # one whenever load used them all, and every replica turned unready at once.
+    application.state.probe_engine = probe_engine = create_engine(url, settings, connections=1)
     application.state.sessionmaker = create_sessionmaker(engine)
     backends = create_backends(settings, application.state.sessionmaker)
     application.state.backends = backends
@@ -82,6 +85,7 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         await jobs.drain(timeout_seconds=5)
         await backends.close()
         await engine.dispose()
+        await probe_engine.dispose()
         if provider is not None:
             tracing.uninstrument_clients()
             provider.shutdown()

@@ -6,13 +6,16 @@ from pathlib import Path
 import pytest
 from fastapi import Request
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from app import health, migrate
 from app.backends.redis import RedisBackend
+from app.db import create_engine
 from app.health import CheckState
 from app.main import create_app
 from deploy.stack.postgres import PostgresServer
 from tests.conftest import make_settings
+from tests.test_migrations_and_cli import wait_for_lock_waiters
 
 HEALTHY = {"status": "ok", "checks": {"database": "ok", "redis": "disabled"}}
 DOWN = {"status": "unavailable", "checks": {"database": "unavailable", "redis": "disabled"}}
@@ -109,3 +112,43 @@ def test_the_database_and_redis_are_checked_side_by_side(
     ready = client.get("/health/ready")
     assert ready.status_code == 200, ready.text
     assert ready.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+
+
+def test_readiness_needs_no_connection_of_the_requests_pool(tmp_path: Path) -> None:
+    """Under load, with every pooled connection taken, the probe waited for one and failed:
+    every replica turned unready at once and the load balancer dropped them all. Here a
+    request parked on a lock holds the only pooled connection: the probe still answers 200,
+    and 503 once the database is really down."""
+    with PostgresServer(tmp_path / "pg") as server:
+        server.create_database("app")
+        migrate.upgrade(server.url("app"))
+        settings = make_settings(
+            server.url("app"),
+            tmp_path / "data",
+            db_pool_size=1,
+            db_max_overflow=0,
+            health_timeout_seconds=2,
+        )
+        with TestClient(create_app(settings)) as client:
+            asyncio.run(probe_with_the_pool_held(client, server))
+
+
+async def probe_with_the_pool_held(client: TestClient, server: PostgresServer) -> None:
+    engine = create_engine(server.url("app"))
+    try:
+        async with engine.connect() as holder, engine.connect() as observer:
+            await holder.execute(text("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+            parked = asyncio.create_task(asyncio.to_thread(client.get, "/api/v1/items"))
+            async with asyncio.timeout(60):
+                await wait_for_lock_waiters(observer, 1)
+            ready = await asyncio.to_thread(client.get, "/health/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json() == HEALTHY
+            await holder.rollback()
+            assert (await parked).status_code == 200
+    finally:
+        await engine.dispose()
+    server.stop(mode="immediate")
+    ready = await asyncio.to_thread(client.get, "/health/ready")
+    assert ready.status_code == 503
+    assert ready.json() == DOWN
