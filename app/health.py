@@ -12,8 +12,8 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import text
 
+from app import migrate
 from app.backends.redis import RedisBackend
 from app.observability.tracing import untraced
 from app.settings import SettingsDep
@@ -21,7 +21,9 @@ from app.settings import SettingsDep
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/health", tags=["health"])
 
-CheckState = Literal["ok", "unavailable", "disabled"]
+# "unmigrated" and "outdated": the database answers, but its schema is not one this code
+# can serve on (app.migrate.schema_state).
+CheckState = Literal["ok", "unavailable", "disabled", "unmigrated", "outdated"]
 
 
 class Health(BaseModel):
@@ -70,8 +72,12 @@ async def _check_database(request: Request, limit_seconds: float) -> CheckState:
     engine = request.app.state.probe_engine
     try:
         async with asyncio.timeout(limit_seconds), engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+            schema = await connection.run_sync(migrate.schema_state)
     except Exception as exc:  # any failure means "not ready"; the reason goes to the log
         logger.warning("readiness: database check failed: %r", exc)
         return "unavailable"
+    if schema != "current":
+        # Ready on a database never migrated, the replica answered every request with a 500.
+        logger.warning("readiness: the database schema is %s: run `python -m app migrate`", schema)
+        return schema
     return "ok"

@@ -4,12 +4,15 @@ The scripts are found relative to this package: beside it in a source checkout
 (``migrations/`` at the top level), inside it once installed from a wheel.
 """
 
+import functools
 from pathlib import Path
+from typing import Literal
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import column, inspect, select, table
 from sqlalchemy.engine import Connection, make_url
 
 from app.settings import DB_CONNECT_TIMEOUT_SECONDS
@@ -47,7 +50,35 @@ def upgrade(
     command.upgrade(alembic_config(database_url, connect_timeout_seconds), revision)
 
 
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    # Read once per process: readiness asks on every probe.
+    return ScriptDirectory(str(script_location()))
+
+
 def is_current(connection: Connection) -> bool:
     """Whether the database's schema is this code's latest migration."""
-    heads = ScriptDirectory(str(script_location())).get_heads()
+    heads = _scripts().get_heads()
     return set(MigrationContext.configure(connection).get_current_heads()) == set(heads)
+
+
+# Alembic's default name, which migrations/env.py keeps.
+VERSION_TABLE = table("alembic_version", column("version_num"))
+SchemaState = Literal["current", "unmigrated", "outdated"]
+
+
+def schema_state(connection: Connection) -> SchemaState:
+    """Whether this code can serve on the database's schema: "unmigrated" (no migration
+    applied), "outdated" (an older revision of this code's) or "current" — this code's
+    latest, or a revision it does not know, a newer release's: during a rolling deploy
+    the old replicas keep serving on the schema their successors migrated."""
+    # Read directly: alembic's MigrationContext logs two lines each time, every probe.
+    if not inspect(connection).has_table(VERSION_TABLE.name):
+        return "unmigrated"
+    revisions = set(connection.execute(select(VERSION_TABLE.c.version_num)).scalars())
+    if not revisions:
+        return "unmigrated"
+    known = {script.revision for script in _scripts().walk_revisions()}
+    if revisions <= known and revisions != set(_scripts().get_heads()):
+        return "outdated"
+    return "current"

@@ -4,6 +4,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from alembic import command
 from fastapi import Request
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -35,6 +36,9 @@ def test_readiness_follows_a_postgres_that_stops_and_comes_back(tmp_path: Path) 
     with PostgresServer(tmp_path / "pg") as server:
         server.create_database("app")
         migrate.upgrade(server.url("app"))
+        # The server commits asynchronously (synchronous_commit=off): written to disk now,
+        # the migrations survive the crash-like stop below.
+        asyncio.run(execute(server.url("app"), "CHECKPOINT"))
         settings = make_settings(server.url("app"), tmp_path / "data", health_timeout_seconds=2)
         with TestClient(create_app(settings)) as client:
             assert client.get("/health/ready").json() == HEALTHY
@@ -152,3 +156,40 @@ async def probe_with_the_pool_held(client: TestClient, server: PostgresServer) -
     ready = await asyncio.to_thread(client.get, "/health/ready")
     assert ready.status_code == 503
     assert ready.json() == DOWN
+
+
+async def execute(database_url: str, statement: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+def test_readiness_follows_the_schema_not_only_the_connection(
+    database_url: str, tmp_path: Path
+) -> None:
+    """On a database never migrated the probe said ready while every request was a 500.
+    Not ready either on an older revision of this release's; ready on this release's latest
+    and on one it does not know: a newer release's, that old replicas keep serving on
+    during a rolling deploy."""
+    config = migrate.alembic_config(database_url)
+    command.downgrade(config, "base")
+    asyncio.run(execute(database_url, "DROP TABLE alembic_version"))
+    settings = make_settings(database_url, tmp_path / "data")
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"] == "unmigrated"
+
+        command.upgrade(config, "0004")
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"] == "outdated"
+
+        migrate.upgrade(database_url)
+        assert client.get("/health/ready").json() == HEALTHY
+
+        asyncio.run(execute(database_url, "UPDATE alembic_version SET version_num = '9999'"))
+        assert client.get("/health/ready").json() == HEALTHY
