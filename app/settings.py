@@ -156,12 +156,13 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("secret_key", "redis_url", mode="before")
+    @field_validator("secret_key", "redis_url", "smtp_host", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `APP_SECRET_KEY=` as .env.example has it, until filled in: an empty JWT key made
-        # every login a 500, and an empty Redis URL failed at start; unset, the service
-        # generates a development secret and uses its in-process backends.
+        # every login a 500, an empty Redis URL failed at start, and with an empty SMTP host
+        # every e-mail was sent to a host named ""; unset, the service generates a development
+        # secret, uses its in-process backends and logs e-mail instead of sending it.
         return None if value == "" else value
 
     # The messages name what is accepted, never the value: a URL carries its password.

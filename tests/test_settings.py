@@ -220,3 +220,10 @@ def test_a_trusted_proxy_that_is_no_address_is_refused(typo: str) -> None:
 @pytest.mark.parametrize("proxies", ["127.0.0.1", "172.28.0.10, 10.0.0.0/8", "::1", "*"])
 def test_trusted_proxies_by_address_or_network(proxies: str) -> None:
     assert settings(forwarded_allow_ips=proxies).forwarded_allow_ips == proxies
+
+
+def test_an_empty_smtp_host_means_mail_is_logged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`APP_SMTP_HOST=` (a template's blank line) was taken for a host named "": every
+    e-mail was sent to no server instead of being logged, as documented for an unset host."""
+    monkeypatch.setenv("APP_SMTP_HOST", "")
+    assert Settings(_env_file=None).smtp_host is None  # type: ignore[call-arg]
