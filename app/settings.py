@@ -165,6 +165,12 @@ class Settings(BaseSettings):
         # secret, uses its in-process backends and logs e-mail instead of sending it.
         return None if value == "" else value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        # `APP_LOG_LEVEL=info`, as most tools spell it, refused to start the service.
+        return value.upper() if isinstance(value, str) else value
+
     # The messages name what is accepted, never the value: a URL carries its password.
     @field_validator("database_url")
     @classmethod

@@ -227,3 +227,10 @@ def test_an_empty_smtp_host_means_mail_is_logged(monkeypatch: pytest.MonkeyPatch
     e-mail was sent to no server instead of being logged, as documented for an unset host."""
     monkeypatch.setenv("APP_SMTP_HOST", "")
     assert Settings(_env_file=None).smtp_host is None  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("level", ["info", "Debug", "WARNING"])
+def test_the_log_level_in_any_case(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`APP_LOG_LEVEL=info` refused to start the service: only upper case was accepted."""
+    monkeypatch.setenv("APP_LOG_LEVEL", level)
+    assert Settings(_env_file=None).log_level == level.upper()  # type: ignore[call-arg]
