@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_migrations(settings: Settings) -> None:
     try:
-        migrate.upgrade(
+        applied = migrate.upgrade(
             settings.effective_database_url,
             connect_timeout_seconds=settings.db_connect_timeout_seconds,
         )
@@ -74,7 +74,12 @@ def run_migrations(settings: Settings) -> None:
         # Alembic's own refusals are meant for operators ("Can't locate revision identified
         # by '0005'": a newer release migrated this database); a traceback only hid them.
         sys.exit(f"not migrated: {exc}")
-    print("database is at the latest migration")
+    # Which revisions a deploy applied, for its log: it said only that the database was
+    # at the latest migration, whether anything had run or not.
+    for revision in applied:
+        print(f"applied {revision}")
+    if not applied:
+        print(f"already at {', '.join(migrate.latest_revisions())}")
 
 
 def exit_unreachable(database_url: str, exc: DatabaseUnreachable) -> NoReturn:

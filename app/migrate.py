@@ -10,7 +10,7 @@ from typing import Literal
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
+from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import ScriptDirectory
 from sqlalchemy import column, inspect, select, table
 from sqlalchemy.engine import Connection, make_url
@@ -42,12 +42,27 @@ def upgrade(
     database_url: str,
     revision: str = "head",
     connect_timeout_seconds: float = DB_CONNECT_TIMEOUT_SECONDS,
-) -> None:
-    """Raises ``app.db.DatabaseUnreachable`` if no connection can be made in time."""
+) -> list[str]:
+    """The revisions applied, oldest first, each as "<id>: <description>" (none: the
+    database was there already). Raises ``app.db.DatabaseUnreachable`` if no connection
+    can be made in time."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(database_url, connect_timeout_seconds), revision)
+    config = alembic_config(database_url, connect_timeout_seconds)
+    applied: list[str] = []
+
+    def record(*, step: MigrationInfo, **_: object) -> None:
+        applied.append(f"{step.up_revision_id}: {step.up_revision.doc}")
+
+    config.attributes["on_version_apply"] = record
+    command.upgrade(config, revision)
+    return applied
+
+
+def latest_revisions() -> list[str]:
+    """This code's latest revision (several only while branches are unmerged)."""
+    return list(_scripts().get_heads())
 
 
 @functools.cache
@@ -58,7 +73,7 @@ def _scripts() -> ScriptDirectory:
 
 def is_current(connection: Connection) -> bool:
     """Whether the database's schema is this code's latest migration."""
-    heads = _scripts().get_heads()
+    heads = latest_revisions()
     return set(MigrationContext.configure(connection).get_current_heads()) == set(heads)
 
 
@@ -79,6 +94,6 @@ def schema_state(connection: Connection) -> SchemaState:
     if not revisions:
         return "unmigrated"
     known = {script.revision for script in _scripts().walk_revisions()}
-    if revisions <= known and revisions != set(_scripts().get_heads()):
+    if revisions <= known and revisions != set(latest_revisions()):
         return "outdated"
     return "current"

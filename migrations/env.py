@@ -49,7 +49,8 @@ MIGRATION_LOCK_KEY = 0x6D6967726174650A
 
 
 def run_with_connection(connection: Connection) -> None:
-    configure(connection=connection)
+    # app.migrate's, to tell the operator which revisions were applied.
+    configure(connection=connection, on_version_apply=config.attributes.get("on_version_apply"))
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             # Two replicas or Jobs migrating at once both created the same tables and one

@@ -396,3 +396,19 @@ def test_every_make_target_declared_has_a_recipe() -> None:
         assert dry_run.returncode == 0, dry_run.stderr
         assert dry_run.stdout.strip(), f"make {target} does nothing"
         assert "Nothing to be done" not in dry_run.stdout, f"make {target} does nothing"
+
+
+def test_migrate_names_the_revisions_it_applies(tmp_path: Path) -> None:
+    """A deploy's log said "database is at the latest migration" whether a migration had
+    run or not: which ones, if any, nobody could tell."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+    migrate.upgrade(database_url, "0003")
+    env = {"APP_ENV": "test", "APP_DATABASE_URL": database_url}
+    migrated = run_cli("migrate", cwd=tmp_path, env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    lines = migrated.stdout.splitlines()
+    (latest,) = migrate.latest_revisions()
+    assert lines[0] == "applied 0004: files"
+    assert lines[-1].startswith(f"applied {latest}: ")
+    again = run_cli("migrate", cwd=tmp_path, env=env)
+    assert again.stdout == f"already at {latest}\n"
