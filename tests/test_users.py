@@ -331,3 +331,41 @@ def test_two_superusers_demoting_each_other_at_once_leave_one_superuser(api: Api
     assert_problem(response, 409)
     bob_now = api.client.get("/api/v1/users/me", headers=bob.headers).json()
     assert bob_now["is_superuser"] is True
+
+
+def test_two_superusers_deactivating_each_other_at_once_leave_one_active(api: Api) -> None:
+    """Root deactivates Bob while Bob deactivates root: both were told 200, and no active
+    superuser was left to grant the flag or reactivate anyone."""
+    root, bob = api.root(), api.account("bob")
+    granted = api.client.patch(
+        f"/api/v1/users/{bob.id}", json={"is_superuser": True}, headers=root.headers
+    )
+    assert granted.status_code == 200
+    bob_deactivates_root = update(User).where(User.id == root.id).values(is_active=False)
+    with api.meanwhile("UPDATE users", bob_deactivates_root) as raced:
+        response = api.client.patch(
+            f"/api/v1/users/{bob.id}", json={"is_active": False}, headers=root.headers
+        )
+    assert raced
+    assert_problem(response, 409)
+    bob_now = api.client.get("/api/v1/users/me", headers=bob.headers).json()
+    assert (bob_now["is_active"], bob_now["is_superuser"]) == (True, True)
+    assert api.login("bob").status_code == 200
+
+
+def test_two_superusers_deleting_each_other_at_once_leave_one(api: Api) -> None:
+    """Root deletes Bob while Bob deletes root: both were told 204, and the accounts
+    left had nobody to manage them but the create-superuser command."""
+    root, bob = api.root(), api.account("bob")
+    granted = api.client.patch(
+        f"/api/v1/users/{bob.id}", json={"is_superuser": True}, headers=root.headers
+    )
+    assert granted.status_code == 200
+    bob_deletes_root = delete(User).where(User.id == root.id)
+    with api.meanwhile("DELETE FROM users", bob_deletes_root) as raced:
+        response = api.client.delete(f"/api/v1/users/{bob.id}", headers=root.headers)
+    assert raced
+    assert_problem(response, 409)
+    bob_now = api.client.get("/api/v1/users/me", headers=bob.headers).json()
+    assert (bob_now["is_active"], bob_now["is_superuser"]) == (True, True)
+    assert api.client.get("/api/v1/users", headers=bob.headers).status_code == 200

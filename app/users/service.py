@@ -3,14 +3,14 @@
 Guard rails that a role check alone does not give: only a superuser can create, change
 or delete a superuser; an admin cannot lock themselves out through the admin routes,
 nor change their own password there without the current one; the last active superuser
-cannot give up the flag; a password change, a deactivation or a role change revokes the
-user's refresh tokens.
+cannot be demoted, deactivated or deleted; a password change, a deactivation or a role
+change revokes the user's refresh tokens.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import ColumnElement, delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from sqlalchemy.orm.attributes import set_committed_value
@@ -85,42 +85,56 @@ async def admin_update(
         # /users/me asks for the current password, so that a stolen access token cannot
         # take the account over; an admin's must not do it here without one.
         raise Conflict("Change your own password through /users/me, with the current one.")
-    if user.is_superuser and changes.get("is_superuser") is False:
-        await _give_up_superuser(session, user)
-        del changes["is_superuser"]
+    lost = {flag: False for flag in ("is_superuser", "is_active") if changes.get(flag) is False}
+    if user.is_superuser and lost:
+        # Written here, under the guard; left in ``changes`` so that a deactivation still
+        # ends the user's sessions (setting the value already written writes nothing).
+        await _strip_superuser(session, user, lost)
     return await _apply(session, hasher, user, changes, gone=NotFound("User not found."))
 
 
-async def _give_up_superuser(session: AsyncSession, user: User) -> None:
-    """Take the flag from ``user`` in this transaction; 409 unless an active superuser
-    other than them remains: only a superuser can grant the flag, so without one only
-    the ``create-superuser`` command could.
+async def _another_superuser_remains(session: AsyncSession, user: User) -> ColumnElement[bool]:
+    """A condition for the statement that demotes, deactivates or deletes the superuser
+    ``user``: an active superuser other than them remains. Only a superuser can grant the
+    flag, so without one only the ``create-superuser`` command could.
 
-    Checked by the UPDATE itself, not by a read before it: two superusers demoting each
-    other at once both read the other as a superuser, and both succeeded. On PostgreSQL
-    the active superusers are locked first, in id order (no deadlock), so the second
-    demotion waits for the first and then sees its outcome; SQLite runs one writer at a
-    time (and ignores FOR UPDATE)."""
+    Checked by that statement itself, not by a read before it: two superusers demoting,
+    deactivating or deleting each other at once both read the other as an active
+    superuser, and both succeeded. On PostgreSQL the active superusers are locked here
+    first, in id order (no deadlock), so the second request waits for the first and then
+    sees its outcome; SQLite runs one writer at a time (and ignores FOR UPDATE)."""
     superusers = select(User.id).where(User.is_superuser, User.is_active)
     await session.execute(superusers.order_by(User.id).with_for_update())
     other = aliased(User)
-    another_remains = exists().where(other.is_superuser, other.is_active, other.id != user.id)
-    demoted = await session.execute(
+    return exists().where(other.is_superuser, other.is_active, other.id != user.id)
+
+
+async def _refuse(session: AsyncSession, user: User) -> NoReturn:
+    """Why the guarded statement changed no row: ``user`` is gone, or is the last one."""
+    if await session.scalar(select(User.id).where(User.id == user.id)) is None:
+        raise NotFound("User not found.")
+    raise Conflict("The last active superuser cannot be demoted, deactivated or deleted.")
+
+
+async def _strip_superuser(session: AsyncSession, user: User, lost: dict[str, bool]) -> None:
+    """Write ``lost`` (the flag, ``is_active`` or both set to False) for the superuser
+    ``user`` in this transaction; 409 if no other active superuser would remain."""
+    another_remains = await _another_superuser_remains(session, user)
+    stripped = await session.execute(
         update(User)
         .where(User.id == user.id, another_remains)
-        .values(is_superuser=False)
+        .values(lost)
         .returning(User.updated_at),
         # The ORM would evaluate the WHERE in Python to update loaded objects, which it
         # cannot do for EXISTS; ``user`` is updated below instead.
         execution_options={"synchronize_session": False},
     )
-    updated_at = demoted.scalar_one_or_none()
+    updated_at = stripped.scalar_one_or_none()
     if updated_at is None:
-        if await session.scalar(select(User.id).where(User.id == user.id)) is None:
-            raise NotFound("User not found.")
-        raise Conflict("The last superuser cannot give up superuser status.")
+        await _refuse(session, user)
     # Already written: the ORM must not see it as a pending change.
-    set_committed_value(user, "is_superuser", False)
+    for flag, value in lost.items():
+        set_committed_value(user, flag, value)
     set_committed_value(user, "updated_at", updated_at)
 
 
@@ -146,11 +160,13 @@ async def delete_user(
     item_ids = await owned_item_ids(session, user.id)
     files = await owned_files(session, user.id)
     # One statement whose row count says whether this request deleted the account: the
-    # ORM's delete only warns when a concurrent request deleted it first.
-    deleted = await session.execute(delete(User).where(User.id == user.id))
-    await session.commit()
+    # ORM's delete only warns when a concurrent request deleted it first. A superuser's
+    # goes only while another active superuser remains.
+    guard = [await _another_superuser_remains(session, user)] if user.is_superuser else []
+    deleted = await session.execute(delete(User).where(User.id == user.id, *guard))
     if deleted.rowcount == 0:  # type: ignore[attr-defined]
-        raise NotFound("User not found.")
+        await _refuse(session, user)
+    await session.commit()
     await item_cache.invalidate(*item_ids)
     await delete_blobs(storage, files)
 
