@@ -10,8 +10,8 @@ and need the same status and timing (bench/RESULTS.md). Each concern keeps its o
 helper: the edge policy below, the metrics in observability/http_metrics.py, the access
 line in observability/access_log.py. Exceptions are counted as 500, logged with the
 request's context (which is gone by the time the server logs them) and re-raised; a
-request the server cancels on shutdown is answered a 503 its client may retry, a socket
-closed with 1012.
+request the server cancels on shutdown is answered a 503 its client may retry (counted a
+503 with a warning if its response had started and is cut short), a socket closed with 1012.
 """
 
 import asyncio
@@ -29,7 +29,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import problem_response, shutting_down
 from app.observability.access_log import level_of, log_request
 from app.observability.http_metrics import RouteSeries, SeriesLookup, observe_websocket
-from app.observability.logging import log_unhandled, note_handshake_refused, request_id_var
+from app.observability.logging import (
+    log_cut_short,
+    log_unhandled,
+    note_handshake_refused,
+    request_id_var,
+)
 from app.observability.metrics import multiprocess_enabled
 from app.observability.routes import app_path, route_template
 from app.observability.tracing import current_span_ids, is_sampled
@@ -166,12 +171,17 @@ class HttpMiddleware:
             else:
                 response = problem_response(scope, 400, "Invalid host header.")
                 await response(scope, receive, observed_send)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             # The server cancels what still runs when its graceful shutdown runs out (a
             # deploy, a recycle), and would answer a plain-text 500 and log an error. The
             # client did nothing wrong and the service is not failing: a 503 tells it to
             # retry. Nothing above this layer waits on the cancellation; the request ends.
             if started:
+                # Too late for that: the client gets a cut-off body (the server closes the
+                # connection). Counted as the 503 it would have been told, not as the 2xx
+                # that started, and noted as a warning rather than the server's traceback.
+                status = 503
+                log_cut_short(exc)
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             await shutting_down(scope)(scope, receive, observed_send)

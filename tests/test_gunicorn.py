@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from deploy.stack.process import free_port, wait_for
 from tests.api import PASSWORD
 from tests.app_server import answers, await_answer, signed_up
 from tests.prom import Samples, parse, series, value
-from tests.uploads import MIB, half_sent_upload
+from tests.uploads import BOUNDARY, MIB, half_sent_upload, multipart_body
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "gunicorn.conf.py"
@@ -325,6 +326,84 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path / "prometheus"))
     assert registry.get_sample_value("uploads_total", {"outcome": "aborted"}) == 1
+
+
+def test_a_download_cut_short_by_a_stopping_worker_is_recorded_as_a_503(tmp_path: Path) -> None:
+    """A deploy's SIGTERM stops a worker while a slow client is still downloading a file;
+    when the graceful window runs out, the download is cancelled mid-body. Its client got
+    a cut-off body: the access line and the metrics counted it a 200, and the log carried
+    a traceback at ERROR as if the service had failed."""
+    process, base, log = launched(
+        tmp_path,
+        WEB_CONCURRENCY="1",
+        GUNICORN_TIMEOUT="6",
+        GUNICORN_GRACEFUL_TIMEOUT="6",  # cancelled a second after the SIGTERM
+        APP_MAX_UPLOAD_BYTES=str(32 * MIB),
+    )
+    try:
+        await_answer(f"{base}/health/ready", process, log, "gunicorn")
+        token = signed_up(base, "reader")
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+        }
+        uploaded = httpx2.post(
+            f"{base}/api/v1/files", content=multipart_body(16 * MIB), headers=headers, timeout=60
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        with slow_download(base, token, uploaded.json()["id"]) as (connection, length):
+            process.send_signal(signal.SIGTERM)
+            received = read_slowly(connection)
+        assert received < length
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    route = "/api/v1/files/{file_id}/content"
+    access = [r for r in records if r["logger"] == "app.access" and r["route"] == route]
+    assert [r["status"] for r in access] == [503]
+    assert [r for r in records if r["level"] == "error" and "exception" in r] == []
+    cut = [r for r in records if r["event"] == "response cut short by shutdown"]
+    assert [(r["level"], r["request_id"]) for r in cut] == [("warning", access[0]["request_id"])]
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path / "prometheus"))
+    counted = {"method": "GET", "route": route}
+    assert registry.get_sample_value("http_requests_total", counted | {"status": "503"}) == 1
+    assert not registry.get_sample_value("http_requests_total", counted | {"status": "200"})
+
+
+@contextlib.contextmanager
+def slow_download(base: str, token: str, file_id: str) -> Iterator[tuple[socket.socket, int]]:
+    """A download of the file ``file_id`` whose client reads little at a time: the open
+    connection once the response's headers are in, and the Content-Length they declare."""
+    address = urlsplit(base)
+    with socket.socket() as connection:
+        # A small window, so that most of the file waits on the server's side.
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        connection.connect((address.hostname, address.port))
+        connection.sendall(
+            (
+                f"GET /api/v1/files/{file_id}/content HTTP/1.1\r\n"
+                f"Host: {address.netloc}\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n"
+            ).encode()
+        )
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        assert response.status == 200
+        yield connection, int(response.getheader("content-length", "0"))
+
+
+def read_slowly(connection: socket.socket) -> int:
+    """Read until the server closes the connection, 64 KiB every 20 ms (a 16 MiB file
+    takes 5 s): the bytes of the body that arrived."""
+    received = 0
+    while chunk := connection.recv(64 * 1024):
+        received += len(chunk)
+        time.sleep(0.02)
+    return received
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])

@@ -21,6 +21,7 @@ its bound logger and processor chain cost ~40 µs per line here, the same object
 directly a few µs (bench/RESULTS.md); a test keeps the two alike.
 """
 
+import asyncio
 import importlib.util
 import logging
 import logging.config
@@ -183,7 +184,8 @@ class WithoutServerDuplicates(logging.Filter):
       They print query strings, cookies and messages, any of which may hold a token, a
       password or a user's words; HttpMiddleware writes an access line for every socket.
     - uvicorn's traceback of an error the app did not handle, which it logs after the
-      request's context is gone: ``log_unhandled`` logged it already, with that context.
+      request's context is gone: ``log_unhandled`` logged it already, with that context;
+      likewise of a response its shutdown cut short (``log_cut_short``).
     - uvicorn's error that a WebSocket app "returned without completing handshake" when
       the app refused the handshake with an HTTP response (a 429, a 403), which is a
       completed handshake: uvicorn forgets to mark it so (encode/uvicorn PR #3138).
@@ -206,6 +208,14 @@ def log_unhandled(exc: Exception) -> None:
     (its id, trace and span) is still bound, for the server's log to skip it."""
     get_logger("app.errors").error("unhandled error", exc_info=exc)
     setattr(exc, _LOGGED_BY_APP, True)
+
+
+def log_cut_short(cancelled: asyncio.CancelledError) -> None:
+    """Note a response the server's shutdown cancelled after it started (its client got a
+    cut-off body) as a warning with the request's context, for the server's log to skip
+    its traceback: a deploy or a recycle ran out of time, the service did not fail."""
+    get_logger("app.errors").warning("response cut short by shutdown")
+    setattr(cancelled, _LOGGED_BY_APP, True)
 
 
 _LOGGED_BY_APP = "_logged_by_app"
