@@ -344,3 +344,24 @@ def test_a_stale_cached_copy_neither_causes_nor_hides_a_412(
         api.client.patch(url, json={"title": "A"}, headers=alice.headers | current).status_code
         == 200
     )
+
+
+@pytest.mark.parametrize("price", ["19.99", 19.5, 3])
+def test_a_created_item_comes_with_its_url_and_etag(api: Api, price: str | float) -> None:
+    """A client that creates an item can edit it with If-Match at once: the 201 gave no
+    ETag (nor where the item lives), so it had to GET the item first."""
+    alice = api.account("alice")
+    created = api.client.post(
+        "/api/v1/items", json={"title": "Lamp", "price": price}, headers=alice.headers
+    )
+    assert created.status_code == 201
+    url = created.headers["location"]
+    assert url == f"/api/v1/items/{created.json()['id']}"
+    assert created.headers["content-location"] == url
+    read = api.client.get(url)  # from the database, as the new item is not cached yet
+    assert read.json() == created.json()
+    assert created.headers["etag"] == read.headers["etag"]
+    changed = api.client.patch(
+        url, json={"price": 25}, headers=alice.headers | {"If-Match": created.headers["etag"]}
+    )
+    assert changed.status_code == 200

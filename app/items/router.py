@@ -1,6 +1,6 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Header, Request, Response, status
 
 from app.auth.deps import CurrentUser
 from app.db import IdPath, SessionDep
@@ -13,14 +13,18 @@ from app.pagination import Page, PageParamsDep
 router = APIRouter(prefix="/items", tags=["items"])
 
 
-def json_bytes(body: bytes, headers: dict[str, str] | None = None) -> Response:
+def json_bytes(
+    body: bytes, status_code: int = status.HTTP_200_OK, headers: dict[str, str] | None = None
+) -> Response:
     # Cached reads are already-serialised JSON: returned as they are, not re-encoded.
-    return Response(body, media_type="application/json", headers=headers)
+    return Response(body, status_code, headers, media_type="application/json")
 
 
-def item_response(body: bytes) -> Response:
+def item_response(
+    body: bytes, status_code: int = status.HTTP_200_OK, headers: dict[str, str] | None = None
+) -> Response:
     # The ETag is that of these bytes, so a client's If-Match names what it was sent.
-    return json_bytes(body, {"ETag": service.etag(body)})
+    return json_bytes(body, status_code, {"ETag": service.etag(body)} | (headers or {}))
 
 
 @router.get("", response_model=Page[ItemRead])
@@ -40,9 +44,15 @@ async def read_item(item_id: IdPath, session: SessionDep, cache: ItemCacheDep) -
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ItemRead)
 async def create_item(
-    data: ItemCreate, user: CurrentUser, session: SessionDep, cache: ItemCacheDep
-) -> object:
-    return await service.create_item(session, cache, user, data)
+    data: ItemCreate, user: CurrentUser, session: SessionDep, cache: ItemCacheDep, request: Request
+) -> Response:
+    item = await service.create_item(session, cache, user, data)
+    # A path, not a URL built from the Host header the client chose. Content-Location
+    # says the body is that item's representation, so the ETag is the one its GET gives.
+    url = f"{request.url.path}/{item.id}"
+    return item_response(
+        service.item_body(item), status.HTTP_201_CREATED, {"Location": url, "Content-Location": url}
+    )
 
 
 @router.patch("/{item_id}", response_model=ItemRead)
