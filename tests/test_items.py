@@ -365,3 +365,45 @@ def test_a_created_item_comes_with_its_url_and_etag(api: Api, price: str | float
         url, json={"price": 25}, headers=alice.headers | {"If-Match": created.headers["etag"]}
     )
     assert changed.status_code == 200
+
+
+def test_a_delete_with_a_stale_if_match_is_a_412_and_deletes_nothing(api: Api) -> None:
+    """A client deletes an item from the copy it read while another had changed it
+    since: the DELETE ignored If-Match and the item, changed or not, was gone."""
+    alice = api.account("alice")
+    url = f"/api/v1/items/{api.create_item(alice)['id']}"
+    read = api.client.get(url).headers["etag"]
+    changed = api.client.patch(url, json={"price": 25}, headers=alice.headers)
+    stale = api.client.delete(url, headers=alice.headers | {"If-Match": read})
+    assert_problem(stale, 412)
+    assert api.client.get(url).json() == changed.json()
+    current = {"If-Match": f'"stale", {changed.headers["etag"]}'}
+    assert api.client.delete(url, headers=alice.headers | current).status_code == 204
+    assert_problem(api.client.get(url), 404)
+    for headers in ({"If-Match": "*"}, {}):
+        other = f"/api/v1/items/{api.create_item(alice)['id']}"
+        assert api.client.delete(other, headers=alice.headers | headers).status_code == 204
+        assert_problem(api.client.get(other), 404)
+
+
+@pytest.mark.parametrize("if_match", [True, False])
+def test_a_change_committed_just_before_a_delete_makes_it_a_412(api: Api, if_match: bool) -> None:
+    """Another client's PATCH lands after this DELETE compared its If-Match with the
+    item and before it deletes: the client would delete a version it never saw. Without
+    If-Match the delete is made."""
+    alice = api.account("alice")
+    item = api.create_item(alice)
+    url = f"/api/v1/items/{item['id']}"
+    headers = alice.headers | (
+        {"If-Match": api.client.get(url).headers["etag"]} if if_match else {}
+    )
+    theirs = update(Item).where(Item.id == item["id"]).values(price=25)
+    with api.meanwhile("DELETE FROM items", theirs) as raced:
+        response = api.client.delete(url, headers=headers)
+    assert raced
+    if if_match:
+        assert_problem(response, 412)
+        assert api.client.get(url).status_code == 200  # not deleted
+    else:
+        assert response.status_code == 204
+        assert_problem(api.client.get(url), 404)

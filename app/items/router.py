@@ -69,6 +69,10 @@ async def update_item(
 
 @router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
 async def delete_item(
-    item_id: IdPath, user: CurrentUser, session: SessionDep, cache: ItemCacheDep
+    item_id: IdPath,
+    user: CurrentUser,
+    session: SessionDep,
+    cache: ItemCacheDep,
+    if_match: Annotated[str | None, Header()] = None,
 ) -> None:
-    await service.delete_item(session, cache, user, item_id)
+    await service.delete_item(session, cache, user, item_id, if_match)

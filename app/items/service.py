@@ -3,12 +3,12 @@ MANAGE_ANY_ITEM; every committed change invalidates the cache before answering."
 
 import hashlib
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import roll_back_failed_commit
-from app.errors import Forbidden, NotFound, PreconditionFailed, Unauthorized
+from app.errors import AppError, Forbidden, NotFound, PreconditionFailed, Unauthorized
 from app.files.downloads import etag_listed
 from app.items.cache import ItemCache
 from app.items.models import Item
@@ -67,49 +67,67 @@ async def update_item(
     """Apply ``data`` and return the item's new body. With an ``If-Match`` that does not
     name the item's current ETag, a 412 and nothing changes; ``*`` or none: no check."""
     item = await _modifiable(session, actor, item_id)
+    version = _matched_version(item, if_match)
+    changes = data.model_dump(exclude_unset=True)
+    if not changes:
+        return item_body(item)
+    saved = await session.scalar(
+        update(Item).where(*version).values(**changes).returning(Item),
+        execution_options={"populate_existing": True},
+    )
+    if saved is None:
+        raise await _write_missed(session, item_id, version)
+    await session.commit()
+    await cache.invalidate(item_id)
+    return item_body(saved)
+
+
+async def delete_item(
+    session: AsyncSession, cache: ItemCache, actor: User, item_id: int, if_match: str | None
+) -> None:
+    """Delete the item; with an ``If-Match`` that does not name its current ETag, a 412
+    and nothing is deleted; ``*`` or none: no check."""
+    version = _matched_version(await _modifiable(session, actor, item_id), if_match)
+    # One statement whose row count says whether this request deleted the item: the ORM's
+    # delete only warns when a concurrent request deleted it first.
+    deleted = await session.execute(delete(Item).where(*version))
+    if deleted.rowcount == 0:  # type: ignore[attr-defined]
+        raise await _write_missed(session, item_id, version)
+    await session.commit()
+    await cache.invalidate(item_id)
+
+
+def _matched_version(item: Item, if_match: str | None) -> list[ColumnElement[bool]]:
+    """The WHERE clause of a write to ``item`` that honours ``if_match``: a 412 when it
+    names no current ETag; when it names one (not ``*``), the write applies only to the
+    version checked, so no other writer can slip between the check and the write."""
     # Compared with the row just read from the database, never with the cached copy,
     # which may be older than the last write (its invalidation not yet done).
     if if_match is not None and not etag_listed(if_match, etag(item_body(item)), weak=False):
         raise _changed_meanwhile()
-    changes = data.model_dump(exclude_unset=True)
-    if not changes:
-        return item_body(item)
-    write = update(Item).where(Item.id == item_id).values(**changes)
-    conditional = if_match is not None and if_match.strip() != "*"
-    if conditional:
-        # The UPDATE applies only to the version the ETag was checked against: a write
-        # committed since then set another updated_at (every write sets it), so this
-        # one finds no row, and no other writer can slip between check and write.
-        write = write.where(Item.updated_at == item.updated_at)
-    saved = await session.scalar(
-        write.returning(Item), execution_options={"populate_existing": True}
-    )
-    if saved is None:
-        # No row: another request deleted the item since it was loaded or, when this
-        # write was conditional, changed it.
-        if conditional and await session.scalar(select(Item.id).where(Item.id == item_id)):
-            raise _changed_meanwhile()
-        raise NotFound("Item not found.")
-    await session.commit()
-    await cache.invalidate(item_id)
-    return item_body(saved)
+    where = [Item.id == item.id]
+    if if_match is not None and if_match.strip() != "*":
+        # A write committed since the check set another updated_at (every write sets
+        # it), so this one finds no row.
+        where.append(Item.updated_at == item.updated_at)
+    return where
+
+
+async def _write_missed(
+    session: AsyncSession, item_id: int, version: list[ColumnElement[bool]]
+) -> AppError:
+    """Why a write under ``version`` found no row: another request deleted the item since
+    it was loaded (404) or, when the write was conditional (more than the id's clause),
+    changed it (412)."""
+    if len(version) > 1 and await session.scalar(select(Item.id).where(Item.id == item_id)):
+        return _changed_meanwhile()
+    return NotFound("Item not found.")
 
 
 def _changed_meanwhile() -> PreconditionFailed:
     return PreconditionFailed(
         "The item has changed since the ETag in If-Match was read: fetch it again."
     )
-
-
-async def delete_item(session: AsyncSession, cache: ItemCache, actor: User, item_id: int) -> None:
-    await _modifiable(session, actor, item_id)
-    # One statement whose row count says whether this request deleted the item: the ORM's
-    # delete only warns when a concurrent request deleted it first.
-    deleted = await session.execute(delete(Item).where(Item.id == item_id))
-    await session.commit()
-    if deleted.rowcount == 0:  # type: ignore[attr-defined]
-        raise NotFound("Item not found.")
-    await cache.invalidate(item_id)
 
 
 async def owned_item_ids(session: AsyncSession, owner_id: int) -> list[int]:
