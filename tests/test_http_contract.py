@@ -241,6 +241,22 @@ def test_head_answers_like_get_without_a_body(api: Api) -> None:
     assert (assert_problem_head.status_code, assert_problem_head.content) == (404, b"")
 
 
+def test_a_304_has_the_caching_headers_of_the_200(database_url: str, tmp_path: Path) -> None:
+    """RFC 9110 section 15.4.5: a 304 carries the ETag, Cache-Control and Vary a 200
+    would, or a cache would store the item under the wrong rules or for other origins."""
+    settings = make_settings(database_url, tmp_path, cors_origins="https://app.example.com")
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        url = f"/api/v1/items/{api.create_item(api.account('alice'))['id']}"
+        origin = {"Origin": "https://app.example.com"}
+        full = client.get(url, headers=origin)
+        revalidated = client.get(url, headers=origin | {"If-None-Match": full.headers["etag"]})
+    assert (revalidated.status_code, revalidated.content) == (304, b"")
+    assert "origin" in full.headers["vary"].lower()
+    for name in ("etag", "cache-control", "vary"):
+        assert revalidated.headers.get(name) == full.headers.get(name), name
+
+
 def test_405_lists_every_method_of_the_resource(api: Api) -> None:
     """RFC 9110 section 15.5.6; the router alone names those of the first route it tried."""
     for method, path, allowed in (

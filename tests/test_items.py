@@ -407,3 +407,28 @@ def test_a_change_committed_just_before_a_delete_makes_it_a_412(api: Api, if_mat
     else:
         assert response.status_code == 204
         assert_problem(api.client.get(url), 404)
+
+
+def test_a_current_copy_is_revalidated_with_a_304(api: Api) -> None:
+    """A client holding the item's current copy asks If-None-Match: it was sent the whole
+    item again; now a 304 without a body, from the cache as from the database, and
+    never once the item has changed."""
+    alice = api.account("alice")
+    url = f"/api/v1/items/{api.create_item(alice)['id']}"
+    first = api.client.get(url)  # from the database, then cached
+    tag = first.headers["etag"]
+    for header in (tag, f'"other", {tag}', f"W/{tag}", "*"):
+        for method in ("GET", "HEAD"):
+            current = api.client.request(method, url, headers={"If-None-Match": header})
+            assert (current.status_code, current.content) == (304, b""), (method, header)
+            assert current.headers["etag"] == tag
+            assert "content-type" not in current.headers
+    assert api.client.get(url, headers={"If-None-Match": '"other"'}).json() == first.json()
+    changed = api.client.patch(url, json={"price": 25}, headers=alice.headers)
+    fresh = api.client.get(url, headers={"If-None-Match": tag})
+    assert (fresh.status_code, fresh.json()) == (200, changed.json())
+    assert fresh.headers["etag"] == changed.headers["etag"] != tag
+    assert api.client.get(url, headers={"If-None-Match": fresh.headers["etag"]}).status_code == 304
+    # If-Match on a read (RFC 9110 section 13.1.1): a copy that is not current is a 412.
+    assert_problem(api.client.get(url, headers={"If-Match": tag}), 412)
+    assert api.client.get(url, headers={"If-Match": fresh.headers["etag"]}).status_code == 200

@@ -84,21 +84,27 @@ def byte_ranges(header: str, size: int) -> list[tuple[int, int]]:
     return merged
 
 
-def precondition(request: Headers, method: str, etag: str, last_modified: str) -> int | None:
-    """What the request's conditional headers make of a file with these validators: 412
-    (a precondition failed), 304 (the client's copy is current), or None (send it)."""
+def precondition(request: Headers, method: str, etag: str, last_modified: str | None) -> int | None:
+    """What the request's conditional headers make of a resource with these validators:
+    412 (a precondition failed), 304 (the client's copy is current), or None (send it).
+    Without ``last_modified`` the date conditions are ignored (RFC 9110 section 13.1.3)."""
     safe = method in ("GET", "HEAD")
-    modified = _http_date(last_modified) or 0.0
+    modified = _http_date(last_modified)
     if_match, if_none_match = request.get("if-match"), request.get("if-none-match")
     if if_match is not None and not etag_listed(if_match, etag, weak=False):
         return 412
     unmodified_since = _http_date(request.get("if-unmodified-since"))
-    if if_match is None and unmodified_since is not None and modified > unmodified_since:
+    if (
+        if_match is None
+        and modified is not None
+        and unmodified_since is not None
+        and modified > unmodified_since
+    ):
         return 412
     if if_none_match is not None and etag_listed(if_none_match, etag, weak=True):
         return 304 if safe else 412
     modified_since = _http_date(request.get("if-modified-since"))
-    if if_none_match is None and safe and modified_since is not None:
+    if if_none_match is None and safe and modified is not None and modified_since is not None:
         return 304 if modified <= modified_since else None
     return None
 

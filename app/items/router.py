@@ -4,7 +4,8 @@ from fastapi import APIRouter, Header, Request, Response, status
 
 from app.auth.deps import CurrentUser
 from app.db import IdPath, SessionDep
-from app.errors import NotFound
+from app.errors import NotFound, PreconditionFailed
+from app.files.downloads import precondition
 from app.items import service
 from app.items.deps import ItemCacheDep
 from app.items.schemas import ItemCreate, ItemRead, ItemUpdate
@@ -35,11 +36,23 @@ async def list_items(session: SessionDep, cache: ItemCacheDep, page: PageParamsD
 
 
 @router.get("/{item_id}", response_model=ItemRead)
-async def read_item(item_id: IdPath, session: SessionDep, cache: ItemCacheDep) -> Response:
+async def read_item(
+    item_id: IdPath, session: SessionDep, cache: ItemCacheDep, request: Request
+) -> Response:
     body = await cache.item(item_id, lambda: service.item_json(session, item_id))
     if body is None:
         raise NotFound("Item not found.")
-    return item_response(body)
+    # The ETag of the bytes this answer would send, cached or not: a 304 only ever says
+    # the client holds exactly them. Items have no Last-Modified (a second's resolution
+    # would hide changes), so only the ETag conditions apply.
+    tag = service.etag(body)
+    decision = precondition(request.headers, request.method, tag, None)
+    if decision == status.HTTP_412_PRECONDITION_FAILED:
+        raise PreconditionFailed("The item's current ETag is not one the If-Match names.")
+    if decision == status.HTTP_304_NOT_MODIFIED:
+        # No body; Cache-Control and Vary are added by the middleware as to the 200.
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": tag})
+    return json_bytes(body, headers={"ETag": tag})
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ItemRead)
