@@ -306,6 +306,11 @@ def test_openapi_lists_the_contract(client: TestClient) -> None:
         "/health/live",
         "/health/ready",
     } <= set(paths)
+    item = paths["/api/v1/items/{item_id}"]
+    # The conditional answers: a revalidated read, and a stale If-Match (RFC 9110 §13).
+    assert {"304", "412"} <= set(item["get"]["responses"])
+    assert "412" in item["patch"]["responses"]
+    assert "412" in item["delete"]["responses"]
     assert client.get("/docs").status_code == 200
 
 

@@ -13,6 +13,17 @@ from app.pagination import Page, PageParamsDep
 
 router = APIRouter(prefix="/items", tags=["items"])
 
+# The conditional answers (RFC 9110 section 13), for the OpenAPI document.
+NOT_MODIFIED: dict[int | str, dict[str, object]] = {
+    304: {"description": "If-None-Match names the item's current ETag: no body"}
+}
+STALE: dict[int | str, dict[str, object]] = {
+    412: {
+        "description": "If-Match names no current ETag of the item: nothing changed",
+        "content": {"application/problem+json": {}},
+    }
+}
+
 
 def json_bytes(
     body: bytes, status_code: int = status.HTTP_200_OK, headers: dict[str, str] | None = None
@@ -35,7 +46,7 @@ async def list_items(session: SessionDep, cache: ItemCacheDep, page: PageParamsD
     )
 
 
-@router.get("/{item_id}", response_model=ItemRead)
+@router.get("/{item_id}", response_model=ItemRead, responses=NOT_MODIFIED | STALE)
 async def read_item(
     item_id: IdPath, session: SessionDep, cache: ItemCacheDep, request: Request
 ) -> Response:
@@ -68,7 +79,7 @@ async def create_item(
     )
 
 
-@router.patch("/{item_id}", response_model=ItemRead)
+@router.patch("/{item_id}", response_model=ItemRead, responses=STALE)
 async def update_item(
     item_id: IdPath,
     data: ItemUpdate,
@@ -80,7 +91,9 @@ async def update_item(
     return item_response(await service.update_item(session, cache, user, item_id, data, if_match))
 
 
-@router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+@router.delete(
+    "/{item_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, responses=STALE
+)
 async def delete_item(
     item_id: IdPath,
     user: CurrentUser,
