@@ -1,8 +1,10 @@
 """Items: CRUD, the list envelope, search, validation, ownership and mass assignment."""
 
 import re
+from collections.abc import Callable
 
 import pytest
+from httpx2 import Response
 from sqlalchemy import Connection, delete, event, insert, select, update
 
 from app.items.cache import ItemCache
@@ -296,13 +298,15 @@ def test_a_patch_with_a_stale_if_match_is_a_412_and_changes_nothing(api: Api) ->
     )
 
 
-@pytest.mark.parametrize("if_match", [True, False])
-def test_a_change_committed_between_the_check_and_the_write_is_a_412(
-    api: Api, if_match: bool
-) -> None:
-    """Another client's change lands after this PATCH compared its If-Match with the
-    item and before it writes: the If-Match held when checked, yet the write must not
-    overwrite a version the client never saw. Without If-Match the last write wins."""
+def raced_by_a_change(
+    api: Api,
+    if_match: bool,
+    statement: str,
+    write: Callable[[str, dict[str, str]], Response],
+) -> tuple[Response, str]:
+    """``write`` (given the item's URL and headers, with its ETag in If-Match when
+    ``if_match``) to alice's item, while another client's change to the item is committed
+    just before the write's ``statement``: its answer and the item's URL."""
     alice = api.account("alice")
     item = api.create_item(alice)
     url = f"/api/v1/items/{item['id']}"
@@ -310,9 +314,25 @@ def test_a_change_committed_between_the_check_and_the_write_is_a_412(
         {"If-Match": api.client.get(url).headers["etag"]} if if_match else {}
     )
     theirs = update(Item).where(Item.id == item["id"]).values(price=25)
-    with api.meanwhile("UPDATE items", theirs) as raced:
-        response = api.client.patch(url, json={"title": "Mine"}, headers=headers)
+    with api.meanwhile(statement, theirs) as raced:
+        response = write(url, headers)
     assert raced
+    return response, url
+
+
+@pytest.mark.parametrize("if_match", [True, False])
+def test_a_change_committed_between_the_check_and_the_write_is_a_412(
+    api: Api, if_match: bool
+) -> None:
+    """Another client's change lands after this PATCH compared its If-Match with the
+    item and before it writes: the If-Match held when checked, yet the write must not
+    overwrite a version the client never saw. Without If-Match the last write wins."""
+    response, url = raced_by_a_change(
+        api,
+        if_match,
+        "UPDATE items",
+        lambda url, headers: api.client.patch(url, json={"title": "Mine"}, headers=headers),
+    )
     if if_match:
         assert_problem(response, 412)
         assert api.client.get(url).json()["title"] == "Lamp"
@@ -391,16 +411,12 @@ def test_a_change_committed_just_before_a_delete_makes_it_a_412(api: Api, if_mat
     """Another client's PATCH lands after this DELETE compared its If-Match with the
     item and before it deletes: the client would delete a version it never saw. Without
     If-Match the delete is made."""
-    alice = api.account("alice")
-    item = api.create_item(alice)
-    url = f"/api/v1/items/{item['id']}"
-    headers = alice.headers | (
-        {"If-Match": api.client.get(url).headers["etag"]} if if_match else {}
+    response, url = raced_by_a_change(
+        api,
+        if_match,
+        "DELETE FROM items",
+        lambda url, headers: api.client.delete(url, headers=headers),
     )
-    theirs = update(Item).where(Item.id == item["id"]).values(price=25)
-    with api.meanwhile("DELETE FROM items", theirs) as raced:
-        response = api.client.delete(url, headers=headers)
-    assert raced
     if if_match:
         assert_problem(response, 412)
         assert api.client.get(url).status_code == 200  # not deleted
