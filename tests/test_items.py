@@ -425,6 +425,35 @@ def test_a_change_committed_just_before_a_delete_makes_it_a_412(api: Api, if_mat
         assert_problem(api.client.get(url), 404)
 
 
+@pytest.mark.parametrize("method", ["PATCH", "DELETE"])
+def test_a_write_whose_if_none_match_names_the_item_is_a_412_and_changes_nothing(
+    api: Api, method: str
+) -> None:
+    """A client that means "only if the item is not the one I know" (or "only if there is
+    none", ``*``) sends If-None-Match: the PATCH or DELETE went ahead regardless."""
+    alice = api.account("alice")
+    url = f"/api/v1/items/{api.create_item(alice)['id']}"
+    first = api.client.get(url)
+    tag = first.headers["etag"]
+    body = {"json": {"price": 25}} if method == "PATCH" else {}
+    for header in (tag, f'"other", {tag}', f"W/{tag}", "*"):
+        refused = api.client.request(
+            method, url, headers=alice.headers | {"If-None-Match": header}, **body
+        )
+        assert_problem(refused, 412)
+        assert api.client.get(url).json() == first.json(), header
+    # If-Match is checked first, then If-None-Match: both must hold.
+    both = {"If-Match": tag, "If-None-Match": tag}
+    assert_problem(api.client.request(method, url, headers=alice.headers | both, **body), 412)
+    other = {"If-Match": tag, "If-None-Match": '"other"'}
+    done = api.client.request(method, url, headers=alice.headers | other, **body)
+    assert done.status_code == (200 if method == "PATCH" else 204)
+    if method == "PATCH":
+        assert done.json()["price"] == 25
+    else:
+        assert_problem(api.client.get(url), 404)
+
+
 def test_a_current_copy_is_revalidated_with_a_304(api: Api) -> None:
     """A client holding the item's current copy asks If-None-Match: it was sent the whole
     item again; now a 304 without a body, from the cache as from the database, and

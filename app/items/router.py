@@ -23,6 +23,14 @@ STALE: dict[int | str, dict[str, object]] = {
         "content": {"application/problem+json": {}},
     }
 }
+# Of a PATCH or DELETE, which also take If-None-Match (RFC 9110 section 13.1.2).
+STALE_WRITE: dict[int | str, dict[str, object]] = {
+    412: {
+        "description": "If-Match names no current ETag of the item, or If-None-Match names "
+        "it or is `*`: nothing changed",
+        "content": {"application/problem+json": {}},
+    }
+}
 
 
 def json_bytes(
@@ -79,7 +87,7 @@ async def create_item(
     )
 
 
-@router.patch("/{item_id}", response_model=ItemRead, responses=STALE)
+@router.patch("/{item_id}", response_model=ItemRead, responses=STALE_WRITE)
 async def update_item(
     item_id: IdPath,
     data: ItemUpdate,
@@ -87,12 +95,18 @@ async def update_item(
     session: SessionDep,
     cache: ItemCacheDep,
     if_match: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    return item_response(await service.update_item(session, cache, user, item_id, data, if_match))
+    return item_response(
+        await service.update_item(session, cache, user, item_id, data, if_match, if_none_match)
+    )
 
 
 @router.delete(
-    "/{item_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, responses=STALE
+    "/{item_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=STALE_WRITE,
 )
 async def delete_item(
     item_id: IdPath,
@@ -100,5 +114,6 @@ async def delete_item(
     session: SessionDep,
     cache: ItemCacheDep,
     if_match: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> None:
-    await service.delete_item(session, cache, user, item_id, if_match)
+    await service.delete_item(session, cache, user, item_id, if_match, if_none_match)

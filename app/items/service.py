@@ -63,11 +63,13 @@ async def update_item(
     item_id: int,
     data: ItemUpdate,
     if_match: str | None,
+    if_none_match: str | None,
 ) -> bytes:
     """Apply ``data`` and return the item's new body. With an ``If-Match`` that does not
-    name the item's current ETag, a 412 and nothing changes; ``*`` or none: no check."""
+    name the item's current ETag, or an ``If-None-Match`` that does (or is ``*``), a 412
+    and nothing changes; neither: no check."""
     item = await _modifiable(session, actor, item_id)
-    version = _matched_version(item, if_match)
+    version = _matched_version(item, if_match, if_none_match)
     changes = data.model_dump(exclude_unset=True)
     if not changes:
         return item_body(item)
@@ -83,11 +85,17 @@ async def update_item(
 
 
 async def delete_item(
-    session: AsyncSession, cache: ItemCache, actor: User, item_id: int, if_match: str | None
+    session: AsyncSession,
+    cache: ItemCache,
+    actor: User,
+    item_id: int,
+    if_match: str | None,
+    if_none_match: str | None,
 ) -> None:
-    """Delete the item; with an ``If-Match`` that does not name its current ETag, a 412
-    and nothing is deleted; ``*`` or none: no check."""
-    version = _matched_version(await _modifiable(session, actor, item_id), if_match)
+    """Delete the item; with an ``If-Match`` that does not name its current ETag, or an
+    ``If-None-Match`` that does (or is ``*``), a 412 and nothing is deleted."""
+    item = await _modifiable(session, actor, item_id)
+    version = _matched_version(item, if_match, if_none_match)
     # One statement whose row count says whether this request deleted the item: the ORM's
     # delete only warns when a concurrent request deleted it first.
     deleted = await session.execute(delete(Item).where(*version))
@@ -97,14 +105,25 @@ async def delete_item(
     await cache.invalidate(item_id)
 
 
-def _matched_version(item: Item, if_match: str | None) -> list[ColumnElement[bool]]:
+def _matched_version(
+    item: Item, if_match: str | None, if_none_match: str | None
+) -> list[ColumnElement[bool]]:
     """The WHERE clause of a write to ``item`` that honours ``if_match``: a 412 when it
     names no current ETag; when it names one (not ``*``), the write applies only to the
-    version checked, so no other writer can slip between the check and the write."""
+    version checked, so no other writer can slip between the check and the write. A 412
+    too when ``if_none_match`` names the current ETag or is ``*`` (RFC 9110 section
+    13.1.2: the item exists)."""
     # Compared with the row just read from the database, never with the cached copy,
     # which may be older than the last write (its invalidation not yet done).
-    if if_match is not None and not etag_listed(if_match, etag(item_body(item)), weak=False):
+    current = etag(item_body(item))
+    if if_match is not None and not etag_listed(if_match, current, weak=False):
         raise _changed_meanwhile()
+    # Weak comparison, as for a GET's If-None-Match. No clause for the write: a change
+    # committed after this check gets an ETag (a new updated_at) no client has seen.
+    if if_none_match is not None and etag_listed(if_none_match, current, weak=True):
+        raise PreconditionFailed(
+            "The item's current ETag is one the If-None-Match names (or it is *): nothing changed."
+        )
     where = [Item.id == item.id]
     if if_match is not None and if_match.strip() != "*":
         # A write committed since the check set another updated_at (every write sets
