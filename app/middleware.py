@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import problem_response, shutting_down
+from app.errors import CLIENT_CLOSED_REQUEST, problem_response, shutting_down
 from app.observability.access_log import level_of, log_request
 from app.observability.http_metrics import RouteSeries, SeriesLookup, observe_websocket
 from app.observability.logging import (
@@ -76,6 +76,9 @@ _NO_SPAN: dict[str, str] = {}
 # Where HttpMiddleware keeps the method the client sent when it hands a HEAD to the routes
 # as a GET (see client_method).
 _CLIENT_METHOD = "app.client_method"
+# The message a route sends (client_left) when its client went away mid-response: the
+# middleware records it and never passes it on.
+_CLIENT_LEFT = "app.client_left"
 # Distinct (method, path) pairs whose RequestPlan is remembered per process; beyond that,
 # it is worked out on each request, as for the first request of each pair.
 PLAN_CACHE_SIZE = 4096
@@ -158,6 +161,9 @@ class HttpMiddleware:
                 if status >= 400 and not body_read and declares_body(scope["headers"]):
                     headers = closing(headers)
                 message["headers"] = headers
+            elif message["type"] == _CLIENT_LEFT:  # checked only past the usual messages
+                status = CLIENT_CLOSED_REQUEST
+                return _noted()
             return send(message)
 
         try:
@@ -270,6 +276,17 @@ def client_method(scope: Scope) -> str:
     response that would read its body only to have the server drop it (a file) should
     not read it."""
     return scope.get(_CLIENT_METHOD) or scope["method"]
+
+
+async def client_left(send: Send) -> None:
+    """Tell HttpMiddleware that the client went away before the response was all sent:
+    the request is counted and logged as a 499, not as the 2xx whose start it was sent.
+    uvicorn's send returns quietly once the client is gone, so only the route can tell."""
+    await send({"type": _CLIENT_LEFT})
+
+
+async def _noted() -> None:
+    """What observed_send hands back for a message it keeps rather than sends."""
 
 
 async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:

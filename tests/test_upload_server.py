@@ -29,6 +29,7 @@ from app import migrate
 from app.cli import create_superuser
 from deploy.stack.postgres import PostgresServer
 from deploy.stack.process import MissingBinary, require_binary, wait_for
+from tests import prom
 from tests.api import PASSWORD
 from tests.app_server import app_server, server_env, signed_up
 from tests.conftest import make_settings
@@ -442,3 +443,41 @@ def test_an_unhandled_error_closes_the_connection_and_says_so(tmp_path: Path) ->
         with refused_mid_body(base, read, b"") as (response, _):
             assert response.status == 500
             assert response.getheader("connection") == "close"
+
+
+def test_a_download_its_client_leaves_is_a_499_and_its_file_is_closed(tmp_path: Path) -> None:
+    """A client that drops a download midway (a closed tab, a killed curl) got a cut-off
+    file: it was counted and logged as a 200, so dashboards showed a success the user
+    never had. It is a 499, as an abandoned upload, and the server lets go of the file."""
+    env = server_env(tmp_path, APP_LOG_FORMAT="json", APP_MAX_UPLOAD_BYTES=str(64 * MIB))
+    migrate.upgrade(env["APP_DATABASE_URL"])
+    log = tmp_path / "server.log"
+    route = "/api/v1/files/{file_id}/content"
+    with app_server(tmp_path, env, log) as (base, server):
+        token = signed_up(base, "leaver")
+        size = 16 * MIB  # far more than the sockets' buffers hold
+        file_id = text_upload(base, token, size).json()["id"]
+
+        def requests(status: int) -> float:
+            samples = prom.parse(httpx2.get(f"{base}/metrics").text)
+            labels = {"method": "GET", "route": route, "status": str(status)}
+            return prom.value(samples, "http_requests_total", **labels)
+
+        with stalled_download(base, token, file_id):
+            pass  # read the status line, then close with the rest unread
+        wait_for(lambda: requests(499) == 1, timeout=30, what="a 499", process=server, log_path=log)
+        assert requests(200) == 0
+        data = tmp_path / "data"
+        open_files = [os.readlink(fd) for fd in Path(f"/proc/{server.pid}/fd").iterdir()]
+        assert not [path for path in open_files if path.startswith(str(data))]
+
+        whole = httpx2.get(
+            f"{base}/api/v1/files/{file_id}/content",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert (whole.status_code, len(whole.content)) == (200, size)
+        wait_for(lambda: requests(200) == 1, timeout=30, what="a 200", process=server, log_path=log)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    statuses = [line["status"] for line in lines if line.get("route") == route]
+    assert statuses == [499, 200]

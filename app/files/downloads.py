@@ -27,10 +27,10 @@ from typing import BinaryIO
 import anyio
 from starlette.datastructures import Headers
 from starlette.responses import FileResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app.errors import AppError, PreconditionFailed, UnsatisfiableRange
-from app.middleware import client_method
+from app.middleware import client_left, client_method
 
 # As Starlette: a header with more ranges than this is ignored (the whole file is sent),
 # rather than answered with as many parts.
@@ -161,9 +161,31 @@ class Download(FileResponse):
                 validators = {name: self.headers[name] for name in ("etag", "last-modified")}
                 await Response(status_code=304, headers=validators)(scope, receive, send)
                 return
-            await super().__call__(scope, receive, send)
+            await self._send_file(scope, receive, send)
         finally:
             self.file.close()  # a HEAD, a 304, or a failure before the body never read it
+
+    async def _send_file(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FileResponse's sending, which stops as soon as the server reports the client
+        gone (``http.disconnect``); then HttpMiddleware is told, so the cut-off download is
+        counted as a 499 rather than the 200 it started as."""
+        gone = done = False
+
+        async def watched_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = message["type"] == "http.disconnect"
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal done
+            await send(message)
+            # The server reports a disconnect after a complete response too.
+            done = message["type"] == "http.response.body" and not message.get("more_body")
+
+        await super().__call__(scope, watched_receive, watched_send)
+        if gone and not done:
+            await client_left(send)
 
     @asynccontextmanager
     async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
