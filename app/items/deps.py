@@ -1,8 +1,9 @@
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from app.items.cache import ItemCache
+from app.items.schemas import Preconditions
 
 
 async def get_item_cache(request: Request) -> ItemCache:
@@ -10,3 +11,13 @@ async def get_item_cache(request: Request) -> ItemCache:
 
 
 ItemCacheDep = Annotated[ItemCache, Depends(get_item_cache)]
+
+
+def write_preconditions(
+    if_match: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Preconditions:
+    return Preconditions(if_match, if_none_match)
+
+
+PreconditionsDep = Annotated[Preconditions, Depends(write_preconditions)]

@@ -1,13 +1,11 @@
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 
 from app.auth.deps import CurrentUser
 from app.db import IdPath, SessionDep
 from app.errors import NotFound, PreconditionFailed
 from app.files.downloads import precondition
 from app.items import service
-from app.items.deps import ItemCacheDep
+from app.items.deps import ItemCacheDep, PreconditionsDep
 from app.items.schemas import ItemCreate, ItemRead, ItemUpdate
 from app.pagination import Page, PageParamsDep
 
@@ -94,12 +92,9 @@ async def update_item(
     user: CurrentUser,
     session: SessionDep,
     cache: ItemCacheDep,
-    if_match: Annotated[str | None, Header()] = None,
-    if_none_match: Annotated[str | None, Header()] = None,
+    conditions: PreconditionsDep,
 ) -> Response:
-    return item_response(
-        await service.update_item(session, cache, user, item_id, data, if_match, if_none_match)
-    )
+    return item_response(await service.update_item(session, cache, user, item_id, data, conditions))
 
 
 @router.delete(
@@ -113,7 +108,6 @@ async def delete_item(
     user: CurrentUser,
     session: SessionDep,
     cache: ItemCacheDep,
-    if_match: Annotated[str | None, Header()] = None,
-    if_none_match: Annotated[str | None, Header()] = None,
+    conditions: PreconditionsDep,
 ) -> None:
-    await service.delete_item(session, cache, user, item_id, if_match, if_none_match)
+    await service.delete_item(session, cache, user, item_id, conditions)

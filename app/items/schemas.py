@@ -1,4 +1,5 @@
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
@@ -73,3 +74,11 @@ class ItemRead(BaseModel):
     owner_id: int
     created_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Preconditions:
+    """A write's conditional headers (RFC 9110 section 13.1), as the client sent them."""
+
+    if_match: str | None = None
+    if_none_match: str | None = None

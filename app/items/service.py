@@ -12,7 +12,7 @@ from app.errors import AppError, Forbidden, NotFound, PreconditionFailed, Unauth
 from app.files.downloads import etag_listed
 from app.items.cache import ItemCache
 from app.items.models import Item
-from app.items.schemas import ItemCreate, ItemRead, ItemUpdate
+from app.items.schemas import ItemCreate, ItemRead, ItemUpdate, Preconditions
 from app.pagination import Page, PageParams, fetch_page, matching
 from app.users.models import Permission, User
 
@@ -62,14 +62,13 @@ async def update_item(
     actor: User,
     item_id: int,
     data: ItemUpdate,
-    if_match: str | None,
-    if_none_match: str | None,
+    conditions: Preconditions,
 ) -> bytes:
     """Apply ``data`` and return the item's new body. With an ``If-Match`` that does not
     name the item's current ETag, or an ``If-None-Match`` that does (or is ``*``), a 412
     and nothing changes; neither: no check."""
     item = await _modifiable(session, actor, item_id)
-    version = _matched_version(item, if_match, if_none_match)
+    version = _matched_version(item, conditions)
     changes = data.model_dump(exclude_unset=True)
     if not changes:
         return item_body(item)
@@ -89,13 +88,12 @@ async def delete_item(
     cache: ItemCache,
     actor: User,
     item_id: int,
-    if_match: str | None,
-    if_none_match: str | None,
+    conditions: Preconditions,
 ) -> None:
     """Delete the item; with an ``If-Match`` that does not name its current ETag, or an
     ``If-None-Match`` that does (or is ``*``), a 412 and nothing is deleted."""
     item = await _modifiable(session, actor, item_id)
-    version = _matched_version(item, if_match, if_none_match)
+    version = _matched_version(item, conditions)
     # One statement whose row count says whether this request deleted the item: the ORM's
     # delete only warns when a concurrent request deleted it first.
     deleted = await session.execute(delete(Item).where(*version))
@@ -105,9 +103,7 @@ async def delete_item(
     await cache.invalidate(item_id)
 
 
-def _matched_version(
-    item: Item, if_match: str | None, if_none_match: str | None
-) -> list[ColumnElement[bool]]:
+def _matched_version(item: Item, conditions: Preconditions) -> list[ColumnElement[bool]]:
     """The WHERE clause of a write to ``item`` that honours ``if_match``: a 412 when it
     names no current ETag; when it names one (not ``*``), the write applies only to the
     version checked, so no other writer can slip between the check and the write. A 412
@@ -116,6 +112,7 @@ def _matched_version(
     # Compared with the row just read from the database, never with the cached copy,
     # which may be older than the last write (its invalidation not yet done).
     current = etag(item_body(item))
+    if_match, if_none_match = conditions.if_match, conditions.if_none_match
     if if_match is not None and not etag_listed(if_match, current, weak=False):
         raise _changed_meanwhile()
     # Weak comparison, as for a GET's If-None-Match. No clause for the write: a change
