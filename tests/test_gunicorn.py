@@ -101,6 +101,17 @@ def launched(tmp_path: Path, **extra: str) -> tuple[subprocess.Popen[bytes], str
     return process, f"http://127.0.0.1:{port}", log
 
 
+@contextlib.contextmanager
+def killed_if_alive(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Whatever the test asserts, the gunicorn it started does not outlive it."""
+    try:
+        yield
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture
 def gunicorn(tmp_path: Path) -> Iterator[Gunicorn]:
     # Left over from "a previous run": must be wiped, or it would inflate the totals.
@@ -292,7 +303,7 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(
         GUNICORN_GRACEFUL_TIMEOUT=timeouts,
         APP_MAX_UPLOAD_BYTES=str(64 * MIB),
     )
-    try:
+    with killed_if_alive(process):
         await_answer(f"{base}/health/ready", process, log, "gunicorn")
         token = signed_up(base, "long")
         uploads = tmp_path / "data" / "uploads"
@@ -314,10 +325,6 @@ def test_a_stopping_worker_cancels_a_long_upload_and_cleans_up(
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == 1012  # a restart: the client may reconnect
             assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     text = log.read_text()
     assert "SIGKILL" not in text
     assert "Exception in ASGI application" not in text
@@ -340,7 +347,7 @@ def test_a_download_cut_short_by_a_stopping_worker_is_recorded_as_a_503(tmp_path
         GUNICORN_GRACEFUL_TIMEOUT="6",  # cancelled a second after the SIGTERM
         APP_MAX_UPLOAD_BYTES=str(32 * MIB),
     )
-    try:
+    with killed_if_alive(process):
         await_answer(f"{base}/health/ready", process, log, "gunicorn")
         token = signed_up(base, "reader")
         headers = {
@@ -356,10 +363,6 @@ def test_a_download_cut_short_by_a_stopping_worker_is_recorded_as_a_503(tmp_path
             received = read_slowly(connection)
         assert received < length
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     route = "/api/v1/files/{file_id}/content"
     access = [r for r in records if r["logger"] == "app.access" and r["route"] == route]
@@ -418,17 +421,13 @@ def test_a_quick_shutdown_does_not_wait_for_a_client_that_reads_nothing(
     process, base, log = launched(
         tmp_path, WEB_CONCURRENCY="1", GUNICORN_TIMEOUT="60", GUNICORN_GRACEFUL_TIMEOUT="60"
     )
-    try:
+    with killed_if_alive(process):
         await_answer(f"{base}/health/ready", process, log, "gunicorn")
         token = signed_up(base, "stalled")
         with raw_notifications_socket(base, token) as connection:
             ping_without_reading(connection)
             process.send_signal(stop)
             assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     text = log.read_text()
     assert "Application shutdown complete." in text
     assert "timeout graceful shutdown exceeded" not in text
