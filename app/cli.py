@@ -1,4 +1,4 @@
-"""``python -m app …``: serve, migrate, create-superuser.
+"""``python -m app …``: serve, migrate, create-superuser, prune-blobs.
 
 Every command reads the same settings as the service, and none takes a password on
 the command line (it would show in ``ps`` and shell history).
@@ -16,11 +16,14 @@ import uvicorn
 from alembic.util import CommandError
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import migrate
 from app.auth import service as auth_service
+from app.backends.storage import LocalStorage
 from app.db import DatabaseUnreachable, create_engine, create_sessionmaker
 from app.errors import Conflict
+from app.files import service as files_service
 from app.security import PasswordHasher
 from app.server import SERVER_OPTIONS
 from app.settings import Settings, load_or_exit
@@ -49,6 +52,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
 
+    prune = commands.add_parser(
+        "prune-blobs",
+        help="remove stored upload bytes that no file refers to (left by a killed process)",
+    )
+    prune.add_argument(
+        "--older-than",
+        type=float,
+        default=files_service.STALE_STAGE_SECONDS,
+        metavar="SECONDS",
+        help="only blobs committed at least this long ago (default: %(default)d)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+
     args = parser.parse_args(argv)
     settings = load_or_exit()
     if args.command == "serve":
@@ -57,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "migrate":
             run_migrations(settings)
+        elif args.command == "prune-blobs":
+            sys.exit(asyncio.run(prune_blobs(settings, args.older_than, dry_run=args.dry_run)))
         else:
             password = read_password(args.password_stdin)
             sys.exit(asyncio.run(create_superuser(settings, args.email, args.username, password)))
@@ -129,6 +147,41 @@ def read_password(from_stdin: bool) -> str:
     return first
 
 
+async def prune_blobs(settings: Settings, older_than_seconds: float, *, dry_run: bool) -> int:
+    """One line per blob (removed, or to be removed), then how many and their size."""
+    engine = create_engine(settings.effective_database_url, settings)
+    count = size = 0
+    try:
+        if not await _migrated(engine):
+            return 1
+        storage = LocalStorage(settings.upload_dir)
+        async with create_sessionmaker(engine)() as session:
+            orphans = files_service.prune_orphans(
+                session, storage, older_than_seconds, dry_run=dry_run
+            )
+            async for blob in orphans:
+                print(f"{'would remove' if dry_run else 'removed'} {blob.key} ({blob.size} bytes)")
+                count, size = count + 1, size + blob.size
+    finally:
+        await engine.dispose()
+    verb = "would remove" if dry_run else "removed"
+    print(f"{verb} {count} blob(s) no file refers to, {size} bytes")
+    return 0
+
+
+async def _migrated(engine: AsyncEngine) -> bool:
+    """Whether the database is at the latest migration; if not, says so on stderr."""
+    async with engine.connect() as connection:
+        current = await connection.run_sync(migrate.is_current)
+    if not current:
+        # Rather than "no such table: …" at the end of a traceback.
+        print(
+            "the database is not at the latest migration; run `python -m app migrate` first",
+            file=sys.stderr,
+        )
+    return current
+
+
 async def create_superuser(settings: Settings, email: str, username: str, password: str) -> int:
     try:
         data = UserCreate(email=email, username=username, password=password)
@@ -139,15 +192,7 @@ async def create_superuser(settings: Settings, email: str, username: str, passwo
         return 2
     engine = create_engine(settings.effective_database_url, settings)
     try:
-        async with engine.connect() as connection:
-            current = await connection.run_sync(migrate.is_current)
-        if not current:
-            # Rather than "no such table: users" at the end of a traceback.
-            print(
-                "not created: the database is not at the latest migration;"
-                " run `python -m app migrate` first",
-                file=sys.stderr,
-            )
+        if not await _migrated(engine):
             return 1
         async with create_sessionmaker(engine)() as session:
             user = await auth_service.register(

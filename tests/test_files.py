@@ -10,6 +10,8 @@ import itertools
 import os
 import random
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
@@ -1425,3 +1427,92 @@ def test_a_commit_that_fails_after_the_rename_leaves_nothing(
     with pytest.raises(OSError, match="fsync failed"):
         anyio.run(stage_and_commit)
     assert list((tmp_path / "blobs").iterdir()) == []
+
+
+def test_a_commit_dates_the_blob_from_the_commit_not_its_last_write(tmp_path: Path) -> None:
+    """A batch commits its first file only once the last has arrived, which may be long
+    after the first's last byte: dated from that byte, a committed blob whose row is not
+    written yet looked old enough to prune."""
+    storage = storage_module.LocalStorage(tmp_path / "blobs")
+    two_hours_ago = time.time() - 7200
+
+    async def slow_batch() -> list[storage_module.BlobInfo]:
+        async with storage.stage() as first:
+            await first.write(b"first file, complete\n")
+            await first.local_file()  # written out, as when it was inspected
+            for stage in (tmp_path / "blobs").glob(".upload-*"):
+                os.utime(stage, (two_hours_ago, two_hours_ago))  # the rest took two hours
+            await first.commit("one")
+        return [blob async for batch in storage.blobs(3600) for blob in batch]
+
+    assert anyio.run(slow_batch) == []
+    assert (tmp_path / "blobs" / "one").stat().st_mtime > time.time() - 60
+
+
+def test_prune_blobs_removes_only_old_blobs_no_row_refers_to(api: Api) -> None:
+    """What a process killed between a blob and its row leaves (a file's bytes, a lone
+    thumbnail) goes; the blobs of files, a blob committed a moment ago (its row may be
+    on its way) and a live upload's stage stay."""
+    alice = api.account("alice")
+    picture = uploaded(upload(api, alice, "pic.png", image_bytes("PNG"), "image/png"))
+    notes = uploaded(upload(api, alice, "notes.txt", TEXT, "text/plain"))
+    root = api.settings.upload_dir
+    kept = leftovers(api)  # the picture, its thumbnail and the notes
+    orphans = {"0" * 32: b"bytes of a file whose row was never written", f"{'1' * 32}-thumb": b"t"}
+    for key, data in orphans.items():
+        (root / key).write_bytes(data)
+    stage = root / ".upload-in-flight.tmp"
+    stage.write_bytes(b"arriving")
+    two_hours_ago = time.time() - 7200
+    for path in root.iterdir():
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    just_committed = root / ("2" * 32)
+    just_committed.write_bytes(b"its row is being written")
+    env = {
+        "APP_ENV": "test",
+        "APP_DATABASE_URL": api.settings.database_url,
+        "APP_DATA_DIR": str(api.settings.data_dir),
+    }
+
+    listed = prune_blobs(env, "--dry-run")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(listed.stdout.splitlines()[:-1]) == sorted(
+        f"would remove {key} ({len(data)} bytes)" for key, data in orphans.items()
+    )
+    assert listed.stdout.splitlines()[-1] == (
+        f"would remove 2 blob(s) no file refers to, {sum(map(len, orphans.values()))} bytes"
+    )
+    assert all((root / key).exists() for key in orphans)
+
+    pruned = prune_blobs(env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout.splitlines()[-1].startswith("removed 2 blob(s)")
+    assert leftovers(api) == sorted([*kept, stage, just_committed])
+    for meta in (picture, notes):
+        content = api.client.get(f"/api/v1/files/{meta['id']}/content", headers=alice.headers)
+        assert content.status_code == 200
+    thumbnail = api.client.get(f"/api/v1/files/{picture['id']}/thumbnail", headers=alice.headers)
+    assert thumbnail.status_code == 200
+
+
+def test_prune_blobs_on_an_unmigrated_database_says_to_migrate(tmp_path: Path) -> None:
+    env = {
+        "APP_ENV": "test",
+        "APP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/new.db",
+        "APP_DATA_DIR": str(tmp_path / "data"),
+    }
+    refused = prune_blobs(env)
+    assert refused.returncode == 1
+    assert "run `python -m app migrate` first" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def prune_blobs(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", "prune-blobs", *args],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -48,6 +50,12 @@ def _full_is_storage_full() -> Iterator[None]:
         raise
 
 
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int  # bytes
+
+
 class StagedBlob(Protocol):
     async def local_file(self) -> Path:
         """A local file holding every byte written so far (readable for inspection)."""
@@ -78,6 +86,10 @@ class Storage(Protocol):
         mid-upload leaves (a failed or aborted upload discards its own); how many. Every
         process sweeps, well within that age, and first touches the stages it still has
         open, so none of a live process is ever that old."""
+
+    def blobs(self, older_than_seconds: float) -> AsyncIterator[list[BlobInfo]]:
+        """The committed blobs not written for that long (a commit counts as a write), a
+        batch at a time: a listing, so that blobs nothing refers to can be found."""
 
 
 def new_key() -> str:
@@ -190,6 +202,10 @@ class _LocalStagedBlob:
     def _commit(self, chunks: list[bytes], target: Path) -> None:
         self._write(chunks)
         with _full_is_storage_full():  # a file system may find it has no room only now
+            # The commit's time, not the last chunk's: a blob whose row is not written
+            # yet must never look old to a pruner (LocalStorage.blobs), and a batch
+            # commits its files only once its last one has arrived.
+            os.utime(self._file.fileno())
             os.fsync(self._file.fileno())
         self._file.close()
         # Same directory, so rename is atomic; the directory fsync makes the new name
@@ -217,6 +233,9 @@ def _fsync_directory(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+# Directory entries read per hop to a worker thread when listing blobs.
+LISTING_BATCH = 1000
 
 # Staged files start with a dot: never a key (_KEY), hidden from a plain listing.
 _STAGE_PREFIX = ".upload-"
@@ -284,3 +303,24 @@ class LocalStorage:
             return removed
 
         return await anyio.to_thread.run_sync(remove)
+
+    async def blobs(self, older_than_seconds: float) -> AsyncIterator[list[BlobInfo]]:
+        cutoff = time.time() - older_than_seconds
+
+        def next_batch(entries: Iterator[os.DirEntry[str]]) -> list[BlobInfo] | None:
+            batch: list[BlobInfo] = []
+            scanned = False
+            for entry in itertools.islice(entries, LISTING_BATCH):
+                scanned = True
+                if not _KEY.fullmatch(entry.name):  # a stage, or no file of ours
+                    continue
+                # Removed meanwhile (a DELETE): it is no longer there to list.
+                with contextlib.suppress(FileNotFoundError):
+                    stat = entry.stat(follow_symlinks=False)
+                    if entry.is_file(follow_symlinks=False) and stat.st_mtime < cutoff:
+                        batch.append(BlobInfo(entry.name, stat.st_size))
+            return batch if scanned else None
+
+        with os.scandir(self.root) as entries:
+            while (batch := await anyio.to_thread.run_sync(next_batch, entries)) is not None:
+                yield batch

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import ClientDisconnect
 
-from app.backends.storage import StagedBlob, Storage, StorageFull, new_key
+from app.backends.storage import BlobInfo, StagedBlob, Storage, StorageFull, new_key
 from app.errors import (
     AppError,
     InsufficientStorage,
@@ -52,8 +52,11 @@ STALE_STAGE_SECONDS = 3600
 SWEEP_INTERVAL_SECONDS = 600
 
 
+THUMBNAIL_SUFFIX = "-thumb"
+
+
 def thumbnail_key(storage_key: str) -> str:
-    return f"{storage_key}-thumb"
+    return f"{storage_key}{THUMBNAIL_SUFFIX}"
 
 
 @dataclass
@@ -515,3 +518,28 @@ async def owned_files(session: AsyncSession, owner_id: int) -> list[StoredFile]:
 async def delete_blobs(storage: Storage, records: list[StoredFile]) -> None:
     """Remove the stored bytes (and thumbnails) of rows already deleted."""
     await _delete_blobs(storage, records)
+
+
+async def prune_orphans(
+    session: AsyncSession, storage: Storage, older_than_seconds: float, *, dry_run: bool = False
+) -> AsyncIterator[BlobInfo]:
+    """Remove, and yield, the blobs (thumbnails included) that no file's row refers to and
+    that were committed that long ago: what a process killed between committing an
+    upload's bytes and its row, or between deleting a row and its bytes, leaves behind,
+    and nothing else ever removes. An upload writes its row seconds after its bytes, so
+    the age keeps its blobs out of reach until then."""
+    async for batch in storage.blobs(older_than_seconds):
+        owners = {blob.key.removesuffix(THUMBNAIL_SUFFIX) for blob in batch}
+        referred = set(
+            await session.scalars(
+                select(StoredFile.storage_key).where(StoredFile.storage_key.in_(owners))
+            )
+        )
+        await session.commit()  # no transaction held while the files go
+        orphans = [
+            blob for blob in batch if blob.key.removesuffix(THUMBNAIL_SUFFIX) not in referred
+        ]
+        if orphans and not dry_run:
+            await storage.delete(*(blob.key for blob in orphans))
+        for blob in orphans:
+            yield blob
