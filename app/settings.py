@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     # Mail sent at once by one process: a mail server that is slow or down is not also
     # flooded with connections, each one held until it times out.
     smtp_max_connections: int = Field(default=2, ge=1, le=100)
+    # Attempts per mail in all, when the server answers 4xx or cannot be reached (app/email.py).
+    smtp_send_attempts: int = Field(default=4, ge=1, le=20)
     # Jobs of one kind (audit, email) in flight in one process, beyond which new ones are
     # dropped (counted and logged): a stalled dependency must not grow memory without end.
     background_max_jobs: int = Field(default=1000, ge=1)

@@ -8,6 +8,7 @@ from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -244,3 +245,101 @@ def test_jobs_cut_short_by_shutdown_are_counted_and_logged(log_lines: io.StringI
         r for r in records(log_lines) if r["event"] == "background jobs cancelled at shutdown"
     ]
     assert line["jobs"] == {"email": 2}
+
+
+class FlakyInbox(Inbox):
+    """A mail server that answers DATA with ``refusals`` in turn, then accepts."""
+
+    def __init__(self, *refusals: str) -> None:
+        super().__init__()
+        self.refusals = list(refusals)
+        self.attempts = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.attempts += 1
+        if self.refusals:
+            return self.refusals.pop(0)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@contextlib.contextmanager
+def mail_server(inbox: Inbox) -> Iterator[Settings]:
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            smtp_host="127.0.0.1",
+            smtp_port=port,
+            smtp_starttls=False,
+            smtp_send_attempts=3,
+        )
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("app.email.RETRY_WAIT_INITIAL_SECONDS", 0.01)
+    monkeypatch.setattr("app.email.RETRY_WAIT_MAX_SECONDS", 0.01)
+    monkeypatch.setattr("app.email.RETRY_WAIT_JITTER_SECONDS", 0)
+
+
+def test_a_temporary_refusal_is_retried_until_the_mail_is_accepted(
+    quick_retries: None, log_lines: io.StringIO
+) -> None:
+    """A mail server restarting or greylisting answers 4xx: the mail was lost for good."""
+    inbox = FlakyInbox("451 4.3.0 Try again later", "421 4.3.2 Service shutting down")
+    with mail_server(inbox) as settings:
+        attach(log_lines)
+        asyncio.run(Mailer(settings).send("alice@example.com", "Maintenance", "Tonight."))
+    assert inbox.attempts == 3
+    [message] = inbox.messages
+    assert message["Subject"] == "Maintenance"
+    retries = [r for r in records(log_lines) if r["event"] == "email not sent; retrying"]
+    assert [r["attempt"] for r in retries] == [1, 2]
+    assert "451" in retries[0]["error"]
+
+
+def test_a_permanent_refusal_is_not_retried(quick_retries: None) -> None:
+    inbox = FlakyInbox("554 5.7.1 Rejected")
+    with mail_server(inbox) as settings, pytest.raises(aiosmtplib.SMTPDataError):
+        asyncio.run(Mailer(settings).send("alice@example.com", "Maintenance", "Tonight."))
+    assert inbox.attempts == 1
+    assert inbox.messages == []
+
+
+def test_retries_stop_after_the_attempts_configured(quick_retries: None) -> None:
+    inbox = FlakyInbox(*["451 4.3.0 Try again later"] * 5)
+    with mail_server(inbox) as settings, pytest.raises(aiosmtplib.SMTPDataError):
+        asyncio.run(Mailer(settings).send("alice@example.com", "Maintenance", "Tonight."))
+    assert inbox.attempts == 3
+    assert inbox.messages == []
+
+
+def test_a_mail_server_down_at_first_is_retried(quick_retries: None) -> None:
+    """Connection refused, as while the mail server restarts, then up."""
+    inbox = Inbox()
+    port = free_port()
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        smtp_host="127.0.0.1",
+        smtp_port=port,
+        smtp_starttls=False,
+        smtp_send_attempts=20,
+    )
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+
+    async def send_while_the_server_starts() -> None:
+        mailer = Mailer(settings)
+        sending = asyncio.create_task(mailer.send("alice@example.com", "Up again", "x"))
+        await asyncio.sleep(0.05)  # a refused attempt or more
+        await asyncio.to_thread(controller.start)
+        await sending
+
+    try:
+        asyncio.run(send_while_the_server_starts())
+    finally:
+        controller.stop()
+    assert [m["Subject"] for m in inbox.messages] == ["Up again"]
