@@ -43,7 +43,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
 
-    commands.add_parser("migrate", help="apply database migrations up to the latest")
+    migrate_command = commands.add_parser(
+        "migrate", help="apply database migrations up to the latest (or to --to)"
+    )
+    migrate_command.add_argument(
+        "--to",
+        metavar="REVISION",
+        help="migrate up or down to this revision (e.g. 0004, or base): to undo a release's"
+        " migrations with that release's image before rolling back to the one before",
+    )
 
     superuser = commands.add_parser("create-superuser", help="create the first admin account")
     superuser.add_argument("--email", required=True)
@@ -72,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         if args.command == "migrate":
-            run_migrations(settings)
+            run_migrations(settings, args.to)
         elif args.command == "prune-blobs":
             sys.exit(asyncio.run(prune_blobs(settings, args.older_than, dry_run=args.dry_run)))
         else:
@@ -82,22 +90,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         exit_unreachable(settings.effective_database_url, exc)
 
 
-def run_migrations(settings: Settings) -> None:
-    try:
-        applied = migrate.upgrade(
-            settings.effective_database_url,
-            connect_timeout_seconds=settings.db_connect_timeout_seconds,
+def run_migrations(settings: Settings, target: str | None = None) -> None:
+    url = settings.effective_database_url
+    timeout = settings.db_connect_timeout_seconds
+    current = asyncio.run(_revisions(settings))
+    if target is None and (newer := migrate.unknown(current)):
+        # An image rolled back after its successor migrated: its migrate step failed, and
+        # with it the deploy, while its replicas run on the newer schema (each release's
+        # migrations keep the release before working; see app.migrate.schema_state).
+        print(
+            f"left at {', '.join(sorted(newer))}: a newer release's revision, which this"
+            " release runs on (to undo it, run that release's `migrate --to`)"
         )
+        return
+    try:
+        if target is not None and current and migrate.is_ancestor(target, current):
+            for revision in migrate.downgrade(url, target, timeout):
+                print(f"reverted {revision}")
+            return
+        applied = migrate.upgrade(url, target or "head", timeout)
     except CommandError as exc:
         # Alembic's own refusals are meant for operators ("Can't locate revision identified
-        # by '0005'": a newer release migrated this database); a traceback only hid them.
+        # by '0009'"); a traceback only hid them.
         sys.exit(f"not migrated: {exc}")
     # Which revisions a deploy applied, for its log: it said only that the database was
     # at the latest migration, whether anything had run or not.
     for revision in applied:
         print(f"applied {revision}")
     if not applied:
-        print(f"already at {', '.join(migrate.latest_revisions())}")
+        print(f"already at {', '.join(sorted(current) or ['base'])}")
+
+
+async def _revisions(settings: Settings) -> set[str]:
+    migrate.ensure_directory(settings.effective_database_url)
+    engine = create_engine(settings.effective_database_url, settings)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(migrate.revisions)
+    finally:
+        await engine.dispose()
 
 
 def exit_unreachable(database_url: str, exc: DatabaseUnreachable) -> NoReturn:

@@ -4,15 +4,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.sdk.trace import TracerProvider
-from sqlalchemy.engine import make_url
 
 import app
-from app import health
+from app import health, migrate
 from app.auth.router import router as auth_router
 from app.backends import create_backends
 from app.backends.storage import LocalStorage
@@ -42,8 +40,7 @@ async def lifespan(application: FastAPI) -> AsyncIterator[None]:
     settings: Settings = application.state.settings
     url = settings.effective_database_url
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.is_sqlite and (path := make_url(url).database):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    migrate.ensure_directory(url)
     engine = create_engine(url, settings)
     provider: TracerProvider | None = application.state.tracer_provider
     if provider is not None:

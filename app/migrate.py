@@ -5,6 +5,7 @@ The scripts are found relative to this package: beside it in a source checkout
 """
 
 import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -46,18 +47,54 @@ def upgrade(
     """The revisions applied, oldest first, each as "<id>: <description>" (none: the
     database was there already). Raises ``app.db.DatabaseUnreachable`` if no connection
     can be made in time."""
+    return _migrate(command.upgrade, database_url, revision, connect_timeout_seconds)
+
+
+def downgrade(
+    database_url: str, revision: str, connect_timeout_seconds: float = DB_CONNECT_TIMEOUT_SECONDS
+) -> list[str]:
+    """Undo the revisions above ``revision``: those undone, newest first, as ``upgrade``
+    names them."""
+    return _migrate(command.downgrade, database_url, revision, connect_timeout_seconds)
+
+
+def _migrate(
+    run: Callable[[Config, str], None],
+    database_url: str,
+    revision: str,
+    connect_timeout_seconds: float,
+) -> list[str]:
+    ensure_directory(database_url)
+    config = alembic_config(database_url, connect_timeout_seconds)
+    steps: list[str] = []
+
+    def record(*, step: MigrationInfo, **_: object) -> None:
+        steps.append(f"{step.up_revision_id}: {step.up_revision.doc}")
+
+    config.attributes["on_version_apply"] = record
+    run(config, revision)
+    return steps
+
+
+def ensure_directory(database_url: str) -> None:
+    """Create a SQLite file's directory: SQLite creates the file, not its directory."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    config = alembic_config(database_url, connect_timeout_seconds)
-    applied: list[str] = []
 
-    def record(*, step: MigrationInfo, **_: object) -> None:
-        applied.append(f"{step.up_revision_id}: {step.up_revision.doc}")
 
-    config.attributes["on_version_apply"] = record
-    command.upgrade(config, revision)
-    return applied
+def is_ancestor(revision: str, of: Iterable[str]) -> bool:
+    """Whether ``revision`` comes before one of ``of`` (so reaching it is a downgrade).
+    Raises alembic's CommandError for a revision this code does not know."""
+    scripts = _scripts()
+    target = scripts.get_revision(revision)
+    if target is None:  # "base": before everything
+        return True
+    return any(
+        target.revision != head
+        and target.revision in {r.revision for r in scripts.iterate_revisions(head, "base")}
+        for head in of
+    )
 
 
 def latest_revisions() -> list[str]:
@@ -82,18 +119,32 @@ VERSION_TABLE = table("alembic_version", column("version_num"))
 SchemaState = Literal["current", "unmigrated", "outdated"]
 
 
+def revisions(connection: Connection) -> set[str]:
+    """The database's revisions (none: never migrated)."""
+    # Read directly: alembic's MigrationContext logs two lines each time, every probe.
+    if not inspect(connection).has_table(VERSION_TABLE.name):
+        return set()
+    return set(connection.execute(select(VERSION_TABLE.c.version_num)).scalars())
+
+
+def unknown(revisions: Iterable[str]) -> set[str]:
+    """Those of ``revisions`` this code has no migration for: a newer release's."""
+    return set(revisions) - _known_revisions()
+
+
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    return frozenset(script.revision for script in _scripts().walk_revisions())
+
+
 def schema_state(connection: Connection) -> SchemaState:
     """Whether this code can serve on the database's schema: "unmigrated" (no migration
     applied), "outdated" (an older revision of this code's) or "current" — this code's
     latest, or a revision it does not know, a newer release's: during a rolling deploy
     the old replicas keep serving on the schema their successors migrated."""
-    # Read directly: alembic's MigrationContext logs two lines each time, every probe.
-    if not inspect(connection).has_table(VERSION_TABLE.name):
+    current = revisions(connection)
+    if not current:
         return "unmigrated"
-    revisions = set(connection.execute(select(VERSION_TABLE.c.version_num)).scalars())
-    if not revisions:
-        return "unmigrated"
-    known = {script.revision for script in _scripts().walk_revisions()}
-    if revisions <= known and revisions != set(latest_revisions()):
+    if not unknown(current) and current != set(latest_revisions()):
         return "outdated"
     return "current"

@@ -261,16 +261,55 @@ def test_create_superuser_before_migrate_says_to_migrate(database_url: str, tmp_
     assert created.returncode == 0, created.stderr
 
 
-def test_migrate_on_a_database_a_newer_release_migrated(tmp_path: Path) -> None:
-    """An image rolled back after its successor migrated: Alembic's reason, in one line."""
+def test_migrate_leaves_a_database_a_newer_release_migrated(tmp_path: Path) -> None:
+    """An image rolled back after its successor migrated: its migrate step failed ("Can't
+    locate revision"), and with it the rollback (compose starts the api only once migrate
+    succeeded), while the release itself runs on the newer schema."""
     path = tmp_path / "app.db"
     migrate.upgrade(f"sqlite+aiosqlite:///{path}")
     with closing(sqlite3.connect(path)) as connection, connection:
         connection.execute("UPDATE alembic_version SET version_num = '9999'")
     env = {"APP_ENV": "test", "APP_DATABASE_URL": f"sqlite+aiosqlite:///{path}"}
-    refused = run_cli("migrate", cwd=tmp_path, env=env)
-    assert refused.returncode == 1
-    assert refused.stderr == "not migrated: Can't locate revision identified by '9999'\n"
+    left = run_cli("migrate", cwd=tmp_path, env=env)
+    assert left.returncode == 0, left.stderr
+    assert left.stdout.startswith("left at 9999: a newer release's revision")
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            ("9999",)
+        ]
+    unknown = run_cli("migrate", "--to", "9999", cwd=tmp_path, env=env)
+    assert unknown.returncode == 1
+    assert unknown.stderr == "not migrated: Can't locate revision identified by '9999'\n"
+
+
+def test_migrate_to_an_earlier_revision_and_back(database_url: str, tmp_path: Path) -> None:
+    """Undoing a release's migrations (with its own image, which has their downgrades)
+    before rolling back to the release before, which then finds its own schema."""
+    env = {"APP_ENV": "test", "APP_DATABASE_URL": database_url}
+    latest = migrate.latest_revisions()[0]
+    previous = f"{int(latest) - 1:04d}"
+    reverted = run_cli("migrate", "--to", previous, cwd=tmp_path, env=env)
+    assert reverted.returncode == 0, reverted.stderr
+    assert reverted.stdout.splitlines()[0].startswith(f"reverted {latest}: ")
+    assert current_revisions(database_url) == {previous}
+    again = run_cli("migrate", "--to", previous, cwd=tmp_path, env=env)
+    assert again.stdout == f"already at {previous}\n"
+    forward = run_cli("migrate", cwd=tmp_path, env=env)
+    assert forward.returncode == 0, forward.stderr
+    assert forward.stdout.splitlines()[0].startswith(f"applied {latest}: ")
+    assert current_revisions(database_url) == {latest}
+
+
+def current_revisions(database_url: str) -> set[str]:
+    async def read() -> set[str]:
+        engine = create_engine(database_url)
+        try:
+            async with engine.connect() as connection:
+                return await connection.run_sync(migrate.revisions)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
 
 
 @pytest.mark.parametrize("key", ["\x03", "\x04"], ids=["ctrl-c", "ctrl-d"])
