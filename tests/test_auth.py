@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.auth.service import ACCOUNT_CLAIM
+from app.auth.service import ACCOUNT_CLAIM, GENERATION_CLAIM
 from app.db import create_engine, create_sessionmaker
 from app.main import create_app
 from app.security import TokenCodec, TokenType
@@ -219,6 +219,7 @@ def forge(api: Api, account: Account, **changes: object) -> str:
         "jti": "f" * 32,
         "type": "access",
         ACCOUNT_CLAIM: issued_claims(account)[ACCOUNT_CLAIM],
+        GENERATION_CLAIM: issued_claims(account)[GENERATION_CLAIM],
     }
     claims.update(changes)
     claims = {key: value for key, value in claims.items() if value is not None}
@@ -252,6 +253,8 @@ HOSTILE_TOKENS = {
     ),
     "another-account": lambda api, a: forge(api, a, acct=issued_claims(a)[ACCOUNT_CLAIM] + 1),
     "no-account": lambda api, a: forge(api, a, acct=None),
+    "another-generation": lambda api, a: forge(api, a, gen=issued_claims(a)[GENERATION_CLAIM] + 1),
+    "no-generation": lambda api, a: forge(api, a, gen=None),
     "wrong-audience": lambda api, a: forge(api, a, aud="someone-else"),
     "wrong-issuer": lambda api, a: forge(api, a, iss="someone-else"),
     "no-jti": lambda api, a: forge(api, a, jti=None),

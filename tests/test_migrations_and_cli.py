@@ -71,6 +71,59 @@ def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
     assert {"users", "items", "refresh_tokens"} <= asyncio.run(table_names(database_url))
 
 
+async def query(database_url: str, statement: str) -> list[tuple[object, ...]]:
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            result = await connection.execute(text(statement))
+            return [tuple(row) for row in result] if result.returns_rows else []
+    finally:
+        await engine.dispose()
+
+
+async def column_names(database_url: str, table: str) -> set[str]:
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            columns = await connection.run_sync(lambda c: inspect(c).get_columns(table))
+            return {column["name"] for column in columns}
+    finally:
+        await engine.dispose()
+
+
+def test_accounts_outlive_the_token_generation_migration_both_ways(
+    database_url: str, tmp_path: Path
+) -> None:
+    """0006 adds users.token_generation. Downgraded, the accounts and what they own stay
+    (SQLite rebuilds the table); upgraded again they start at 0 and sign in; and the
+    previous release, still serving during a rolling deploy, can add accounts (its
+    INSERT names no generation)."""
+    settings = make_settings(database_url, tmp_path / "data")
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        alice = api.account("alice")
+        item = api.create_item(alice)
+    config = migrate.alembic_config(database_url)
+    command.downgrade(config, "0005")
+    assert "token_generation" not in asyncio.run(column_names(database_url, "users"))
+    migrate.upgrade(database_url)
+    asyncio.run(
+        query(
+            database_url,
+            "INSERT INTO users (email, username, hashed_password, role, is_superuser,"
+            " is_active, created_at, updated_at) VALUES ('bob@example.com', 'bob', 'x',"
+            " 'user', false, true, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)",
+        )
+    )
+    generations = "SELECT username, token_generation FROM users ORDER BY username"
+    assert asyncio.run(query(database_url, generations)) == [("alice", 0), ("bob", 0)]
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        api.sign_in(alice)
+        assert client.get("/api/v1/users/me", headers=alice.headers).status_code == 200
+        assert client.get(f"/api/v1/items/{item['id']}").status_code == 200
+
+
 def test_a_migrated_sqlite_database_is_in_wal_mode(tmp_path: Path) -> None:
     # Readers beside the writer: several workers share the file. Stored in the file, so
     # a plain connection that sets nothing sees it.

@@ -3,6 +3,7 @@
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
 import jwt
 import pytest
@@ -113,6 +114,65 @@ def test_password_change_revokes_every_refresh_token(api: Api) -> None:
         assert_problem(refreshed, 401)
     assert api.login("alice", "a new password").status_code == 200
     assert api.login("alice").status_code == 401
+
+
+NEW_PASSWORD = {"password": "a new password", "current_password": PASSWORD}
+
+
+def bearer(tokens: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens['access_token']}"}
+
+
+def test_a_new_password_refuses_every_access_token_issued_before_it(api: Api) -> None:
+    """Changing the password is how a user shuts out someone who learnt the old one: the
+    access tokens signed in with it went on working for up to 15 minutes. The session
+    that made the change is signed out as well, and signs in with the new password."""
+    alice = api.account("alice")
+    thief = api.login("alice").json()
+    changed = api.client.patch("/api/v1/users/me", json=NEW_PASSWORD, headers=alice.headers)
+    assert changed.status_code == 200
+    for tokens in (thief, alice.tokens):
+        assert_problem(api.client.get("/api/v1/users/me", headers=bearer(tokens)), 401)
+        item = {"title": "Lamp", "price": 1}
+        assert_problem(api.client.post("/api/v1/items", json=item, headers=bearer(tokens)), 401)
+    alice.password = NEW_PASSWORD["password"]
+    api.sign_in(alice)
+    assert api.client.get("/api/v1/users/me", headers=alice.headers).status_code == 200
+    # Tokens issued after the change refresh as before.
+    refreshed = api.client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": alice.tokens["refresh_token"]}
+    )
+    assert refreshed.status_code == 200
+    assert api.client.get("/api/v1/users/me", headers=bearer(refreshed.json())).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body", [{"password": "set by an admin"}, {"role": "moderator"}], ids=["password", "role"]
+)
+def test_an_admin_setting_a_password_or_role_refuses_the_users_tokens(
+    api: Api, body: dict[str, str]
+) -> None:
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    changed = api.client.patch(f"/api/v1/users/{alice.id}", json=body, headers=admin.headers)
+    assert changed.status_code == 200
+    assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
+    alice.password = body.get("password", PASSWORD)
+    api.sign_in(alice)
+    assert api.client.get("/api/v1/users/me", headers=alice.headers).json()["id"] == alice.id
+
+
+def test_a_reactivated_users_tokens_from_before_stay_refused(api: Api) -> None:
+    """Deactivating an account ends its sessions: reactivating it a minute later brought
+    its unexpired access tokens back to life."""
+    admin, alice = api.account("boss", role="admin"), api.account("alice")
+    for active in (False, True):
+        changed = api.client.patch(
+            f"/api/v1/users/{alice.id}", json={"is_active": active}, headers=admin.headers
+        )
+        assert changed.status_code == 200
+    assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
+    api.sign_in(alice)
+    assert api.client.get("/api/v1/users/me", headers=alice.headers).status_code == 200
 
 
 def admin_routes(target_id: int) -> list[tuple[str, str, dict | None]]:

@@ -34,6 +34,9 @@ INVALID_CREDENTIALS = "Incorrect username or password."
 INVALID_TOKEN = "Invalid or expired token."  # noqa: S105 - a message, not a secret
 # An access token's claim binding it to the account: ``_account_stamp``.
 ACCOUNT_CLAIM = "acct"
+# An access token's claim binding it to the account's sessions as they were when issued:
+# ``User.token_generation``, raised by a new password or role and by a deactivation.
+GENERATION_CLAIM = "gen"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -144,7 +147,11 @@ async def issue_pair(
             RefreshToken.user_id == user.id, RefreshToken.expires_at < utcnow()
         )
     )
-    access = codec.issue(str(user.id), TokenType.ACCESS, {ACCOUNT_CLAIM: _account_stamp(user)})
+    access = codec.issue(
+        str(user.id),
+        TokenType.ACCESS,
+        {ACCOUNT_CLAIM: _account_stamp(user), GENERATION_CLAIM: user.token_generation},
+    )
     refresh = codec.issue(str(user.id), TokenType.REFRESH, {"fam": family_id})
     session.add(
         RefreshToken(
@@ -245,7 +252,10 @@ _USER_BY_ID = select(User).where(User.id == bindparam("user_id"))
 async def user_from_access_claims(
     session: AsyncSession, revocations: Revocations, claims: dict[str, Any]
 ) -> User:
-    """The active user of a verified access token (``TokenCodec.decode``), unless revoked."""
+    """The active user of a verified access token (``TokenCodec.decode``), unless revoked
+    or issued before the user's sessions were last ended (``User.token_generation``).
+    Access tokens without the generation (issued by an earlier release) are refused too:
+    clients refresh."""
     if await revocations.is_revoked(claims["jti"]):
         raise Unauthorized(INVALID_TOKEN)
     try:
@@ -253,7 +263,12 @@ async def user_from_access_claims(
     except ValueError as exc:
         raise Unauthorized(INVALID_TOKEN) from exc
     user = await session.scalar(_USER_BY_ID, {"user_id": user_id})
-    if user is None or not user.is_active or claims.get(ACCOUNT_CLAIM) != _account_stamp(user):
+    if (
+        user is None
+        or not user.is_active
+        or claims.get(ACCOUNT_CLAIM) != _account_stamp(user)
+        or claims.get(GENERATION_CLAIM) != user.token_generation
+    ):
         raise Unauthorized(INVALID_TOKEN)
     return user
 

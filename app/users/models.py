@@ -44,6 +44,11 @@ class User(TimestampMixin, Base):
     )
     is_superuser: Mapped[bool] = mapped_column(default=False)
     is_active: Mapped[bool] = mapped_column(default=True)
+    # Raised by one whenever the user's sessions end (a new password or role, a
+    # deactivation): every token carries the value it was issued at, and one that differs
+    # is refused, so tokens issued before stop working at once, not when they expire. The
+    # server default lets a release that does not know the column still add accounts.
+    token_generation: Mapped[int] = mapped_column(default=0, server_default="0")
 
     def has_permission(self, permission: Permission) -> bool:
         return grants(self.role, self.is_superuser, permission)

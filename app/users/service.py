@@ -4,7 +4,8 @@ Guard rails that a role check alone does not give: only a superuser can create, 
 or delete a superuser; an admin cannot lock themselves out through the admin routes,
 nor change their own password there without the current one; the last active superuser
 cannot be demoted, deactivated or deleted; a password change, a deactivation or a role
-change revokes the user's refresh tokens.
+change ends the user's sessions: their refresh tokens are revoked and every token issued
+before is refused from then on (``User.token_generation``).
 """
 
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ async def get_user(session: AsyncSession, user_id: int) -> User:
 @dataclass(frozen=True, slots=True)
 class Updated:
     """An updated user, and whether the change ended their sessions (a new password or
-    role, a deactivation): their refresh tokens are revoked and their sockets must close."""
+    role, a deactivation): their tokens are no longer accepted, those of the request that
+    made the change included, and their sockets must close."""
 
     user: User
     sessions_ended: bool
@@ -192,6 +194,10 @@ async def _apply(
         user.hashed_password = await hasher.hash(changes.pop("password"))
     if ends_sessions:
         await revoke_all_for_user(session, user.id)
+        # Raised by the UPDATE itself, not from the value loaded: of two changes at once,
+        # each raises it, so the tokens a login got between them are refused too. (The
+        # attribute is expired by the flush; nothing reads it before the next load.)
+        user.token_generation = User.token_generation + 1
     for field, value in changes.items():
         setattr(user, field, value)
     try:
