@@ -500,6 +500,38 @@ def test_ending_a_users_sessions_closes_their_sockets_at_once(api: Api) -> None:
         assert close_code(phone_ws) == POLICY_VIOLATION
 
 
+def test_a_new_password_closes_the_old_passwords_sockets_for_good(api: Api) -> None:
+    """Someone who learnt the old password has a socket open: the owner's password change
+    closes it, and the access token it was opened with, still unexpired, opened another
+    at once."""
+    alice = api.account("alice")
+    thief = Account(
+        alice.id, alice.username, alice.email, alice.password, api.login("alice").json()
+    )
+    with listening(api, thief) as ws:
+        changed = api.client.patch(
+            "/api/v1/users/me",
+            json={"password": "a new passphrase", "current_password": PASSWORD},
+            headers=alice.headers,
+        )
+        assert changed.status_code == 200
+        assert close_code(ws) == POLICY_VIOLATION
+    for path in (NOTIFICATIONS, chat_url("lobby")):
+        with (
+            pytest.raises(WebSocketDisconnect) as refused,
+            api.client.websocket_connect(path, headers=thief.headers),
+        ):
+            pytest.fail("the handshake was accepted")
+        assert refused.value.code == POLICY_VIOLATION
+    with api.client.websocket_connect(NOTIFICATIONS) as ws:
+        ws.send_json({"type": "auth", "token": thief.tokens["access_token"]})
+        assert close_code(ws) == POLICY_VIOLATION
+    alice.password = "a new passphrase"
+    api.sign_in(alice)
+    with listening(api, alice) as ws:
+        assert_silent(ws)
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [
@@ -512,9 +544,9 @@ def test_sessions_ended_while_a_socket_is_admitted_close_it(
     api: Api, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, str] | None
 ) -> None:
     """Between a socket's token check and its being served comes the socket cap's lease
-    (a round trip to Redis). Sessions ended then were missed: a new password leaves the
-    token valid, and a socket once subscribed never heard of the end, so it stayed open
-    until its token expired. Here the sessions end from inside that gap, every time."""
+    (a round trip to Redis). Sessions ended then were missed: the token had passed its
+    check, and a socket once subscribed never heard of the end, so it stayed open until
+    its token expired. Here the sessions end from inside that gap, every time."""
     alice = api.account("alice")
     body = body or {"refresh_token": alice.tokens["refresh_token"]}
     app = api.client.app

@@ -130,8 +130,8 @@ async def _first_frame_token(websocket: WebSocket) -> str | None:
 async def _checked(websocket: WebSocket, token: str | None) -> AsyncIterator[SocketUser | None]:
     """The user of a valid access token, or None. Its sessions channel is subscribed to
     before the token is checked and stays so while the block runs: whatever ends the
-    sessions after the check (which a new password or role does not make fail) reaches
-    the socket however long it takes to be served."""
+    sessions after the check (which read the user before the change was committed, so
+    the token passed) reaches the socket however long it takes to be served."""
     claims = _claims(websocket, token)
     if claims is None:
         yield None

@@ -144,8 +144,8 @@ class Realtime:
     def sessions(self, user_id: int) -> AbstractAsyncContextManager[Subscription]:
         """What ends the user's sessions from now on, for a socket to subscribe to before
         its token is checked (app/realtime/deps.py). Subscribed after the check, a socket
-        missed an end that came in between (the lease's round trip to Redis is there): with
-        a new password or role its token still passed, and it stayed open until it expired."""
+        missed an end that came in between (the lease's round trip to Redis is there): its
+        token had passed the check, and it stayed open until the token expired."""
         return self.broker.subscribe(sessions_channel(user_id), 4)
 
     @asynccontextmanager
