@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx2
 import jwt
 import pytest
 from sqlalchemy import delete, update
@@ -173,6 +174,40 @@ def test_a_reactivated_users_tokens_from_before_stay_refused(api: Api) -> None:
     assert_problem(api.client.get("/api/v1/users/me", headers=alice.headers), 401)
     api.sign_in(alice)
     assert api.client.get("/api/v1/users/me", headers=alice.headers).status_code == 200
+
+
+def test_a_login_under_way_as_the_password_changes_keeps_no_session(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone with the old password signs in just as its owner changes it: the login
+    checked the old password before the change, and saved its refresh token after the
+    change had revoked the others, so that session outlived the password by 14 days.
+    Here the change is made while the login's password is being checked, every time."""
+    alice = api.account("alice")
+    app = api.client.app
+    hasher = app.state.hasher  # type: ignore[attr-defined]
+    verify = hasher.verify_and_update
+    changes: list[int] = []
+
+    async def changed_meanwhile(password: str, hashed: str) -> tuple[bool, str | None]:
+        checked = await verify(password, hashed)
+        if not changes:  # the login's check; the change checks the current password too
+            changes.append(0)
+            transport = httpx2.ASGITransport(app=app)  # type: ignore[arg-type]
+            async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as c:
+                change = await c.patch("/api/v1/users/me", json=NEW_PASSWORD, headers=alice.headers)
+            changes[0] = change.status_code
+        return checked
+
+    monkeypatch.setattr(hasher, "verify_and_update", changed_meanwhile)
+    login = api.login("alice")
+    assert changes == [200]
+    assert login.status_code == 200  # the password was right when it was checked
+    assert_problem(api.client.get("/api/v1/users/me", headers=bearer(login.json())), 401)
+    refreshed = api.client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": login.json()["refresh_token"]}
+    )
+    assert_problem(refreshed, 401)
 
 
 def admin_routes(target_id: int) -> list[tuple[str, str, dict | None]]:

@@ -34,7 +34,7 @@ INVALID_CREDENTIALS = "Incorrect username or password."
 INVALID_TOKEN = "Invalid or expired token."  # noqa: S105 - a message, not a secret
 # An access token's claim binding it to the account: ``_account_stamp``.
 ACCOUNT_CLAIM = "acct"
-# An access token's claim binding it to the account's sessions as they were when issued:
+# Both tokens' claim binding them to the account's sessions as they were when issued:
 # ``User.token_generation``, raised by a new password or role and by a deactivation.
 GENERATION_CLAIM = "gen"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -147,12 +147,15 @@ async def issue_pair(
             RefreshToken.user_id == user.id, RefreshToken.expires_at < utcnow()
         )
     )
+    generation = user.token_generation
     access = codec.issue(
         str(user.id),
         TokenType.ACCESS,
-        {ACCOUNT_CLAIM: _account_stamp(user), GENERATION_CLAIM: user.token_generation},
+        {ACCOUNT_CLAIM: _account_stamp(user), GENERATION_CLAIM: generation},
     )
-    refresh = codec.issue(str(user.id), TokenType.REFRESH, {"fam": family_id})
+    refresh = codec.issue(
+        str(user.id), TokenType.REFRESH, {"fam": family_id, GENERATION_CLAIM: generation}
+    )
     session.add(
         RefreshToken(
             jti=refresh.jti, family_id=family_id, user_id=user.id, expires_at=refresh.expires_at
@@ -202,7 +205,16 @@ async def _rotate(session: AsyncSession, codec: TokenCodec, refresh_token: str) 
         logger.warning("refresh token reuse: family revoked", user_id=token.user_id)
         raise TokenReuse(token.user_id)
     user = await session.get(User, token.user_id)
-    if user is None or not user.is_active:
+    # Revoking the user's refresh tokens misses one that a login or a refresh under way
+    # adds after the revoking UPDATE; the generation it was issued at gives it away. A
+    # refresh token without the claim (an earlier release's) counts as generation 0,
+    # every account's then: it is good until the user's sessions next end, so a deploy
+    # signs nobody out.
+    if (
+        user is None
+        or not user.is_active
+        or claims.get(GENERATION_CLAIM, 0) != user.token_generation
+    ):
         await session.rollback()
         raise Unauthorized(INVALID_TOKEN)
     return await issue_pair(session, codec, user, family_id=token.family_id)
