@@ -13,15 +13,14 @@ unlike every other error of the service. So the parsing is done here, by ``byte_
 and FileResponse only sends what it returns.
 
 FileResponse sends validators (ETag, Last-Modified) but ignores the conditional headers
-that use them; ``precondition`` answers them (RFC 9110 section 13.2.2): a client whose
-copy is current gets a 304 without the file, a failed If-Match a 412.
+that use them; ``app.conditional.precondition`` answers them: a client whose copy is
+current gets a 304 without the file, a failed If-Match a 412.
 """
 
 import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
 import anyio
@@ -29,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.responses import FileResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from app.conditional import precondition
 from app.errors import AppError, PreconditionFailed, UnsatisfiableRange
 from app.middleware import client_left, client_method
 
@@ -82,51 +82,6 @@ def byte_ranges(header: str, size: int) -> list[tuple[int, int]]:
         else:
             merged.append((start, end))
     return merged
-
-
-def precondition(request: Headers, method: str, etag: str, last_modified: str | None) -> int | None:
-    """What the request's conditional headers make of a resource with these validators:
-    412 (a precondition failed), 304 (the client's copy is current), or None (send it).
-    Without ``last_modified`` the date conditions are ignored (RFC 9110 section 13.1.3)."""
-    safe = method in ("GET", "HEAD")
-    modified = _http_date(last_modified)
-    if_match, if_none_match = request.get("if-match"), request.get("if-none-match")
-    if if_match is not None and not etag_listed(if_match, etag, weak=False):
-        return 412
-    unmodified_since = _http_date(request.get("if-unmodified-since"))
-    if (
-        if_match is None
-        and modified is not None
-        and unmodified_since is not None
-        and modified > unmodified_since
-    ):
-        return 412
-    if if_none_match is not None and etag_listed(if_none_match, etag, weak=True):
-        return 304 if safe else 412
-    modified_since = _http_date(request.get("if-modified-since"))
-    if if_none_match is None and safe and modified is not None and modified_since is not None:
-        return 304 if modified <= modified_since else None
-    return None
-
-
-def etag_listed(header: str, etag: str, *, weak: bool) -> bool:
-    """Whether an If-Match / If-None-Match header names ``etag`` (a strong one), by the
-    weak comparison (a W/ tag matches too) or the strong one."""
-    if header.strip() == "*":
-        return True
-    tags = [tag.strip() for tag in header.split(",")]
-    return etag in tags or (weak and f"W/{etag}" in tags)
-
-
-def _http_date(value: str | None) -> float | None:
-    """Seconds since the epoch; None for no date or an invalid one (then the header is
-    ignored, RFC 9110 section 13.1.3)."""
-    if value is None:
-        return None
-    try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return None
 
 
 class Download(FileResponse):

@@ -1,9 +1,9 @@
 from fastapi import APIRouter, Request, Response, status
 
 from app.auth.deps import CurrentUser
+from app.conditional import precondition
 from app.db import IdPath, SessionDep
 from app.errors import NotFound, PreconditionFailed
-from app.files.downloads import precondition
 from app.items import service
 from app.items.deps import ItemCacheDep, PreconditionsDep
 from app.items.schemas import ItemCreate, ItemRead, ItemUpdate

@@ -7,9 +7,9 @@ from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.conditional import etag_listed
 from app.db import roll_back_failed_commit
 from app.errors import AppError, Forbidden, NotFound, PreconditionFailed, Unauthorized
-from app.files.downloads import etag_listed
 from app.items.cache import ItemCache
 from app.items.models import Item
 from app.items.schemas import ItemCreate, ItemRead, ItemUpdate, Preconditions
