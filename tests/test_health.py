@@ -1,6 +1,11 @@
 """Liveness never touches the database; readiness reports it, including when it is down."""
 
 import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -193,3 +198,58 @@ def test_readiness_follows_the_schema_not_only_the_connection(
 
         asyncio.run(execute(database_url, "UPDATE alembic_version SET version_num = '9999'"))
         assert client.get("/health/ready").json() == HEALTHY
+
+
+def test_a_hung_database_connection_is_answered_within_the_timeout(
+    postgres: PostgresServer, postgres_template: str, tmp_path: Path
+) -> None:
+    """The probe's connection stopped answering (its server process hung, or a firewall
+    forgot the connection): cancelled at the timeout, SQLAlchemy closed it gracefully,
+    which waits up to 2 s more, so the probe answered at 2.5 s instead of 0.5 s, past what
+    a kubelet waits. Later probes make a new connection and recover with the database."""
+    name = f"hung_{os.getpid()}"
+    postgres.create_database(name, template=postgres_template)
+    try:
+        settings = make_settings(postgres.url(name), tmp_path / "data", health_timeout_seconds=0.5)
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/health/ready").json() == HEALTHY
+            with stopped(asyncio.run(probe_backend(postgres.url(name)))):
+                started = time.monotonic()
+                ready = client.get("/health/ready")
+                elapsed = time.monotonic() - started
+                assert ready.json() == DOWN
+                assert elapsed < 1.2, f"answered after {elapsed:.1f} s"
+            deadline = time.monotonic() + 10
+            while (ready := client.get("/health/ready")).status_code != 200:
+                assert time.monotonic() < deadline, ready.text
+                time.sleep(0.2)
+            assert ready.json() == HEALTHY
+    finally:
+        postgres.drop_database(name)
+
+
+async def probe_backend(database_url: str) -> int:
+    """The pid of the server process behind the probe's pooled connection, the only
+    other one on the database (no request has used the app's own pool)."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            return (
+                await connection.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND pid <> pg_backend_pid()"
+                    )
+                )
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
