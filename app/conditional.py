@@ -51,5 +51,7 @@ def _http_date(value: str | None) -> float | None:
         return None
     try:
         return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
+    # OverflowError: a number too large for a C integer (a year, an hour, a zone offset
+    # of twenty digits), which email.utils lets through where others are ValueErrors.
+    except (TypeError, ValueError, OverflowError):
         return None

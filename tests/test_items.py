@@ -477,3 +477,21 @@ def test_a_current_copy_is_revalidated_with_a_304(api: Api) -> None:
     # If-Match on a read (RFC 9110 section 13.1.1): a copy that is not current is a 412.
     assert_problem(api.client.get(url, headers={"If-Match": tag}), 412)
     assert api.client.get(url, headers={"If-Match": fresh.headers["etag"]}).status_code == 200
+
+
+def test_a_read_with_malformed_conditions_is_answered_in_full(api: Api) -> None:
+    """Items have no Last-Modified, so date conditions are ignored, even unparsable ones:
+    a year past what Python's integers hold was a 500. Entity tags that are not ones
+    match nothing."""
+    alice = api.account("alice")
+    item = api.create_item(alice)
+    for headers in (
+        {"If-Modified-Since": "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"},
+        {"If-Unmodified-Since": "Mon, 01 Jan 2020 00:00:00 +99999999999999999999"},
+        {"If-Modified-Since": "not a date"},
+        {"If-None-Match": ""},
+        {"If-None-Match": ', ,"unterminated'},
+        {"If-None-Match": "W/"},
+    ):
+        read = api.client.get(f"/api/v1/items/{item['id']}", headers=headers)
+        assert (read.status_code, read.json()) == (200, item), headers
