@@ -16,7 +16,8 @@ def precondition(request: Headers, method: str, etag: str, last_modified: str | 
     Without ``last_modified`` the date conditions are ignored (RFC 9110 section 13.1.3)."""
     safe = method in ("GET", "HEAD")
     modified = _http_date(last_modified)
-    if_match, if_none_match = request.get("if-match"), request.get("if-none-match")
+    if_match = joined(request.getlist("if-match"))
+    if_none_match = joined(request.getlist("if-none-match"))
     if if_match is not None and not etag_listed(if_match, etag, weak=False):
         return 412
     unmodified_since = _http_date(request.get("if-unmodified-since"))
@@ -33,6 +34,13 @@ def precondition(request: Headers, method: str, etag: str, last_modified: str | 
     if if_none_match is None and safe and modified is not None and modified_since is not None:
         return 304 if modified <= modified_since else None
     return None
+
+
+def joined(lines: list[str] | None) -> str | None:
+    """A list header (If-Match, If-None-Match) from the lines it came on, None without
+    one. A client or a proxy may split a list over several lines (RFC 9110 section 5.3):
+    read as one, a tag on a later line is not missed."""
+    return ", ".join(lines) if lines else None
 
 
 def etag_listed(header: str, etag: str, *, weak: bool) -> bool:

@@ -495,3 +495,25 @@ def test_a_read_with_malformed_conditions_is_answered_in_full(api: Api) -> None:
     ):
         read = api.client.get(f"/api/v1/items/{item['id']}", headers=headers)
         assert (read.status_code, read.json()) == (200, item), headers
+
+
+def test_conditions_split_over_several_header_lines_are_one_list(api: Api) -> None:
+    """A client or a proxy may send a list header as several lines (RFC 9110 section
+    5.3); only the first was read, so a PATCH went ahead although its If-None-Match
+    named the current ETag on its second line, and a current If-Match there was a 412."""
+    alice = api.account("alice")
+    url = f"/api/v1/items/{api.create_item(alice)['id']}"
+    tag = api.client.get(url).headers["etag"]
+
+    def split(name: str) -> list[tuple[str, str]]:
+        return [*alice.headers.items(), (name, '"other"'), (name, tag)]
+
+    assert api.client.get(url, headers=split("If-None-Match")).status_code == 304
+    refused = api.client.patch(url, json={"price": 25}, headers=split("If-None-Match"))
+    assert_problem(refused, 412)
+    assert_problem(api.client.delete(url, headers=split("If-None-Match")), 412)
+    assert api.client.get(url).headers["etag"] == tag
+    changed = api.client.patch(url, json={"price": 25}, headers=split("If-Match"))
+    assert changed.status_code == 200, changed.text
+    tag = changed.headers["etag"]
+    assert api.client.delete(url, headers=split("If-Match")).status_code == 204
