@@ -404,11 +404,12 @@ def test_failed_logins_on_both_replicas_share_one_budget(cluster: Cluster) -> No
 
 
 def test_sessions_ended_twice_close_the_sockets_the_second_time_too(cluster: Cluster) -> None:
-    """A replica delivers what it publishes itself and skips it when Redis passes it back;
-    what Redis never passes back (published while its pump was not subscribed, as after a
-    Redis restart) it remembers. Ending a user's sessions published the same bytes each
-    time, so a later end of their sessions on another replica was taken for that one and
-    skipped: a user deactivated on B kept their socket on A."""
+    """A replica delivers what it publishes itself and skips it when Redis passes it back.
+    When it told those by their bytes, it remembered what Redis never passed back
+    (published while its pump was not subscribed, as after a Redis restart), and ending a
+    user's sessions published the same bytes each time: a later end of their sessions on
+    another replica was taken for that one and skipped, and a user deactivated on B kept
+    their socket on A."""
     uma = cluster.token("uma")
     uma_id = cluster.user_id(uma)
     admin = {"Authorization": f"Bearer {cluster.root_token}"}

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import update
 
 from app import migrate
@@ -459,6 +460,163 @@ def test_messages_sent_while_redis_restarts_reach_the_senders_process_once(
             await asyncio.gather(*pumps, return_exceptions=True)
             for redis in backends:
                 await redis.close()
+
+    asyncio.run(main())
+
+
+def test_an_echo_that_comes_back_after_many_other_messages_is_skipped_all_the_same(
+    redis_server: RedisServer, log_lines: io.StringIO
+) -> None:
+    """A process delivers what it publishes itself and skips it when Redis passes it back.
+    Told by a memory of what it had sent, which kept the last 10,000, the echo of a message
+    that came back after more had been sent (a burst on a busy worker, or a spell of Redis
+    refusing publishes, whose messages never come back) was taken for a stranger's and
+    delivered twice."""
+    count = 12_000
+    attach(log_lines, "ERROR")  # not a warning for each message of the burst
+
+    async def main() -> None:
+        url = redis_server.url()
+        redis = RedisBackend(url, timeout_seconds=2, breaker_seconds=60)
+        here = RedisBroker(redis)
+        pump = asyncio.create_task(here.run())
+        messages = [f"burst {n}".encode() for n in range(count)]
+
+        async def burst() -> None:
+            # Run right after "first" set off, before its echo can be back: with the
+            # breaker open none of these waits for anything, nor reaches Redis.
+            redis.failed(RedisConnectionError("refused for the test"))
+            for message in messages:
+                await here.publish("room", message)
+            assert await redis.ping()  # closes the breaker
+
+        try:
+            await wait_for_pumps(url, 1)
+            async with here.subscribe("room", count + 10) as inbox:
+                await asyncio.gather(here.publish("room", b"first"), burst())
+                # From another process, after the first's echo: through the pump after it.
+                await redis.call(lambda client: client.publish(CHANNEL_PREFIX + "room", b"last"))
+                assert await received_until(inbox, b"last") == [b"first", *messages, b"last"]
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            await redis.close()
+
+    asyncio.run(main())
+
+
+def test_identical_messages_from_another_process_are_each_delivered(
+    redis_server: RedisServer,
+) -> None:
+    """A message Redis never passed back to its sender's pump (published before it
+    subscribed, as after a Redis restart) must not make the sender's process skip the same
+    bytes later published elsewhere: each is a message of its own."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        backends = [RedisBackend(url, timeout_seconds=2, breaker_seconds=0) for _ in range(2)]
+        here, there = (RedisBroker(redis) for redis in backends)
+        pump: asyncio.Task[None] | None = None
+        try:
+            async with here.subscribe("room") as inbox:
+                await here.publish("room", b"hello")  # no pump subscribed yet
+                pump = asyncio.create_task(here.run())
+                await wait_for_pumps(url, 1)
+                for message in (b"hello", b"hello", b"last"):
+                    await there.publish("room", message)
+                assert await received_until(inbox, b"last") == [b"hello"] * 3 + [b"last"]
+        finally:
+            if pump is not None:
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+            for redis in backends:
+                await redis.close()
+
+    asyncio.run(main())
+
+
+def test_processes_publishing_the_same_messages_at_once_deliver_each_once(
+    redis_server: RedisServer,
+) -> None:
+    """Two processes publish the same bytes at the same time, each over several connections:
+    every member, on either, gets every one of them once, its own process's and the
+    other's."""
+    senders, each = 4, 100  # per process: publishers at once, messages from each
+
+    async def main() -> None:
+        url = redis_server.url()
+        backends = [RedisBackend(url, timeout_seconds=2, breaker_seconds=0) for _ in range(2)]
+        here, there = (RedisBroker(redis) for redis in backends)
+        pumps = [asyncio.create_task(broker.run()) for broker in (here, there)]
+
+        async def send(broker: RedisBroker) -> None:
+            for _ in range(each):
+                await broker.publish("room", b"same")
+
+        try:
+            await wait_for_pumps(url, 2)
+            total = 2 * senders * each
+            async with (
+                here.subscribe("room", total + 1) as near,
+                there.subscribe("room", total + 1) as far,
+            ):
+                await asyncio.gather(*(send(b) for b in (here, there) for _ in range(senders)))
+                # From a third process: through each pump after every echo.
+                last = CHANNEL_PREFIX + "room", b"last"
+                await backends[0].call(lambda client: client.publish(*last))
+                for inbox in (near, far):
+                    assert await received_until(inbox, b"last") == [b"same"] * total + [b"last"]
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for redis in backends:
+                await redis.close()
+
+    asyncio.run(main())
+
+
+def test_replicas_of_the_previous_release_read_and_send_the_same_messages(
+    redis_server: RedisServer,
+) -> None:
+    """A rolling deploy runs both releases on one Redis. The previous release's pump takes
+    every message on the ``rt:*`` channels as it comes, the bytes to its clients as they
+    are, and publishes the bytes alone: what this release publishes there must be exactly
+    the message, nothing more, and what that one publishes must reach this one's members."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        redis = RedisBackend(url, timeout_seconds=2, breaker_seconds=0)
+        here = RedisBroker(redis)
+        pump = asyncio.create_task(here.run())
+        previous = redis_asyncio.Redis.from_url(url)  # a replica of the previous release
+        try:
+            async with previous.pubsub() as pubsub, here.subscribe("room") as inbox:
+                await pubsub.psubscribe(CHANNEL_PREFIX + "*")
+                await wait_for_pumps(url, 2)
+                await here.publish("room", b"from this release")
+                await here.publish("user:7", b"private")
+                await previous.publish(CHANNEL_PREFIX + "room", b"from the previous one")
+                assert await received_until(inbox, b"from the previous one") == [
+                    b"from this release", b"from the previous one"
+                ]  # fmt: skip
+                seen = []
+                async with asyncio.timeout(10):
+                    while len(seen) < 3:
+                        message = await pubsub.get_message(timeout=1)
+                        if message is not None and message["type"] == "pmessage":
+                            seen.append((message["channel"], message["data"]))
+                assert seen == [
+                    (b"rt:room", b"from this release"),
+                    (b"rt:user:7", b"private"),
+                    (b"rt:room", b"from the previous one"),
+                ]
+                assert await pubsub.get_message(timeout=0.2) is None  # nothing else
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            await redis.close()
+            await previous.aclose()
 
     asyncio.run(main())
 

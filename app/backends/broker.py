@@ -2,19 +2,35 @@
 
 Every process delivers to its own subscribers from local bounded queues. With Redis,
 ``publish`` goes through one Redis channel space and each process runs a single pump
-(one pattern subscription) that feeds its local queues, so a message published on any
-replica reaches subscribers on every replica. A subscriber whose queue is full loses
-messages (counted) instead of slowing everyone else down.
+(one connection, subscribed by pattern) that feeds its local queues, so a message
+published on any replica reaches subscribers on every replica. A subscriber whose queue
+is full loses messages (counted) instead of slowing everyone else down.
 
 A process delivers what it publishes to its own subscribers itself, at once, and its pump
 skips those messages when Redis passes them back: whether Redis passes them back at all
 depends on the pump holding its subscription, which it does not between a Redis restart
 and its re-subscription. So the members on the sender's process get every message exactly
 once whatever Redis does; other processes miss what is published while their pump is down.
-A process tells its own messages by their bytes, and remembers those Redis never passed
-back: every message published on a channel must differ from every other (those of the
-service carry an id, presence events a time to the microsecond), or another process's
-identical one would be skipped for it.
+
+A process tells its own messages by where they come from, not by what they say. Each
+broker draws a random origin when it starts and publishes every message right after an
+announcement on its origin's channel (``rt-origin:<hex>``) that names the message's
+channel, both from one script. Its pump subscribes to that channel and to the messages in
+one command, and no other client's command runs between the two PUBLISHes of a script: an
+announcement the pump gets is followed by the message it announces, which the pump skips.
+So it is exact under any load and for any bytes, with nothing remembered: identical
+messages from other processes are all delivered. (Telling them by their bytes, as earlier
+releases did, took a memory of what was sent: a burst larger than it came back as
+strangers' and was delivered twice, and a message Redis never passed back hid the same
+bytes published elsewhere later.)
+
+The messages go out as they always did, the bytes alone on ``rt:<channel>``, and the
+announcements on channels that the ``rt:*`` pattern does not match. During a rolling
+deploy the replicas of an earlier release, which read that pattern and hand the bytes to
+their clients as they are, exchange every message with this release's and never see an
+announcement. They still tell their own messages by their bytes, so every message the
+service publishes stays unique (an id in each, a time to the microsecond in presence
+events). A Redis ACL that limits the service's channels must allow ``rt-origin:*`` too.
 
 While Redis is unreachable, messages are delivered locally only and history is empty:
 chat degrades to "this replica", it does not fail.
@@ -22,8 +38,8 @@ chat degrades to "this replica", it does not fail.
 
 import asyncio
 import contextlib
-import hashlib
-from collections import OrderedDict, defaultdict, deque
+import secrets
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -37,11 +53,17 @@ from app.observability.outages import OutageLog
 logger = get_logger(__name__)
 
 CHANNEL_PREFIX = "rt:"
+# A broker's announcements of its own messages: outside CHANNEL_PREFIX's pattern, where
+# no pump of an earlier release looks.
+ORIGIN_PREFIX = "rt-origin:"
 HISTORY_PREFIX = "history:"
-# How many of its own messages a process remembers for its pump to skip. The pump sees one
-# back within milliseconds; only those Redis never passes back (published while the pump
-# was not subscribed) wait here until pushed out, so this bounds their memory.
-OWN_MESSAGES_REMEMBERED = 10_000
+# A message and, right before it, its announcement: Redis runs a script whole, so no other
+# client's command comes between the two. (As a MULTI/EXEC transaction, at about half
+# the client's work per message.)
+_PUBLISH = """
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return redis.call('PUBLISH', ARGV[2], ARGV[3])
+"""
 
 
 class Subscription:
@@ -98,57 +120,24 @@ class LocalFanout:
                 del self.subscribers[channel]
 
 
-class OwnMessages:
-    """The messages this process delivered itself when publishing them, as digests (a
-    message may be 8 KiB), counted: identical messages may be published twice."""
-
-    def __init__(self, size: int = OWN_MESSAGES_REMEMBERED) -> None:
-        self.size = size
-        self.counts: OrderedDict[bytes, int] = OrderedDict()
-
-    def add(self, channel: str, message: bytes) -> None:
-        key = _digest(channel, message)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        self.counts.move_to_end(key)
-        if len(self.counts) > self.size:
-            self.counts.popitem(last=False)
-
-    def take(self, channel: str, message: bytes) -> bool:
-        """Whether the message is one of ours (forgotten now): the pump skips it."""
-        key = _digest(channel, message)
-        count = self.counts.get(key)
-        if count is None:
-            return False
-        if count == 1:
-            del self.counts[key]
-        else:
-            self.counts[key] = count - 1
-        return True
-
-
-def _digest(channel: str, message: bytes) -> bytes:
-    # The channel too: identical bytes go to several channels (a private message to its
-    # sender's and its recipient's).
-    digest = hashlib.blake2b(channel.encode(), digest_size=16)
-    digest.update(b"\0")
-    digest.update(message)
-    return digest.digest()
-
-
 class RedisBroker(LocalFanout):
     def __init__(self, redis: RedisBackend, reconnect_seconds: float = 1.0) -> None:
         super().__init__()
         self.redis = redis
         self.reconnect_seconds = reconnect_seconds
-        self.own = OwnMessages()
+        # This instance's own announcement channel; hex, so no glob character in the
+        # pattern the pump subscribes to it with.
+        self.origin = ORIGIN_PREFIX + secrets.token_hex(8)
+        self._publish = redis.client.register_script(_PUBLISH)
 
     async def publish(self, channel: str, message: bytes) -> None:
         # Delivered here first: a PUBLISH that succeeds says nothing about this process's
-        # pump being subscribed, and one that fails may still have reached Redis.
+        # pump being subscribed, and one that fails may still have reached Redis (then its
+        # announcement did too: the pump skips it all the same).
         self.deliver(channel, message)
-        self.own.add(channel, message)
+        args = [self.origin, CHANNEL_PREFIX + channel, message]
         try:
-            await self.redis.call(lambda client: client.publish(CHANNEL_PREFIX + channel, message))
+            await self.redis.call(lambda _: self._publish(args=args))
         except RedisUnavailable:
             logger.warning("broker: redis unavailable, delivered locally", channel=channel)
 
@@ -157,16 +146,27 @@ class RedisBroker(LocalFanout):
         outage = OutageLog(
             logger, "broker: redis subscription lost", "broker: redis subscription restored"
         )
+        origin = self.origin.encode()
         while True:
             try:
                 async with self.redis.client.pubsub() as pubsub:
-                    await pubsub.psubscribe(CHANNEL_PREFIX + "*")
+                    # One command: both subscriptions start at the same point, so every
+                    # own message the pump gets comes right after its announcement.
+                    await pubsub.psubscribe(CHANNEL_PREFIX + "*", self.origin)
                     outage.succeeded()
+                    announced: bytes | None = None  # the channel of our message up next
                     async for message in pubsub.listen():
-                        if message["type"] == "pmessage":
-                            channel = message["channel"].decode()[len(CHANNEL_PREFIX) :]
-                            if not self.own.take(channel, message["data"]):
-                                self.deliver(channel, message["data"])
+                        if message["type"] != "pmessage":
+                            announced = None  # (re)subscribed: a new stream
+                            continue
+                        name = message["channel"]
+                        if name == origin:
+                            announced = message["data"]
+                            continue
+                        own, announced = name == announced, None
+                        if not own:
+                            channel = name.decode()[len(CHANNEL_PREFIX) :]
+                            self.deliver(channel, message["data"])
             except (RedisError, OSError) as exc:
                 outage.failed(error=str(exc))
             await asyncio.sleep(self.reconnect_seconds)

@@ -135,9 +135,10 @@ class Realtime:
     async def end_sessions(self, user_id: int, token_id: str | None = None) -> None:
         """Close the user's sockets on every replica (1008, as when a token expires): all of
         them, or those opened with the access token ``token_id`` (a logout). Called once
-        their tokens are revoked, so a reconnecting client is refused. Each its own id: the
-        broker tells its own messages by their bytes (see its module), and one such message
-        taken for another was skipped."""
+        their tokens are revoked, so a reconnecting client is refused. Each its own id:
+        replicas of earlier releases, still running during a rolling deploy, tell their own
+        messages by their bytes (see the broker's module), and skipped one such message
+        taken for another."""
         message = {"jti": token_id, "id": new_id()}
         await self.broker.publish(sessions_channel(user_id), json.dumps(message).encode())
 
