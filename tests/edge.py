@@ -34,6 +34,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
                 "headers": {k.lower(): v for k, v in self.headers.items()},
             }
         ).encode()
+        body += b" " * int(self.headers.get("X-Test-Padding") or 0)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -49,7 +50,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
 @contextmanager
 def echo_api(host: str, port: int) -> Iterator[ThreadingHTTPServer]:
     """An HTTP server on host:port answering every GET/POST with JSON about the request;
-    a request with `X-Test-Delay: N` is answered N seconds late."""
+    a request with `X-Test-Delay: N` is answered N seconds late, one with
+    `X-Test-Padding: N` gets N spaces after the JSON (a large download)."""
     server = ThreadingHTTPServer((host, port), _EchoHandler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)

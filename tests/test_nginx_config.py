@@ -7,7 +7,8 @@ import json
 import re
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2
@@ -267,3 +268,46 @@ def test_requests_nginx_refuses_get_problems_with_the_request_id(
     }.items() <= headers.items()
     if status == 405:
         assert "GET" in headers["allow"]
+
+
+def slow_download(port: int, path: str, size: int, wait: Callable[[], None]) -> int:
+    """GET `path` (a response of `size` bytes and more) as a client that reads nothing until
+    `wait()` returns, then everything; the number of bytes received."""
+    with socket.socket() as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        connection.settimeout(30)
+        connection.connect(("127.0.0.1", port))
+        connection.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Test-Padding: {size}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        wait()
+        received = 0
+        while chunk := connection.recv(1 << 20):
+            received += len(chunk)
+    return received
+
+
+def test_a_slow_download_is_not_spooled_to_a_temp_file(tmp_path: Path) -> None:
+    """Under compose nginx's run directory is a tmpfs, memory: a stored file (up to
+    APP_MAX_UPLOAD_BYTES) is handed on as the client reads it, never copied there whole."""
+    port = free_port()
+    size = 8 * 1024 * 1024
+    spooled = "an upstream response is buffered to a temporary file"
+    with (
+        echo_api("127.0.0.1", port),
+        NginxServer(tmp_path / "nginx", upstream=f"127.0.0.1:{port}") as nginx,
+    ):
+        proxy_temp = nginx.run_dir / "proxy"
+        received = slow_download(
+            nginx.port, "/api/v1/files/7/content", size, lambda: time.sleep(1.5)
+        )
+        assert received > size
+        assert spooled not in nginx.log_path.read_text()
+        assert not [p for p in proxy_temp.rglob("*") if p.is_file()]
+
+        # Elsewhere (small JSON answers) nginx does spool, which the check above would see.
+        def wait_for_spooling() -> None:
+            wait_for(lambda: spooled in nginx.log_path.read_text(), timeout=10, what="spooling")
+
+        assert slow_download(nginx.port, "/api/v1/items", size, wait_for_spooling) > size
