@@ -13,6 +13,7 @@ import ipaddress
 import os
 import py_compile
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,13 +21,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import yaml
 
 from app.main import create_app
 from app.settings import Settings
 from deploy.stack.nginx import render, template_values
-from deploy.stack.process import require_binary
+from deploy.stack.process import accepts_tcp, free_port, require_binary, wait_for
+from tests.container import Podman, base_image, ulimit_options
+from tests.edge import FakeDns, echo_api
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -433,7 +437,7 @@ def test_nginx_gets_the_agreed_environment(services: dict[str, dict[str, Any]]) 
     nginx = services["nginx"]["environment"]
     api = services["api"]["environment"]
     assert nginx == {
-        "NGINX_ENVSUBST_OUTPUT_DIR": "/etc/nginx",
+        "NGINX_ENVSUBST_OUTPUT_DIR": "/run/nginx",
         "NGINX_LISTEN_PORT": "80",
         "NGINX_STATUS_PORT": "8081",
         "NGINX_UPSTREAM": "api:8000",
@@ -673,3 +677,253 @@ def test_nginx_accepts_the_compose_rendering(
     assert "client_max_body_size 10551296;" in text  # 10 MiB + 64 KiB of multipart framing
     assert "client_max_body_size 1048576;" in text  # the app's cap on any other body
     assert "resolver 127.0.0.11 valid=5s ipv6=off;" in text
+
+
+def tmpfs_mounts(service: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Each tmpfs of a service: its path and its options (`size=1m,uid=101` → a dict)."""
+    mounts = {}
+    for entry in service.get("tmpfs", []):
+        path, _, options = entry.partition(":")
+        pairs = (option.partition("=") for option in options.split(",") if option)
+        mounts[path] = {name: value for name, _, value in pairs}
+    return mounts
+
+
+def nginx_user(services: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    uid, gid = (int(part) for part in services["nginx"]["user"].split(":"))
+    return uid, gid
+
+
+def test_nginx_runs_unprivileged_on_a_read_only_root(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The edge faces the internet: a compromised worker must find nothing to write but two
+    tmpfs, no capability and no root. The nginx image starts as root and keeps CHOWN,
+    SETUID, SETGID and NET_BIND_SERVICE for that unless told otherwise."""
+    nginx = services["nginx"]
+    environment = nginx["environment"]
+    uid, gid = nginx_user(services)
+    assert uid != 0
+    assert gid != 0
+    assert nginx["read_only"] is True
+    assert nginx["cap_drop"] == ["ALL"]
+    assert "cap_add" not in nginx
+    assert "no-new-privileges:true" in nginx["security_opt"]
+    # Without CAP_NET_BIND_SERVICE the user may bind the container's port 80 only because
+    # this network namespace lets anybody bind it.
+    (container_port,) = {int(port) for _, _, port in published(nginx)}
+    assert container_port == int(environment["NGINX_LISTEN_PORT"])
+    assert int(nginx["sysctls"]["net.ipv4.ip_unprivileged_port_start"]) <= container_port
+    # The image renders the templates into NGINX_ENVSUBST_OUTPUT_DIR and skips them, with
+    # a mere log line, when it cannot write there: nginx would then start on the image's own
+    # configuration (its welcome page). So that directory and the run directory are
+    # tmpfs the user owns, and nginx reads what was rendered.
+    mounts = tmpfs_mounts(nginx)
+    output_dir = environment["NGINX_ENVSUBST_OUTPUT_DIR"]
+    assert set(mounts) == {output_dir, environment["NGINX_RUN_DIR"]}
+    for path, options in mounts.items():
+        # Writable to the user (podman takes no uid= option), bounded: it is memory.
+        assert int(options["mode"], 8) & 0o1777 == 0o1777, path
+        assert options["size"], path
+    assert nginx["command"] == ["nginx", "-c", f"{output_dir}/nginx.conf", "-g", "daemon off;"]
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def owned_by(path: Path, uid: int, gid: int) -> Path:
+    """A directory only uid:gid may write to, whose ancestors that user may traverse (o+x):
+    it stands for a tmpfs that nobody but the container's user writes to."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(path, uid, gid)
+    for ancestor in path.resolve().parents:
+        ancestor.chmod(ancestor.stat().st_mode | 0o001)
+    return path
+
+
+def test_nginx_serves_as_the_compose_user_with_no_capability(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """This machine's nginx run the way the compose service runs the image's: as its user,
+    with no capability, on the compose rendering, able to write only where the tmpfs are.
+    (The listening ports are free ones: port 80 is the network namespace's business.)"""
+    if os.geteuid() != 0:
+        pytest.skip("switching to the compose service's user needs root")
+    binary = require_binary(
+        "nginx", why="nginx as the compose service runs", extra_dirs=["/usr/sbin"]
+    )
+    uid, gid = nginx_user(services)
+    conf_dir = owned_by(tmp_path / "run-nginx", uid, gid)  # NGINX_ENVSUBST_OUTPUT_DIR
+    run_dir = owned_by(tmp_path / "var-cache-nginx", uid, gid)  # NGINX_RUN_DIR
+    log_path = tmp_path / "nginx.log"
+    log_path.touch()
+    os.chown(log_path, uid, gid)  # the runtime hands the container's stdio to its user
+    listen, status, api_port = free_port(), free_port(), free_port()
+    with FakeDns({"api": ["127.0.0.1"]}) as dns, echo_api("127.0.0.1", api_port):
+        values = template_values(
+            {"PATH": os.defpath}
+            | nginx_environment(services)
+            | {
+                "NGINX_LISTEN": f"127.0.0.1:{listen}",
+                "NGINX_STATUS_LISTEN": f"127.0.0.1:{status}",
+                "NGINX_UPSTREAM": f"api:{api_port}",
+                "NGINX_RESOLVER": f"127.0.0.1:{dns.port}",
+                "NGINX_RUN_DIR": str(run_dir),
+            }
+        )
+        assert values["NGINX_ACCESS_LOG"] == "/dev/stdout"
+        conf = render(values, conf_dir)
+        for path in [conf_dir, *conf_dir.rglob("*")]:
+            os.chown(path, uid, gid)  # the image's entrypoint, as that user, writes them
+        # The compose command, with this machine's nginx and directory; -e: its built-in
+        # error log is a file (the image's is a link to stderr).
+        command = services["nginx"]["command"]
+        assert command[1:3] == ["-c", f"{values['NGINX_ENVSUBST_OUTPUT_DIR']}/nginx.conf"]
+        command = [binary, "-c", str(conf), *command[3:], "-e", "/dev/stderr"]
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=tmp_path,
+                user=uid,
+                group=gid,
+                extra_groups=[],
+            )
+        try:
+            wait_for(
+                lambda: accepts_tcp("127.0.0.1", listen) and accepts_tcp("127.0.0.1", status),
+                timeout=30,
+                what="nginx as the compose user",
+                process=process,
+                log_path=log_path,
+            )
+            with httpx2.Client(trust_env=False, timeout=10) as client:
+                answer = client.get(f"http://127.0.0.1:{listen}/api/v1/items")
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["server"] == "127.0.0.1"
+                # Past client_body_buffer_size: written to the run directory's temp files.
+                posted = client.post(
+                    f"http://127.0.0.1:{listen}/api/v1/items", content=b"x" * 65536
+                )
+                assert posted.status_code == 200, posted.text
+                stub = client.get(f"http://127.0.0.1:{status}/stub_status")
+                assert stub.status_code == 200
+                assert "Active connections" in stub.text
+            workers = [
+                int(p.parent.name)
+                for p in Path("/proc").glob("[0-9]*/status")
+                if p.parent.name.isdigit()
+                and proc_status(int(p.parent.name)).get("PPid") == str(process.pid)
+            ]
+            assert workers
+            assert (run_dir / "nginx.pid").read_text().strip() == str(process.pid)
+            for pid in (process.pid, *workers):
+                status_lines = proc_status(pid)
+                assert status_lines["Uid"].split() == [str(uid)] * 4, pid
+                assert status_lines["Gid"].split() == [str(gid)] * 4, pid
+                assert int(status_lines["CapEff"], 16) == 0, pid
+                assert int(status_lines["CapPrm"], 16) == 0, pid
+        finally:
+            process.send_signal(signal.SIGQUIT)
+            process.wait(timeout=30)
+    logged = log_path.read_text()
+    assert "a client request body is buffered to a temporary file" in logged
+    assert '"uri":"/api/v1/items"' in logged  # the JSON access log, on the container's stdout
+    for level in ("[emerg]", "[alert]", "[crit]"):
+        assert level not in logged, logged
+    assert (run_dir / "client_body").is_dir()
+    # Nothing it wrote lies outside the two directories that stand for the tmpfs.
+    written = {
+        path for path in tmp_path.rglob("*") if path.lstat().st_uid == uid and path != log_path
+    }
+    outside = {path for path in written if not {conf_dir, run_dir} & {path, *path.parents}}
+    assert not outside, outside
+
+
+def podman_options(service: dict[str, Any]) -> list[str]:
+    """The `podman run` options for what a compose service says about its privileges."""
+    options = ["--read-only"] if service.get("read_only") else []
+    options += ["--user", service["user"]] if "user" in service else []
+    options += [f"--cap-drop={cap}" for cap in service.get("cap_drop", [])]
+    options += [f"--cap-add={cap}" for cap in service.get("cap_add", [])]
+    options += [f"--security-opt={option}" for option in service.get("security_opt", [])]
+    options += [f"--sysctl={name}={value}" for name, value in service.get("sysctls", {}).items()]
+    options += [f"--tmpfs={mount}" for mount in service.get("tmpfs", [])]
+    return options
+
+
+@pytest.mark.podman
+def test_nginx_starts_and_serves_in_a_container_as_compose_confines_it(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A real container runtime applies the nginx service's user, read-only root, tmpfs,
+    sysctl and capabilities as written in the compose file, and nginx still listens on port
+    80 and answers. No registry here: this machine's nginx runs in the local base image,
+    and the image's entrypoint (envsubst into NGINX_ENVSUBST_OUTPUT_DIR) is played by a
+    copy of the compose rendering made there as the container's user."""
+    podman = Podman.find()
+    base = base_image(podman, tmp_path)
+    binary = Path(require_binary("nginx", why="nginx in a container", extra_dirs=["/usr/sbin"]))
+    nginx = services["nginx"]
+    values = template_values({"PATH": os.defpath} | nginx_environment(services))
+    rendered = render(values, tmp_path / "rendered").parent
+    for path in [rendered, *rendered.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o005)  # readable for the container's user
+    output_dir = values["NGINX_ENVSUBST_OUTPUT_DIR"]
+    name = f"fastapi-ops-compose-nginx-{os.getpid()}"
+    podman.run(
+        "run", "--detach", "--name", name,
+        # Its own network namespace, with nothing but loopback: the checks run inside.
+        "--network", "none",
+        *podman_options(nginx),
+        *ulimit_options(),
+        "--volume", f"{binary.resolve()}:/usr/sbin/nginx:ro",
+        "--volume", f"{rendered}:/rendered:ro",
+        base,
+        "sh", "-c", f'cp -R /rendered/. {output_dir}/ && exec "$@"', "entrypoint",
+        # The compose command; -e: this nginx's built-in error log is a file.
+        *nginx["command"], "-e", "/dev/stderr",
+    )  # fmt: skip
+    try:
+
+        def inside(script: str) -> subprocess.CompletedProcess[str]:
+            return podman.run("exec", name, "python3", "-c", script, check=False)
+
+        probe = (
+            "import urllib.request, urllib.error\n"
+            "print(urllib.request.urlopen('http://127.0.0.1:8081/stub_status').status)\n"
+            "try:\n"
+            "    urllib.request.urlopen('http://127.0.0.1:80/metrics')\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code, e.headers['content-type'])\n"
+        )
+        answered: list[str] = []
+
+        def serving() -> bool:
+            running = podman.run("inspect", "--format", "{{.State.Running}}", name).stdout
+            if running.strip() != "true":
+                logs = podman.run("logs", name, check=False)
+                raise RuntimeError(f"nginx exited:\n{logs.stdout}{logs.stderr}")
+            result = inside(probe)
+            answered[:] = result.stdout.split()
+            return result.returncode == 0
+
+        wait_for(serving, timeout=30, what="nginx in its container")
+        assert answered == ["200", "404", "application/problem+json"]
+        status = inside("print(open('/proc/1/status').read())").stdout
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        uid, gid = nginx_user(services)
+        assert fields["Uid"].split() == [str(uid)] * 4
+        assert fields["Gid"].split() == [str(gid)] * 4
+        for kind in ("CapEff", "CapPrm", "CapBnd"):
+            assert int(fields[kind], 16) == 0, kind
+        refused = podman.run("exec", name, "touch", "/etc/nginx-was-here", check=False)
+        assert "Read-only file system" in refused.stderr
+        pid = podman.run("exec", name, "cat", f"{values['NGINX_RUN_DIR']}/nginx.pid").stdout
+        assert pid.strip() == "1"
+    finally:
+        podman.run("rm", "--force", "--time", "0", name, check=False)
