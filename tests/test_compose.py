@@ -927,3 +927,90 @@ def test_nginx_starts_and_serves_in_a_container_as_compose_confines_it(
         assert pid.strip() == "1"
     finally:
         podman.run("rm", "--force", "--time", "0", name, check=False)
+
+
+# --- secrets stay off command lines -----------------------------------------------------
+
+
+def test_no_secret_is_on_a_command_line(services: dict[str, dict[str, Any]]) -> None:
+    """A command line shows in `docker inspect` (Args), `docker ps --no-trunc` and, while
+    the process runs, the host's `ps` for any user; secrets come from the environment."""
+    for name, service in services.items():
+        for key in ("command", "entrypoint"):
+            words = service.get(key) or []
+            text = " ".join(words) if isinstance(words, list) else str(words)
+            used = {match["name"] for match in INTERPOLATION.finditer(text)}
+            assert not used & SECRETS, f"{name}'s {key} holds {used & SECRETS}"
+            assert "--requirepass" not in text, name
+
+
+def test_redis_requires_the_password_its_command_reads_from_the_environment(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The compose command run by this machine's redis-server, with a stand-in for the
+    image's entrypoint (which runs the redis-server line as the redis user): the password
+    in REDISCLI_AUTH protects Redis, and the other settings of the line hold."""
+    redis_server = require_binary("redis-server", why="the compose redis command")
+    redis_cli = require_binary("redis-cli", why="the compose redis command")
+    redis = services["redis"]
+    shell, flag, script = redis["command"]
+    assert (shell, flag) == ("sh", "-c")
+    assert set(redis["environment"]) == {"REDISCLI_AUTH"}
+    assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    port = free_port()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "docker-entrypoint.sh"
+    stand_in.write_text(
+        "#!/bin/sh\n"
+        "# The image's entrypoint execs the redis-server line; here on a port of the test's.\n"
+        'server="$1"; shift\n'
+        f'exec {redis_server} --port {port} --bind 127.0.0.1 --dir "{tmp_path}" "$@"\n'
+    )
+    stand_in.chmod(0o755)
+    password = "test-password-Xq7_9"
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.defpath}", "REDISCLI_AUTH": password}
+    log_path = tmp_path / "redis.log"
+    with log_path.open("ab") as log:
+        # Compose turns `$$` into `$` before the shell sees the script.
+        process = subprocess.Popen(
+            ["sh", "-c", script.replace("$$", "$")],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    try:
+        wait_for(
+            lambda: accepts_tcp("127.0.0.1", port),
+            timeout=30,
+            what="redis from the compose command",
+            process=process,
+            log_path=log_path,
+        )
+
+        def cli(*args: str, auth: str | None = password) -> str:
+            result = subprocess.run(
+                [redis_cli, "-p", str(port), *args],
+                env={"REDISCLI_AUTH": auth} if auth else {},
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            return (result.stdout + result.stderr).strip()
+
+        assert "NOAUTH" in cli("ping", auth=None)
+        assert "WRONGPASS" in cli("ping", auth="not-the-password")
+        assert cli("ping") == "PONG"  # what the healthcheck runs, with REDISCLI_AUTH
+        assert cli("config", "get", "appendonly").split() == ["appendonly", "yes"]
+        assert cli("config", "get", "maxmemory").split() == ["maxmemory", str(200 * 2**20)]
+        policy = cli("config", "get", "maxmemory-policy").split()
+        assert policy == ["maxmemory-policy", "volatile-ttl"]
+        # The running server's command line, which anyone on the host may read.
+        assert password not in Path(f"/proc/{process.pid}/cmdline").read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert password not in log_path.read_text()
