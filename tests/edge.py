@@ -20,6 +20,10 @@ from typing import Self
 class _EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections.append(self.client_address)  # type: ignore[attr-defined]
+
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length:
@@ -54,6 +58,7 @@ def echo_api(host: str, port: int) -> Iterator[ThreadingHTTPServer]:
     `X-Test-Padding: N` gets N spaces after the JSON (a large download)."""
     server = ThreadingHTTPServer((host, port), _EchoHandler)
     server.daemon_threads = True
+    server.connections = []  # type: ignore[attr-defined]  # the peer of each one accepted
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

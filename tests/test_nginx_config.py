@@ -175,6 +175,24 @@ def test_a_recreated_or_scaled_api_is_found_without_restarting_nginx(tmp_path: P
                 )
 
 
+@pytest.mark.parametrize("resolver", [False, True])
+def test_connections_to_the_api_are_kept_alive_only_without_a_resolver(
+    tmp_path: Path, resolver: bool
+) -> None:
+    """What the README says each way of finding the api costs: a looked-up-once upstream
+    reuses its connections; a name looked up again (compose) opens one per request."""
+    port = free_port()
+    with FakeDns({"api": ["127.0.0.1"]}) as dns, echo_api("127.0.0.1", port) as api:
+        env = {"NGINX_RESOLVER": f"127.0.0.1:{dns.port}"} if resolver else {}
+        upstream = f"api:{port}" if resolver else f"127.0.0.1:{port}"
+        nginx = NginxServer(tmp_path / "nginx", upstream=upstream, env=env)
+        with nginx, httpx2.Client(base_url=nginx.url, trust_env=False, timeout=10) as client:
+            for _ in range(20):
+                assert client.get("/api/v1/items").status_code == 200
+        opened = len(api.connections)  # type: ignore[attr-defined]
+    assert opened == 20 if resolver else opened <= 2
+
+
 @pytest.mark.parametrize("trusted", ["127.0.0.1", ""])
 def test_clients_behind_a_trusted_load_balancer_get_their_own_budgets(
     tmp_path: Path, trusted: str
