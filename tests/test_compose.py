@@ -971,14 +971,19 @@ def test_no_secret_is_on_a_command_line(services: dict[str, dict[str, Any]]) -> 
 def test_redis_requires_the_password_its_command_reads_from_the_environment(
     services: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    """The compose command run by this machine's redis-server, with a stand-in for the
-    image's entrypoint (which runs the redis-server line as the redis user): the password
-    in REDISCLI_AUTH protects Redis, and the other settings of the line hold."""
+    """The compose command run by this machine's redis-server (its configuration file in the
+    test's directory), with a stand-in for the image's entrypoint (which runs the
+    redis-server line as the redis user): the password in REDISCLI_AUTH protects Redis,
+    and the other settings of the line hold."""
     redis_server = require_binary("redis-server", why="the compose redis command")
     redis_cli = require_binary("redis-cli", why="the compose redis command")
     redis = services["redis"]
     shell, flag, script = redis["command"]
     assert (shell, flag) == ("sh", "-c")
+    # The configuration file lies on a tmpfs, never on the data volume (a disk).
+    config = re.search(r"> (\S+/redis\.conf)$", script, re.M)[1]  # type: ignore[index]
+    assert str(Path(config).parent) in tmpfs_mounts(redis)
+    script = script.replace(config, str(tmp_path / "redis.conf"))
     assert set(redis["environment"]) == {"REDISCLI_AUTH"}
     assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
     port = free_port()
@@ -987,9 +992,10 @@ def test_redis_requires_the_password_its_command_reads_from_the_environment(
     stand_in = bin_dir / "docker-entrypoint.sh"
     stand_in.write_text(
         "#!/bin/sh\n"
-        "# The image's entrypoint execs the redis-server line; here on a port of the test's.\n"
-        'server="$1"; shift\n'
-        f'exec {redis_server} --port {port} --bind 127.0.0.1 --dir "{tmp_path}" "$@"\n'
+        "# The image's entrypoint execs the redis-server line; here on a port of the test's\n"
+        "# (after the configuration file, which must come first).\n"
+        'server="$1"; config="$2"; shift 2\n'
+        f'exec {redis_server} "$config" --port {port} --bind 127.0.0.1 --dir "{tmp_path}" "$@"\n'
     )
     stand_in.chmod(0o755)
     password = "test-password-Xq7_9"
@@ -1034,6 +1040,9 @@ def test_redis_requires_the_password_its_command_reads_from_the_environment(
         assert policy == ["maxmemory-policy", "volatile-ttl"]
         # The running server's command line, which anyone on the host may read.
         assert password not in Path(f"/proc/{process.pid}/cmdline").read_text()
+        # Only the redis user may read the file with the password.
+        assert (tmp_path / "redis.conf").stat().st_mode & 0o077 == 0
+        assert (tmp_path / "redis.conf").owner() == "redis"
     finally:
         process.terminate()
         process.wait(timeout=30)
