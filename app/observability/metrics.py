@@ -118,3 +118,12 @@ for _task in ("audit", "email"):
     for _outcome in ("success", "failure", "cancelled", "dropped"):
         BACKGROUND_TASKS.labels(_task, _outcome)
 BACKGROUND_TASKS.labels("email", "skipped")
+# The same for the other fixed label sets: a first rejection, refusal or cache error since
+# the start (often the only one, or the start of an incident) must show on the dashboards.
+for _limit in ("default", "login", "register", "login-failures", "uploads", "chat-messages"):
+    RATE_LIMIT_REJECTIONS.labels(_limit)
+for _reason in ("credentials_in_url", "authentication", "socket_cap"):
+    WEBSOCKET_REFUSALS.labels(_reason)
+for _result in ("hit", "miss", "error"):
+    CACHE_REQUESTS.labels("items", _result)
+CACHE_FILL_ERRORS.labels("items")
