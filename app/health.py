@@ -103,10 +103,11 @@ _closing: set[asyncio.Task[migrate.SchemaState]] = set()
 
 def _let_go(check: asyncio.Task[migrate.SchemaState]) -> None:
     """Cancel ``check`` if it is still running, and let it finish without the probe."""
-    if check.done():
-        return
-    check.cancel()
-    _closing.add(check)
+    if not check.done():
+        check.cancel()
+        _closing.add(check)
+    # Also when done: one that failed just as the deadline passed has an exception the
+    # probe never read.
     check.add_done_callback(_forget)
 
 
